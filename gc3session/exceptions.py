@@ -1,0 +1,109 @@
+"""Every error gc3session raises on purpose.
+
+Each class subclasses :class:`Error` and, where one fits, the builtin it
+resembles, so ``except ValueError`` still catches a bad argument.  The context
+(the id, file or URL at fault) is kept in ``args``, which makes every error
+pickle cleanly and read-only attributes cheap.
+"""
+
+from __future__ import annotations
+
+
+class Error(Exception):
+    """Base class of all gc3session errors."""
+
+
+class InvalidArgument(Error, ValueError):
+    """A value given by the caller (a URL, an id, an option) is not acceptable."""
+
+
+class SessionError(Error):
+    """A session directory is damaged or is not a session.
+
+    ``path`` names the file or directory at fault.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)
+
+    @property
+    def path(self) -> str:
+        return self.args[0]
+
+    @property
+    def reason(self) -> str:
+        return self.args[1]
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+class LoadError(Error, LookupError):
+    """An object could not be loaded: missing, unreadable, or refused.
+
+    ``id`` names the object; ``reason`` says what went wrong.
+    """
+
+    def __init__(self, id: str, reason: str) -> None:  # noqa: A002 - the domain word
+        super().__init__(id, reason)
+
+    @property
+    def id(self) -> str:
+        return self.args[0]
+
+    @property
+    def reason(self) -> str:
+        return self.args[1]
+
+    def __str__(self) -> str:
+        return f"cannot load {self.id}: {self.reason}"
+
+
+class SaveError(Error):
+    """An object or a session file could not be written.
+
+    ``target`` names the id or file; the underlying ``OSError`` or database
+    error is chained as ``__cause__``.  Whatever was saved before is intact.
+    """
+
+    def __init__(self, target: str, reason: str) -> None:
+        super().__init__(target, reason)
+
+    @property
+    def target(self) -> str:
+        return self.args[0]
+
+    @property
+    def reason(self) -> str:
+        return self.args[1]
+
+    def __str__(self) -> str:
+        return f"cannot save {self.target}: {self.reason}"
+
+
+class StoreError(Error):
+    """A store cannot be opened or reached (server down, bad schema).
+
+    ``url`` is the store's URL with any password shown as ``***``.
+    """
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(url, reason)
+
+    @property
+    def url(self) -> str:
+        return self.args[0]
+
+    @property
+    def reason(self) -> str:
+        return self.args[1]
+
+    def __str__(self) -> str:
+        return f"store {self.url}: {self.reason}"
+
+
+class LoadWarning(UserWarning):
+    """Some tasks of a session could not be loaded; they stay in its index."""
+
+
+__all__ = ["Error", "InvalidArgument", "LoadError", "LoadWarning", "SaveError", "SessionError", "StoreError"]

@@ -1,0 +1,180 @@
+"""The default store: one file per object in a directory.
+
+Each file is named by the object's id and holds one line of JSON metadata
+followed by the pickle, so listing reads only the first line of each file.
+Files are written to a temporary name and renamed into place; the id
+counter lives in the directory itself (``.next_id``), under a file lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..exceptions import InvalidArgument, LoadError, SaveError, StoreError
+from .atomic import write_atomically
+from .idfactory import FileCounter, IdFactory, is_id, parse_id
+from .serialization import DEFAULT_PROTOCOL
+from .store import Record, Store, matches, store_options
+
+log = logging.getLogger(__name__)
+
+#: The file in the store directory that holds the next free object number.
+COUNTER_FILENAME = ".next_id"
+
+
+class FilesystemStore(Store):
+    """Objects as files in ``directory`` (created if missing).
+
+    ``fsync=True`` makes every write reach the disk before returning, which
+    guards against power loss as well as crashes, at a cost per write.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        idfactory: IdFactory | None = None,
+        protocol: int = DEFAULT_PROTOCOL,
+        *,
+        fsync: bool = False,
+        create: bool = True,
+        **options: Any,
+    ) -> None:
+        directory = _path_of(directory)
+        self.directory = directory.absolute()
+        if self.directory.exists() and not self.directory.is_dir():
+            raise StoreError(str(self.directory), "is not a directory")
+        if not self.directory.exists():
+            if not create:
+                raise StoreError(str(self.directory), "no such store directory")
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise StoreError(str(self.directory), f"cannot create store directory: {error.strerror}") from error
+        super().__init__(str(self.directory), idfactory=idfactory, protocol=protocol, **store_options(options))
+        self.fsync = fsync
+        self._counter = FileCounter(self.directory / COUNTER_FILENAME, start=self._above_highest)
+
+    def _path(self, oid: str) -> Path:
+        return self.directory / oid
+
+    def _above_highest(self) -> int:
+        return max((parse_id(oid)[1] for oid in self._names()), default=0) + 1
+
+    def _names(self) -> Iterator[str]:
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                if is_id(entry.name):
+                    yield entry.name
+
+    def _reserve(self, n: int) -> range:
+        return self._counter.reserve(n)
+
+    def _write(self, records: list[Record]) -> None:
+        for record in records:
+            path = self._path(record.id)
+            try:
+                write_atomically(path, encode_record(record.meta, record.data), fsync=self.fsync)
+            except OSError as error:
+                raise SaveError(record.id, f"cannot write {path}: {error.strerror or error}") from error
+
+    def _read(self, ids: list[str]) -> dict[str, tuple[dict[str, Any], bytes] | LoadError]:
+        found: dict[str, tuple[dict[str, Any], bytes] | LoadError] = {}
+        for oid in ids:
+            path = self._path(oid)
+            try:
+                with open(path, "rb") as f:
+                    content = f.read()
+            except FileNotFoundError:
+                continue
+            except OSError as error:
+                found[oid] = LoadError(oid, f"cannot read {path}: {error.strerror or error}")
+                continue
+            found[oid] = decode_record(oid, path, content)
+        return found
+
+    def _delete(self, ids: list[str]) -> None:
+        for oid in ids:
+            path = self._path(oid)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                raise SaveError(oid, f"cannot remove {path}: {error.strerror or error}") from error
+
+    def _list(self, filters: dict[str, Any]) -> list[str]:
+        ids = sorted(self._names(), key=lambda oid: parse_id(oid)[1])
+        if not filters:
+            return ids
+        return [oid for oid, meta in self._read_metadata(ids) if isinstance(meta, dict) and matches(meta, filters)]
+
+    def _read_metadata(self, ids: list[str] | None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
+        if ids is None:
+            ids = sorted(self._names(), key=lambda oid: parse_id(oid)[1])
+        for oid in ids:
+            path = self._path(oid)
+            try:
+                with open(path, "rb") as f:
+                    line = f.readline()
+            except FileNotFoundError:
+                yield oid, LoadError(oid, f"no such object in {self}")
+                continue
+            except OSError as error:
+                yield oid, LoadError(oid, f"cannot read {path}: {error.strerror or error}")
+                continue
+            yield oid, parse_metadata(oid, path, line)
+
+    def size(self) -> int:
+        """Bytes used by the records."""
+        total = 0
+        for oid in self._names():
+            try:
+                total += self._path(oid).stat().st_size
+            except OSError:
+                pass
+        return total
+
+
+def encode_record(meta: dict[str, Any], data: bytes) -> bytes:
+    """A record file: one line of JSON metadata, then the pickle."""
+    return json.dumps(meta, separators=(",", ":")).encode("ascii") + b"\n" + data
+
+
+def decode_record(oid: str, path: Path, content: bytes) -> tuple[dict[str, Any], bytes] | LoadError:
+    """Split a record file into metadata and pickle, or say what is wrong with it."""
+    line, newline, data = content.partition(b"\n")
+    meta = parse_metadata(oid, path, line + newline)
+    if isinstance(meta, LoadError):
+        return meta
+    return meta, data
+
+
+def parse_metadata(oid: str, path: Path, line: bytes) -> dict[str, Any] | LoadError:
+    """The metadata in the first line of a record file."""
+    if not line:
+        return LoadError(oid, f"{path} is empty")
+    if not line.endswith(b"\n"):
+        return LoadError(oid, f"{path} is truncated (no end to its metadata line)")
+    try:
+        meta = json.loads(line)
+    except ValueError:
+        return LoadError(oid, f"{path} does not start with a JSON metadata line")
+    if not isinstance(meta, dict):
+        return LoadError(oid, f"{path}: metadata is not a JSON object")
+    return meta
+
+
+def _path_of(directory: str | os.PathLike[str]) -> Path:
+    if isinstance(directory, str) and directory.startswith("file://"):
+        rest = directory[len("file://") :]
+        if rest.startswith("localhost/"):
+            rest = rest[len("localhost") :]
+        if not rest.startswith("/"):
+            raise InvalidArgument(f"file URL {directory!r} must name an absolute path (file:///...)")
+        return Path(rest)
+    return Path(directory)

@@ -1,0 +1,123 @@
+"""Ids of stored objects: ``Task.17`` is object 17 of a store, a ``Task`` when saved.
+
+The number is what makes an id unique; the prefix makes it readable.  Numbers
+come from a counter that only moves forward: a file beside the records for
+the filesystem store, a row in the database for SQL stores, so several
+processes and machines writing into one store never get the same id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from filelock import FileLock
+
+from ..exceptions import InvalidArgument, SaveError
+from .atomic import write_atomically
+
+log = logging.getLogger(__name__)
+
+#: A valid id: a prefix that could be a Python name, a dot, a positive number without leading zeros.
+ID_PATTERN = re.compile(r"([^\W\d]\w*)\.([1-9][0-9]*)")
+#: Environment variable that moves the per-user data directory (for the global counter).
+DATA_DIR_VARIABLE = "GC3SESSION_DATA_DIR"
+
+
+def parse_id(id: str) -> tuple[str, int]:  # noqa: A002
+    """Split a valid id into prefix and number; raise InvalidArgument for anything else."""
+    match = ID_PATTERN.fullmatch(id) if isinstance(id, str) else None
+    if match is None:
+        raise InvalidArgument(f"{id!r} is not a valid object id (expected a name, a dot and a number, like 'Task.17')")
+    return match[1], int(match[2])
+
+
+def is_id(text: str) -> bool:
+    """True when ``text`` is a valid id."""
+    return ID_PATTERN.fullmatch(text) is not None
+
+
+class IdFactory:
+    """Formats ids from numbers: ``prefix.N``, the prefix being the object's class name unless given."""
+
+    def __init__(self, prefix: str | None = None, counter: Counter | None = None) -> None:
+        if prefix is not None and not ID_PATTERN.fullmatch(f"{prefix}.1"):
+            raise InvalidArgument(f"id prefix {prefix!r} must be a Python-style name")
+        self.prefix = prefix
+        self._counter = counter
+
+    def format(self, obj: Any, number: int) -> str:
+        """The id of ``obj`` when it gets ``number``."""
+        prefix = self.prefix or type(obj).__name__
+        if not ID_PATTERN.fullmatch(f"{prefix}.1"):
+            prefix = "Object"
+        return f"{prefix}.{number}"
+
+    def new(self, obj: Any) -> str:
+        """A fresh id from this factory's own counter (the per-user one by default).
+
+        Stores do not use this: each allocates numbers from its own counter.
+        """
+        if self._counter is None:
+            self._counter = FileCounter(user_data_dir() / "next_id.txt")
+        return self.format(obj, self._counter.reserve(1)[0])
+
+
+class Counter:
+    """A sequence of numbers that never goes back."""
+
+    def reserve(self, n: int) -> range:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class FileCounter(Counter):
+    """The next free number, kept in a text file and advanced under a file lock.
+
+    ``start`` tells where to begin when the file is missing or damaged (for a
+    store: above the highest number already used), so numbers are not reused.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], start: Callable[[], int] | None = None) -> None:
+        self.path = Path(path)
+        self._start = start or (lambda: 1)
+        self._lock = FileLock(f"{self.path}.lock")
+
+    def reserve(self, n: int) -> range:
+        """Take ``n`` consecutive numbers and return them."""
+        try:
+            with self._lock:
+                first = self._read()
+                write_atomically(self.path, f"{first + n}\n".encode())
+        except OSError as error:
+            raise SaveError(str(self.path), f"cannot advance the id counter: {error}") from error
+        return range(first, first + n)
+
+    def _read(self) -> int:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return self._start()
+        try:
+            value = int(text.strip())
+            if value < 1:
+                raise ValueError(value)
+        except ValueError:
+            log.warning("id counter %s is damaged (%r); restarting above the highest id in use", self.path, text[:40])
+            return self._start()
+        return max(value, 1)
+
+
+def user_data_dir() -> Path:
+    """Per-user data directory: ``$GC3SESSION_DATA_DIR`` or platformdirs' choice."""
+    override = os.environ.get(DATA_DIR_VARIABLE)
+    path = Path(override) if override else Path(platformdirs.user_data_dir("gc3session", appauthor=False))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+__all__ = ["ID_PATTERN", "Counter", "FileCounter", "IdFactory", "is_id", "parse_id", "user_data_dir"]

@@ -1,0 +1,173 @@
+"""How objects become bytes and metadata, and back.
+
+The store never calls :mod:`pickle` itself: it hands objects to a
+:class:`Serializer`, so a different format only needs a subclass that
+overrides :meth:`~Serializer.dumps`, :meth:`~Serializer.loads` and
+:meth:`~Serializer.describe`.
+
+Inside a record, every other :class:`~gc3session.task.Persistable` the object
+refers to is written as a reference (its id), and resolved through the store
+when loading, so a child saved on its own and reached through its parent is
+one object in memory.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from .._version import __version__
+from ..exceptions import InvalidArgument
+from ..task import Persistable
+
+#: Pickle protocol of every record: fixed, so that older Pythons read what newer ones write.
+DEFAULT_PROTOCOL = 4
+#: Version of the metadata record; raised when its meaning changes.
+FORMAT_VERSION = 1
+
+#: Globals a restricted unpickler accepts besides the allowed classes: plain data types only.
+SAFE_GLOBALS = frozenset(
+    {
+        "builtins.bool", "builtins.bytearray", "builtins.bytes", "builtins.complex",
+        "builtins.dict", "builtins.float", "builtins.frozenset", "builtins.int",
+        "builtins.list", "builtins.object", "builtins.range", "builtins.set",
+        "builtins.slice", "builtins.str", "builtins.tuple",
+        "collections.OrderedDict", "collections.deque",
+        "datetime.date", "datetime.datetime", "datetime.time", "datetime.timedelta",
+        "datetime.timezone", "decimal.Decimal", "fractions.Fraction", "uuid.UUID",
+        "pathlib.Path", "pathlib.PosixPath", "pathlib.PurePath", "pathlib.PurePosixPath",
+        "pathlib.PureWindowsPath", "pathlib.WindowsPath",
+        "gc3session.task.Execution", "gc3session.task.State", "gc3session.task.Task",
+        "gc3session.task.TaskCollection",
+    }
+)
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A restricted unpickler met a global that is not allowed."""
+
+
+def class_path(cls: type) -> str:
+    """``module.QualName`` of a class, as pickle records it."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class Serializer:
+    """Pickle with references between persistables, class renames and an optional allow-list.
+
+    ``class_map`` maps old ``module.Name`` paths to new ones, for classes that
+    moved since they were saved.  ``allowed_classes`` (module prefixes such as
+    ``"mypkg"`` or ``"mypkg.tasks.Fit"``, or classes) turns on a restricted
+    unpickler that refuses any other global: use it to open a session that
+    someone else wrote.
+    """
+
+    def __init__(
+        self,
+        *,
+        protocol: int = DEFAULT_PROTOCOL,
+        class_map: Mapping[str, str] | None = None,
+        allowed_classes: Iterable[str | type] | None = None,
+    ) -> None:
+        if not isinstance(protocol, int) or not 2 <= protocol <= pickle.HIGHEST_PROTOCOL:
+            raise InvalidArgument(f"pickle protocol must be 2 to {pickle.HIGHEST_PROTOCOL}, not {protocol!r}")
+        self.protocol = protocol
+        self.class_map = {_check_path(k): _check_path(v) for k, v in (class_map or {}).items()}
+        self.allowed: tuple[str, ...] | None = None
+        if allowed_classes is not None:
+            if isinstance(allowed_classes, (str, type)):
+                allowed_classes = [allowed_classes]
+            self.allowed = tuple(a if isinstance(a, str) else class_path(a) for a in allowed_classes)
+
+    def dumps(self, obj: Any, reference: Callable[[Persistable], str]) -> bytes:
+        """Pickle ``obj``; every other Persistable inside it becomes ``reference(child)``."""
+        buffer = io.BytesIO()
+        _Pickler(buffer, self.protocol, obj, reference).dump(obj)
+        return buffer.getvalue()
+
+    def loads(self, data: bytes, resolve: Callable[[str], Any]) -> Any:
+        """Unpickle ``data``; a reference is replaced by ``resolve(id)``."""
+        return _Unpickler(io.BytesIO(data), self, resolve).load()
+
+    def describe(self, obj: Any) -> dict[str, Any]:
+        """The metadata fields that can be read without unpickling (besides id and times)."""
+        execution = getattr(obj, "execution", None)
+        state = getattr(execution, "state", None) if execution is not None else getattr(obj, "state", None)
+        history = getattr(execution, "history", None) or []
+        children = getattr(obj, "tasks", None)
+        jobname = getattr(obj, "jobname", None)
+        return {
+            "cls": class_path(type(obj)),
+            "jobname": None if jobname is None else str(jobname),
+            "state": None if state is None else str(state),
+            "returncode": _int_or_none(getattr(execution, "returncode", None)),
+            "children": _child_ids(children),
+            "history": [[float(t), str(s)] for t, s in history],
+        }
+
+    def find_class(self, module: str, name: str) -> tuple[str, str]:
+        """Map a global through ``class_map`` and check it against the allow-list."""
+        full = self.class_map.get(f"{module}.{name}")
+        if full is not None:
+            module, _, name = full.rpartition(".")
+        if self.allowed is not None and not self._is_allowed(f"{module}.{name}"):
+            raise RefusedGlobal(f"{module}.{name} is not in allowed_classes")
+        return module, name
+
+    def _is_allowed(self, full: str) -> bool:
+        if full in SAFE_GLOBALS:
+            return True
+        assert self.allowed is not None
+        return any(full == a or full.startswith(a + ".") for a in self.allowed)
+
+
+class _Pickler(pickle.Pickler):
+    def __init__(self, file: io.BytesIO, protocol: int, root: Any, reference: Callable[[Persistable], str]) -> None:
+        super().__init__(file, protocol)
+        self._root = root
+        self._reference = reference
+
+    def persistent_id(self, obj: Any) -> str | None:
+        if obj is self._root or not isinstance(obj, Persistable):
+            return None
+        return self._reference(obj)
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, serializer: Serializer, resolve: Callable[[str], Any]) -> None:
+        super().__init__(file)
+        self._serializer = serializer
+        self._resolve = resolve
+
+    def find_class(self, module: str, name: str) -> Any:
+        module, name = self._serializer.find_class(module, name)
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not isinstance(pid, str):
+            raise pickle.UnpicklingError(f"bad reference {pid!r} in record")
+        return self._resolve(pid)
+
+
+def _check_path(path: str) -> str:
+    if not isinstance(path, str) or "." not in path.strip("."):
+        raise InvalidArgument(f"class_map entries must be 'module.Name' strings, not {path!r}")
+    return path
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _child_ids(children: Any) -> list[str | None]:
+    if not isinstance(children, (list, tuple)):
+        return []
+    return [getattr(c, "persistent_id", None) for c in children if isinstance(c, Persistable)]
+
+
+__all__ = ["DEFAULT_PROTOCOL", "FORMAT_VERSION", "SAFE_GLOBALS", "RefusedGlobal", "Serializer", "class_path"]

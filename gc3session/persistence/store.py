@@ -1,0 +1,457 @@
+"""The abstract :class:`Store` and the URL factory :func:`make_store`.
+
+Everything stores have in common is written here once: id assignment,
+pickling through the serializer (children become references), the metadata
+record, the identity cache, integrity checks on load, fork safety.  A backend
+implements six storage primitives: ``_reserve``, ``_write``, ``_read``,
+``_delete``, ``_list`` and ``_read_metadata``.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import re
+import threading
+import time
+import weakref
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+from .._version import __version__
+from ..exceptions import Error, InvalidArgument, LoadError, SaveError
+from .idfactory import IdFactory, parse_id
+from .serialization import DEFAULT_PROTOCOL, FORMAT_VERSION, Serializer
+
+if TYPE_CHECKING:
+    from ..task import Persistable
+
+log = logging.getLogger(__name__)
+
+#: Largest block of ids a store reserves at once from its counter.
+MAX_ID_BLOCK = 1024
+#: How many records ``load_many`` reads at a time (bounds the raw bytes held in memory).
+LOAD_BATCH = 1000
+
+
+@dataclass
+class Record:
+    """One object as a backend writes it."""
+
+    id: str
+    number: int
+    meta: dict[str, Any]
+    data: bytes
+    obj: Any
+
+
+class Store(abc.ABC):
+    """Saves, loads and removes objects by id.  Subclasses provide the storage."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        idfactory: IdFactory | None = None,
+        protocol: int = DEFAULT_PROTOCOL,
+        class_map: Mapping[str, str] | None = None,
+        allowed_classes: Iterable[str | type] | None = None,
+        serializer: Serializer | None = None,
+    ) -> None:
+        self.url = url
+        self.idfactory = idfactory or IdFactory()
+        self.serializer = serializer or Serializer(
+            protocol=protocol, class_map=class_map, allowed_classes=allowed_classes
+        )
+        self._cache: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+        self._lock = threading.RLock()
+        self._numbers: list[int] = []
+        self._block = 1
+        self._pid = os.getpid()
+
+    # -- saving ---------------------------------------------------------------
+
+    def save(self, obj: Any) -> str:
+        """Save ``obj`` (and any new or changed persistable inside it); return its id."""
+        return self.save_many([obj])[0]
+
+    def save_many(self, objs: Iterable[Any]) -> list[str]:
+        """Save every object in one batch; return their ids in order."""
+        objs = list(objs)
+        with self._lock:
+            self._check_pid()
+            records = self._encode(list({id(obj): obj for obj in objs}.values()))
+            if records:
+                self._write(records)
+            for record in records:
+                record.obj.changed = False
+                self._cache[record.id] = record.obj
+            return [obj.persistent_id for obj in objs]
+
+    def replace(self, id: str, obj: Any) -> None:  # noqa: A002
+        """Save ``obj`` under ``id``, overwriting what is stored there."""
+        parse_id(id)
+        self._set_id(obj, id)
+        self.save_many([obj])
+
+    def assign_id(self, obj: Any) -> str:
+        """Give ``obj`` an id now, without writing anything; return it."""
+        with self._lock:
+            self._check_pid()
+            if getattr(obj, "persistent_id", None) is None:
+                self._set_id(obj, self.idfactory.format(obj, self._next_number()))
+            return obj.persistent_id
+
+    def _encode(self, objs: list[Any]) -> list[Record]:
+        queued = {id(obj) for obj in objs}
+        pending = list(objs)
+        records: list[Record] = []
+        edges: dict[str, list[str]] = {}
+
+        def reference(child: Persistable) -> str:
+            if id(child) not in queued and (child.persistent_id is None or child.changed):
+                queued.add(id(child))
+                pending.append(child)
+            child_id = self.assign_id(child)
+            edges.setdefault(oid, []).append(child_id)
+            return child_id
+
+        while pending:
+            obj = pending.pop(0)
+            oid = self.assign_id(obj)
+            now = time.time()
+            created = getattr(obj, "_persistent_created", None)
+            if created is None:
+                created = obj._persistent_created = now
+            try:
+                data = self.serializer.dumps(obj, reference)
+            except Error:
+                raise
+            except Exception as error:
+                raise SaveError(oid, f"cannot serialize {type(obj).__name__}: {error}") from error
+            meta = {
+                "format": FORMAT_VERSION,
+                "version": __version__,
+                "id": oid,
+                **self.serializer.describe(obj),
+                "created": created,
+                "modified": now,
+                "size": len(data),
+                "crc32": zlib.crc32(data),
+            }
+            records.append(Record(oid, parse_id(oid)[1], meta, data, obj))
+        cycle = find_cycle(edges)
+        if cycle:
+            raise SaveError(cycle[0], "reference cycle " + " -> ".join(cycle) + ": a stored object cannot refer back to itself")
+        return records
+
+    def _set_id(self, obj: Any, oid: str) -> None:
+        try:
+            obj.persistent_id = oid
+        except AttributeError as error:
+            raise InvalidArgument(
+                f"cannot store a {type(obj).__name__}: it takes no attributes (subclass gc3session.Persistable)"
+            ) from error
+
+    def _next_number(self) -> int:
+        if not self._numbers:
+            block = self._reserve(self._block)
+            self._numbers = list(reversed(block))
+            self._block = min(self._block * 2, MAX_ID_BLOCK)
+        return self._numbers.pop()
+
+    # -- loading --------------------------------------------------------------
+
+    def load(self, id: str) -> Any:  # noqa: A002
+        """The object saved as ``id``; the same object as long as it is in memory."""
+        return self.load_many([id])[id]
+
+    def load_many(self, ids: Iterable[str], *, errors: dict[str, LoadError] | None = None) -> dict[str, Any]:
+        """Load several objects in one batch, returning ``{id: object}``.
+
+        A failure raises :class:`LoadError`; with an ``errors`` dict given,
+        failures are put there instead and the other objects are returned.
+        """
+        ids = list(dict.fromkeys(ids))
+        for oid in ids:
+            parse_id(oid)
+        loaded: dict[str, Any] = {}
+        with self._lock:
+            self._check_pid()
+            for start in range(0, len(ids), LOAD_BATCH):
+                chunk = ids[start : start + LOAD_BATCH]
+                self._load_chunk(chunk, loaded, errors)
+        return loaded
+
+    def _load_chunk(self, ids: list[str], loaded: dict[str, Any], errors: dict[str, LoadError] | None) -> None:
+        wanted = [oid for oid in ids if oid not in self._cache]
+        raw = self._read(wanted) if wanted else {}
+        loading: set[str] = set()
+
+        def resolve(ref: str) -> Any:
+            obj = self._cache.get(ref)
+            if obj is not None:
+                return obj
+            if ref in loading:
+                raise LoadError(ref, "reference cycle between stored objects")
+            loading.add(ref)
+            try:
+                entry = raw.pop(ref) if ref in raw else self._read([ref]).get(ref)
+                return self._decode(ref, entry, resolve)
+            finally:
+                loading.discard(ref)
+
+        for oid in ids:
+            try:
+                loaded[oid] = resolve(oid)
+            except LoadError as error:
+                if errors is None:
+                    raise
+                errors[oid] = error
+
+    def _decode(self, oid: str, entry: tuple[dict[str, Any], bytes] | LoadError | None, resolve: Callable[[str], Any]) -> Any:
+        if entry is None:
+            raise LoadError(oid, f"no such object in {self}")
+        if isinstance(entry, LoadError):
+            raise entry
+        meta, data = entry
+        check_metadata(oid, meta, data)
+        try:
+            obj = self.serializer.loads(data, resolve)
+        except LoadError:
+            raise
+        except Exception as error:
+            raise LoadError(oid, f"cannot unpickle: {type(error).__name__}: {error}") from error
+        if getattr(obj, "persistent_id", None) != oid:
+            raise LoadError(oid, f"record holds object {getattr(obj, 'persistent_id', None)!r}")
+        obj.changed = False
+        self._cache[oid] = obj
+        return obj
+
+    # -- metadata, listing, removal ---------------------------------------------
+
+    def list(self, **filters: Any) -> list[str]:
+        """Ids of the stored objects, oldest first; ``filters`` match metadata fields (``state="NEW"``)."""
+        with self._lock:
+            self._check_pid()
+            return self._list(filters)
+
+    def metadata(self, id: str) -> dict[str, Any]:  # noqa: A002
+        """The metadata record of ``id``, read without unpickling."""
+        for _, meta in self.iter_metadata([id]):
+            if isinstance(meta, LoadError):
+                raise meta
+            return meta
+        raise LoadError(id, f"no such object in {self}")  # pragma: no cover - iter_metadata yields each id
+
+    def iter_metadata(self, ids: Iterable[str] | None = None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
+        """``(id, metadata)`` for the given ids (all when None), streaming; a failure comes as a LoadError."""
+        if ids is not None:
+            ids = list(ids)
+            for oid in ids:
+                parse_id(oid)
+        self._check_pid()
+        return self._read_metadata(ids)
+
+    def remove(self, id: str) -> None:  # noqa: A002
+        """Delete ``id`` from the store (nothing happens if it is not there)."""
+        self.remove_many([id])
+
+    def remove_many(self, ids: Iterable[str]) -> None:
+        """Delete several objects in one batch."""
+        ids = list(dict.fromkeys(ids))
+        for oid in ids:
+            parse_id(oid)
+        with self._lock:
+            self._check_pid()
+            if ids:
+                self._delete(ids)
+            for oid in ids:
+                self._cache.pop(oid, None)
+
+    # -- life cycle -----------------------------------------------------------
+
+    def invalidate_cache(self) -> None:
+        """Forget the objects in memory: the next load reads the store again."""
+        with self._lock:
+            self._cache.clear()
+
+    def pre_fork(self) -> None:
+        """Call before ``os.fork()``: release what a child must not share."""
+
+    def post_fork(self) -> None:
+        """Call in the child after ``os.fork()`` (done automatically on first use too)."""
+        with self._lock:
+            self._pid = os.getpid()
+            self._numbers = []
+
+    def _check_pid(self) -> None:
+        if self._pid != os.getpid():
+            self.post_fork()
+
+    def close(self) -> None:
+        """Release files and connections; safe to call twice."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {mask_password(self.url)}>"
+
+    def __str__(self) -> str:
+        return mask_password(self.url)
+
+    # -- storage primitives ---------------------------------------------------
+
+    @abc.abstractmethod
+    def _reserve(self, n: int) -> range:
+        """Take ``n`` new object numbers from the store's counter."""
+
+    @abc.abstractmethod
+    def _write(self, records: list[Record]) -> None:
+        """Write the records, each atomically; raise SaveError naming what failed."""
+
+    @abc.abstractmethod
+    def _read(self, ids: list[str]) -> dict[str, tuple[dict[str, Any], bytes] | LoadError]:
+        """``{id: (metadata, data)}``; a missing id is left out, a damaged one maps to a LoadError."""
+
+    @abc.abstractmethod
+    def _delete(self, ids: list[str]) -> None:
+        """Delete the records that exist among ``ids``."""
+
+    @abc.abstractmethod
+    def _list(self, filters: dict[str, Any]) -> list[str]:
+        """Ids of all records matching ``filters``, by number."""
+
+    @abc.abstractmethod
+    def _read_metadata(self, ids: list[str] | None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
+        """Metadata of ``ids`` (of all records when None), streaming."""
+
+
+def check_metadata(oid: str, meta: Any, data: bytes) -> None:
+    """Raise LoadError unless ``meta`` is a metadata record of ``oid`` that matches ``data``."""
+    if not isinstance(meta, dict):
+        raise LoadError(oid, "metadata is not a JSON object")
+    if meta.get("id") != oid:
+        raise LoadError(oid, f"record holds object {meta.get('id')!r}")
+    if meta.get("size") not in (None, len(data)):
+        raise LoadError(oid, f"record is truncated: {len(data)} of {meta.get('size')} bytes")
+    if meta.get("crc32") not in (None, zlib.crc32(data)):
+        raise LoadError(oid, "record is corrupt: checksum does not match")
+
+
+def store_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Keep the options that every store understands; drop those meant for other kinds."""
+    return {name: options[name] for name in ("class_map", "allowed_classes", "serializer") if name in options}
+
+
+def find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
+    """A path ``a -> ... -> a`` in the reference graph ``edges``, or None."""
+    done: set[str] = set()
+    for root in edges:
+        path: list[str] = []
+        on_path: set[str] = set()
+        stack: list[tuple[str, Iterator[str]]] = [(root, iter(edges.get(root, ())))]
+        path.append(root)
+        on_path.add(root)
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                on_path.discard(path.pop())
+                done.add(node)
+            elif child in on_path:
+                return path[path.index(child) :] + [child]
+            elif child not in done:
+                stack.append((child, iter(edges.get(child, ()))))
+                path.append(child)
+                on_path.add(child)
+    return None
+
+
+def matches(meta: dict[str, Any], filters: dict[str, Any]) -> bool:
+    """True when every filter equals the metadata field of the same name."""
+    return all(meta.get(key) == (str(value) if key == "state" else value) for key, value in filters.items())
+
+
+# -- URLs and the factory -------------------------------------------------------
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_PASSWORD = re.compile(r"(://[^:/@]*):[^@/]*@")
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_registry: dict[str, Callable[..., Store]] = {}
+
+
+def mask_password(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    return _PASSWORD.sub(r"\1:***@", str(url))
+
+
+def expand_variables(url: str) -> str:
+    """Replace each ``${NAME}`` in ``url`` by the environment variable NAME."""
+
+    def value(match: re.Match[str]) -> str:
+        name = match[1]
+        if name not in os.environ:
+            raise InvalidArgument(f"store URL {mask_password(url)} names ${{{name}}}, which is not set in the environment")
+        return os.environ[name]
+
+    return _VARIABLE.sub(value, url)
+
+
+def url_scheme(url: str) -> str | None:
+    """The scheme of ``url`` without its ``+driver``, lower case; None for a plain path."""
+    match = _SCHEME.match(url)
+    return match[1].split("+")[0].lower() if match else None
+
+
+def register(scheme: str, constructor: Callable[..., Store]) -> None:
+    """Make ``make_store`` call ``constructor(url, **kwargs)`` for URLs of ``scheme``."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9.-]*", scheme):
+        raise InvalidArgument(f"{scheme!r} is not a URL scheme")
+    _registry[scheme.lower()] = constructor
+
+
+def make_store(url: str | os.PathLike[str] | Store, **kwargs: Any) -> Store:
+    """A store for ``url``: a plain path or ``file://`` URL, ``sqlite://``, ``postgresql://``, ``mysql://``.
+
+    Keyword arguments go to the store's constructor; each store ignores those
+    meant for another kind.  ``${NAME}`` in the URL is replaced by the
+    environment variable NAME.  Third-party packages add schemes with
+    :func:`register` or the entry-point group ``gc3session.stores``.
+    """
+    if isinstance(url, Store):
+        return url
+    if isinstance(url, os.PathLike):
+        url = os.fspath(url)
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidArgument(f"a store URL must be a non-empty string or path, not {url!r}")
+    url = expand_variables(url.strip())
+    scheme = url_scheme(url) or "file"
+    constructor = _registry.get(scheme) or _from_entry_point(scheme)
+    if constructor is None:
+        known = ", ".join(sorted(_registry))
+        raise InvalidArgument(f"unknown store URL scheme {scheme!r} in {mask_password(url)} (known schemes: {known})")
+    return constructor(url, **kwargs)
+
+
+def _from_entry_point(scheme: str) -> Callable[..., Store] | None:
+    for entry in entry_points(group="gc3session.stores"):
+        if entry.name.lower() == scheme:
+            constructor = entry.load()
+            register(scheme, constructor)
+            return constructor
+    return None
+
+
+__all__ = [
+    "Record", "Store", "expand_variables", "make_store", "mask_password", "register", "store_options", "url_scheme",
+]

@@ -1,0 +1,545 @@
+"""A session: a directory that owns a set of tasks kept in a store.
+
+The directory holds ``index.txt`` (the ids of the session's top-level tasks,
+one a line), ``store.url`` (where the tasks live) and the ``created`` and
+``finished`` timestamp files.  Adding a task appends one line to the index
+under a file lock, so the cost of ``add`` does not grow with the session and
+several processes can add to one session at once; removals rewrite the index
+atomically, merging with whatever other processes appended meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time as _time
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from .exceptions import InvalidArgument, LoadError, LoadWarning, SaveError, SessionError
+from .persistence.atomic import write_atomically
+from .persistence.filesystem import FilesystemStore
+from .persistence.idfactory import is_id, parse_id
+from .persistence.store import Store, make_store, mask_password, url_scheme
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    """A persistent collection of tasks in directory ``path``.
+
+    A missing directory is created (unless ``create=False``); an existing
+    session is loaded (unless ``load=False``, which starts a new one there).
+    ``store_or_url`` (a :class:`~gc3session.persistence.Store` or a URL) and
+    ``extra_args`` choose the store of a new session; an existing one uses
+    the URL in its ``store.url``.  ``extra_args`` always reach
+    :func:`~gc3session.persistence.make_store`, so ``class_map`` and
+    ``allowed_classes`` work when reopening too.  ``task_ids`` loads only
+    those tasks.
+    """
+
+    INDEX_FILENAME = "index.txt"
+    STORE_URL_FILENAME = "store.url"
+    TIMESTAMP_FILES = {"start": "created", "end": "finished"}  # noqa: RUF012 - gc3libs' public constant
+    DEFAULT_STORE_DIR = "jobs"
+    LOCK_FILENAME = ".lock"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        create: bool = True,
+        store_or_url: Store | str | os.PathLike[str] | None = None,
+        load: bool = True,
+        task_ids: Iterable[str] | None = None,
+        **extra_args: Any,
+    ) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.name = os.path.basename(self.path)
+        self.tasks: dict[str, Any] = {}
+        self.load_errors: dict[str, LoadError] = {}
+        self._index: dict[str, None] = {}
+        self._added: dict[str, None] = {}
+        self._removed: set[str] = set()
+        self._unsaved: dict[str, Any] = {}
+        self._doomed: dict[str, None] = {}
+        self._mutex = threading.RLock()
+        self._file_lock = FileLock(self._file(self.LOCK_FILENAME))
+
+        if os.path.lexists(self.path) and not os.path.isdir(self.path):
+            raise SessionError(self.path, "exists and is not a directory")
+        if not os.path.isdir(self.path):
+            if not create:
+                raise InvalidArgument(f"session directory {self.path} does not exist (and create=False)")
+            self._create(store_or_url, extra_args)
+        elif load and self._has_session_files():
+            self._open(extra_args, task_ids)
+        else:
+            self._create(store_or_url, extra_args)
+
+    # -- opening and creating ---------------------------------------------------
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def _has_session_files(self) -> bool:
+        return any(os.path.lexists(self._file(n)) for n in (self.INDEX_FILENAME, self.STORE_URL_FILENAME))
+
+    def _create(self, store_or_url: Store | str | os.PathLike[str] | None, extra_args: dict[str, Any]) -> None:
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as error:
+            raise SaveError(self.path, f"cannot create session directory: {error.strerror}") from error
+        if store_or_url is None:
+            url = self.DEFAULT_STORE_DIR
+            self.store: Store = FilesystemStore(self._file(url), **extra_args)
+        elif isinstance(store_or_url, Store):
+            url, self.store = store_or_url.url, store_or_url
+        else:
+            url = absolute_url(os.fspath(store_or_url))
+            self.store = make_store(url, **extra_args)
+        self.store_url = url
+        with self._locked():
+            write_atomically(self._file(self.STORE_URL_FILENAME), f"{url}\n".encode(), mode=0o600)
+            write_atomically(self._file(self.INDEX_FILENAME), b"")
+            for name in self.TIMESTAMP_FILES.values():
+                if os.path.lexists(self._file(name)):
+                    os.unlink(self._file(name))
+        self.set_start_timestamp()
+
+    def _open(self, extra_args: dict[str, Any], task_ids: Iterable[str] | None) -> None:
+        self.store_url = self._read_store_url()
+        self.store = make_store(self._resolve(self.store_url), **extra_args)
+        index = self._file(self.INDEX_FILENAME)
+        if not os.path.lexists(index):
+            with self._locked():
+                write_atomically(index, b"")
+        self._index = dict.fromkeys(read_index(index))
+        ids = list(self._index) if task_ids is None else list(task_ids)
+        self._load_into_session(ids)
+
+    def _read_store_url(self) -> str:
+        path = self._file(self.STORE_URL_FILENAME)
+        if not os.path.lexists(path):
+            raise SessionError(path, "missing: the session does not say where its tasks are stored")
+        if os.path.isdir(path):
+            raise SessionError(path, "is a directory, expected a file holding the store URL")
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise SessionError(path, f"cannot read the store URL: {error}") from error
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise SessionError(path, "is empty: the session does not say where its tasks are stored")
+        return lines[0]
+
+    def _resolve(self, url: str) -> str:
+        """Relative paths in ``store.url`` are relative to the session directory."""
+        if url_scheme(url) is None and not os.path.isabs(url):
+            return self._file(url)
+        return url
+
+    def _load_into_session(self, ids: list[str]) -> None:
+        errors: dict[str, LoadError] = {}
+        self.tasks.update(self.store.load_many(ids, errors=errors))
+        if errors:
+            self.load_errors.update(errors)
+            shown = "; ".join(str(e) for e in list(errors.values())[:3])
+            more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+            warnings.warn(
+                f"session {self.path}: {len(errors)} task(s) could not be loaded and are kept in the index "
+                f"(see Session.load_errors): {shown}{more}",
+                LoadWarning,
+                stacklevel=4,
+            )
+
+    # -- the index ------------------------------------------------------------
+
+    def _locked(self) -> FileLock:
+        return self._file_lock
+
+    def _append_to_index(self, ids: list[str]) -> None:
+        path = self._file(self.INDEX_FILENAME)
+        data = "".join(f"{oid}\n" for oid in ids).encode()
+        try:
+            with self._locked():
+                fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    _mend_last_line(fd)
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
+        except OSError as error:
+            raise SaveError(path, f"cannot append to the index: {error.strerror or error}") from error
+
+    def _rewrite_index(self) -> None:
+        path = self._file(self.INDEX_FILENAME)
+        try:
+            with self._locked():
+                lines = read_index(path, strict=False)
+                kept = [line for line in lines if line not in self._removed]
+                present = set(kept)
+                kept += [oid for oid in self._added if oid not in present]
+                write_atomically(path, "".join(f"{line}\n" for line in kept).encode())
+        except OSError as error:
+            raise SaveError(path, f"cannot rewrite the index: {error.strerror or error}") from error
+
+    # -- adding, saving, loading ------------------------------------------------
+
+    def add(self, task: Any, flush: bool = True) -> str:
+        """Add ``task`` to the session and return its id.
+
+        With ``flush`` (the default) the task is saved and the index updated
+        before returning; otherwise both wait for :meth:`flush`.  Adding the
+        same object twice gives the same id and one entry.
+        """
+        with self._mutex:
+            oid = getattr(task, "persistent_id", None)
+            if oid is not None and self.tasks.get(oid) is task:
+                if flush and task.changed:
+                    self.store.save(task)
+                    self._unsaved.pop(oid, None)
+                return oid
+            if flush:
+                oid = self.store.save(task)
+            else:
+                oid = self.store.assign_id(task)
+                self._unsaved[oid] = task
+            self.tasks[oid] = task
+            self.load_errors.pop(oid, None)
+            self._register(oid)
+            if flush:
+                self.flush()
+            return oid
+
+    def _register(self, oid: str) -> None:
+        if oid in self._removed:
+            self._removed.discard(oid)
+            self._doomed.pop(oid, None)
+        elif oid not in self._index:
+            self._added[oid] = None
+        self._index[oid] = None
+
+    def save(self, obj: Any) -> str:
+        """Save ``obj`` to the store without adding it to the session; return its id."""
+        return self.store.save(obj)
+
+    def save_all(self, flush: bool = True) -> None:
+        """Save every task (and child) whose ``changed`` flag is set, in one batch."""
+        with self._mutex:
+            changed = [t for t in self.iter_workflow() if getattr(t, "changed", True)]
+            self.store.save_many(list(self._unsaved.values()) + changed)
+            self._unsaved.clear()
+            if flush:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write what ``add``, ``remove`` and ``forget`` left pending: new tasks, index, deletions."""
+        with self._mutex:
+            if self._unsaved:
+                self.store.save_many(list(self._unsaved.values()))
+                self._unsaved.clear()
+            if self._removed:
+                self._rewrite_index()
+            elif self._added:
+                self._append_to_index(list(self._added))
+            self._added.clear()
+            self._removed.clear()
+            if self._doomed:
+                self.store.remove_many(list(self._doomed))
+                self._doomed.clear()
+
+    def load(self, id: str, add: bool = True, flush: bool = True) -> Any:  # noqa: A002
+        """Load task ``id`` from the store; with ``add`` it becomes part of the session."""
+        return self.load_many([id], add=add, flush=flush)[id]
+
+    def load_many(self, ids: Iterable[str], add: bool = True, flush: bool = True) -> dict[str, Any]:
+        """Load several tasks in one batch; return ``{id: task}``.  Raises LoadError on a failure."""
+        with self._mutex:
+            loaded = self.store.load_many(ids)
+            if add:
+                for oid, task in loaded.items():
+                    self.tasks[oid] = task
+                    self.load_errors.pop(oid, None)
+                    self._register(oid)
+                if flush:
+                    self.flush()
+            return loaded
+
+    # -- removing -------------------------------------------------------------
+
+    def forget(self, id: str, flush: bool = True) -> None:  # noqa: A002
+        """Drop task ``id`` from the session; it stays in the store."""
+        with self._mutex:
+            self._drop(id)
+            task = self._unsaved.pop(id, None)
+            if task is not None:
+                self.store.save(task)
+            if flush:
+                self.flush()
+
+    def remove(self, id: str, flush: bool = True) -> None:  # noqa: A002
+        """Remove task ``id`` and its children from the session and from the store.
+
+        Without ``flush`` the records are deleted at the next :meth:`flush`,
+        after the index no longer names them.
+        """
+        with self._mutex:
+            doomed = self._descendants([id])
+            self._drop(id)
+            for oid in doomed:
+                self._unsaved.pop(oid, None)
+                self._doomed[oid] = None
+            if flush:
+                self.flush()
+
+    def _drop(self, oid: str) -> None:
+        parse_id(oid)
+        if oid not in self._index and oid not in self.tasks:
+            raise InvalidArgument(f"task {oid} is not in session {self.path}")
+        self.tasks.pop(oid, None)
+        self.load_errors.pop(oid, None)
+        self._index.pop(oid, None)
+        if oid in self._added:
+            del self._added[oid]
+        else:
+            self._removed.add(oid)
+
+    def _descendants(self, ids: Iterable[str]) -> list[str]:
+        """``ids`` and the ids of all their children, breadth first, from memory or else metadata."""
+        found: dict[str, None] = {}
+        queue: deque[tuple[str, Any]] = deque((oid, self.tasks.get(oid)) for oid in ids)
+        while queue:
+            oid, task = queue.popleft()
+            if oid in found:
+                continue
+            found[oid] = None
+            if task is not None:
+                children = getattr(task, "tasks", None)
+                if isinstance(children, (list, tuple)):
+                    queue.extend((c.persistent_id, c) for c in children if getattr(c, "persistent_id", None))
+                continue
+            meta = next(iter(self.store.iter_metadata([oid])))[1]
+            if isinstance(meta, dict):
+                queue.extend((c, None) for c in meta.get("children") or [] if isinstance(c, str) and is_id(c))
+        return list(found)
+
+    def destroy(self) -> None:
+        """Remove every task of the session from the store, then the session directory."""
+        with self._mutex:
+            store_inside = isinstance(self.store, FilesystemStore) and is_inside(self.store.directory, self.path)
+            if not store_inside:
+                self.store.remove_many(self._descendants(list(self._index) + list(self.tasks)))
+            self.store.close()
+            shutil.rmtree(self.path)
+            self.tasks.clear()
+            self._index.clear()
+            self._unsaved.clear()
+
+    # -- reading --------------------------------------------------------------
+
+    def list_ids(self) -> list[str]:
+        """Ids of the session's top-level tasks."""
+        return list(self.tasks)
+
+    def list_names(self) -> list[str]:
+        """Job names of the session's top-level tasks."""
+        return [getattr(task, "jobname", None) for task in self.tasks.values()]
+
+    def iter_workflow(self) -> Iterator[Any]:
+        """Every task, breadth first through collections' ``tasks``."""
+        seen: set[int] = set()
+        queue = deque(self.tasks.values())
+        while queue:
+            task = queue.popleft()
+            if id(task) in seen:
+                continue
+            seen.add(id(task))
+            yield task
+            children = getattr(task, "tasks", None)
+            if isinstance(children, (list, tuple)):
+                queue.extend(children)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(self.tasks.values()))
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __contains__(self, id: object) -> bool:  # noqa: A002
+        return id in self.tasks
+
+    # -- timestamps -----------------------------------------------------------
+
+    def _timestamp(self, key: str) -> float:
+        try:
+            return os.stat(self._file(self.TIMESTAMP_FILES[key])).st_mtime
+        except OSError:
+            return -1
+
+    @property
+    def created(self) -> float:
+        """When the session started (mtime of ``created``), or -1."""
+        return self._timestamp("start")
+
+    @property
+    def finished(self) -> float:
+        """When the session finished (mtime of ``finished``), or -1."""
+        return self._timestamp("end")
+
+    def _set_timestamp(self, key: str, time: float | None) -> None:
+        path = self._file(self.TIMESTAMP_FILES[key])
+        when = _time.time() if time is None else float(time)
+        try:
+            with open(path, "a"):
+                pass
+            os.utime(path, (when, when))
+        except OSError as error:
+            raise SaveError(path, f"cannot set timestamp: {error.strerror}") from error
+
+    def set_start_timestamp(self, time: float | None = None) -> None:
+        """Mark the session as started at ``time`` (now by default)."""
+        self._set_timestamp("start", time)
+
+    def set_end_timestamp(self, time: float | None = None) -> None:
+        """Mark the session as finished at ``time`` (now by default)."""
+        self._set_timestamp("end", time)
+
+    # -- life cycle -----------------------------------------------------------
+
+    def close(self) -> None:
+        """Save changed tasks, flush, and release the store."""
+        self.save_all()
+        self.store.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.path!r}: {len(self.tasks)} tasks in {mask_password(self.store_url)}>"
+
+
+class TemporarySession(Session):
+    """A session over an existing store, in a temporary directory removed at exit.
+
+    Without ``task_ids`` it holds every object that the store lists.
+    """
+
+    def __init__(
+        self,
+        store_or_url: Store | str | os.PathLike[str],
+        task_ids: Iterable[str] | None = None,
+        delete: bool = True,
+        **extra_args: Any,
+    ) -> None:
+        path = tempfile.mkdtemp(prefix="gc3session-")
+        store = make_store(store_or_url if isinstance(store_or_url, Store) else absolute_url(os.fspath(store_or_url)), **extra_args)
+        super().__init__(path, store_or_url=store)
+        self.delete = delete
+        self._finalizer = weakref.finalize(self, shutil.rmtree, path, True) if delete else None
+        ids = store.list() if task_ids is None else list(task_ids)
+        self._load_into_session(ids)
+        for oid in list(self.tasks) + list(self.load_errors):
+            self._register(oid)
+        self.flush()
+
+    def close(self) -> None:
+        """Save changed tasks and remove the temporary directory (when ``delete``)."""
+        try:
+            super().close()
+        finally:
+            if self._finalizer is not None:
+                self._finalizer()
+
+    def destroy(self) -> None:
+        super().destroy()
+        if self._finalizer is not None:
+            self._finalizer.detach()
+
+
+def read_index(path: str, strict: bool = True) -> list[str]:
+    """The ids in an index file, in order, without blanks or repeats.
+
+    A last line without its newline is a write cut short and is skipped
+    unless it is a valid id.  Any other line that is not a valid id raises
+    SessionError when ``strict``, and is kept as it is otherwise (so a
+    rewrite never drops what a person may want to fix by hand).
+    """
+    if os.path.isdir(path):
+        raise SessionError(path, "is a directory, expected the session index file")
+    try:
+        with open(path, "rb") as f:
+            content = f.read()
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        raise SessionError(path, f"cannot read the index: {error.strerror}") from error
+    lines = content.split(b"\n")
+    last = lines.pop()
+    ids: dict[str, None] = {}
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line:
+            continue
+        text = line.decode("utf-8", "replace")
+        if not is_id(text):
+            if strict:
+                raise SessionError(path, f"line {number}: {line[:60]!r} is not a task id")
+        ids[text] = None
+    tail = last.strip().decode("utf-8", "replace")
+    if tail and is_id(tail):
+        ids[tail] = None
+    elif tail:
+        log.debug("%s: ignoring incomplete last line %r", path, tail[:60])
+    return list(ids)
+
+
+def _mend_last_line(fd: int) -> None:
+    """Before appending: end the file with a newline, dropping a torn last line that is no id."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    start = max(0, size - 4096)
+    chunk = os.pread(fd, size - start, start)
+    cut = chunk.rfind(b"\n")
+    tail = chunk[cut + 1 :]
+    if is_id(tail.strip().decode("utf-8", "replace")):
+        os.write(fd, b"\n")
+    else:
+        os.ftruncate(fd, start + cut + 1)
+
+
+def absolute_url(url: str) -> str:
+    """``url`` with a relative path made absolute (plain paths and ``sqlite:///relative``)."""
+    scheme = url_scheme(url)
+    if scheme is None:
+        return os.path.abspath(url)
+    if scheme == "sqlite":
+        head, sep, rest = url.partition(":///")
+        if sep and rest and not rest.startswith("/") and not rest.startswith(":memory:") and "://" not in head:
+            return f"{head}:///{os.path.abspath(rest)}"
+    return url
+
+
+def is_inside(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is ``directory`` or below it."""
+    try:
+        Path(path).resolve().relative_to(Path(directory).resolve())
+    except ValueError:
+        return False
+    return True
+
+
+__all__ = ["Session", "TemporarySession", "read_index"]
