@@ -1,0 +1,431 @@
+"""SQL stores on SQLAlchemy 2.x Core: SQLite, PostgreSQL, MariaDB and MySQL.
+
+One row per object.  Besides the pickle, each row carries the metadata record
+(as JSON) and its main fields as columns, so listing and filtering never
+unpickle.  Object numbers come from a counter row in ``gc3session_counters``,
+advanced inside a transaction, so any number of processes and machines can
+share one table.  Every write is one transaction using the database's own
+upsert.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine, make_url
+
+from ..exceptions import InvalidArgument, LoadError, SaveError, StoreError
+from .idfactory import IdFactory, parse_id
+from .serialization import DEFAULT_PROTOCOL
+from .store import Record, Store, mask_password, store_options
+
+log = logging.getLogger(__name__)
+
+#: Rows written or read per statement.
+BATCH = 500
+#: The table that holds one id counter per store table.
+COUNTERS_TABLE = "gc3session_counters"
+#: Seconds a SQLite writer waits for another one before giving up.
+SQLITE_BUSY_TIMEOUT = 60.0
+
+_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_DEFAULT_DRIVERS = {
+    "postgresql": "postgresql+psycopg",
+    "postgres": "postgresql+psycopg",
+    "mysql": "mysql+pymysql",
+    "mariadb": "mariadb+pymysql",
+}
+_EXTRAS = {"postgresql": "postgresql", "mysql": "mysql", "mariadb": "mysql"}
+_BIG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+_BIG_BLOB = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+#: Columns every store table has; ``data`` and ``meta`` are not for filtering.
+CORE_COLUMNS = ("id", "persistent_id", "data", "state", "jobname", "cls", "children", "created", "modified", "meta")
+
+
+def _core_columns() -> list[sa.Column[Any]]:
+    return [
+        sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("persistent_id", sa.String(255), nullable=False),
+        sa.Column("data", _BIG_BLOB, nullable=False),
+        sa.Column("state", sa.String(32), index=True),
+        sa.Column("jobname", sa.Text),
+        sa.Column("cls", sa.String(255)),
+        sa.Column("children", _BIG_TEXT),
+        sa.Column("created", sa.Double),
+        sa.Column("modified", sa.Double),
+        sa.Column("meta", _BIG_TEXT, nullable=False),
+    ]
+
+
+class SqlStore(Store):
+    """Objects as rows of one table in a SQL database.
+
+    The table is ``table_name``, else the URL fragment ``#table=NAME``, else
+    ``store``.  ``extra_fields`` maps :class:`sqlalchemy.Column` objects to
+    functions of the object (see :data:`gc3session.persistence.accessors.GET`);
+    each is a column filled on every save.  ``create=False`` refuses to
+    create a missing table.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        table_name: str | None = None,
+        idfactory: IdFactory | None = None,
+        extra_fields: Mapping[sa.Column[Any], Callable[[Any], Any]] | None = None,
+        create: bool = True,
+        *,
+        protocol: int = DEFAULT_PROTOCOL,
+        fsync: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(url, idfactory=idfactory, protocol=protocol, **store_options(options))
+        address, fragment_table = _split_fragment(url)
+        self.table_name = table_name or fragment_table or "store"
+        if not isinstance(self.table_name, str) or not _TABLE_NAME.fullmatch(self.table_name):
+            raise InvalidArgument(f"table name {self.table_name!r} is not a plain SQL identifier (letters, digits, _)")
+        self._address = _with_default_driver(address)
+        self._password = self._address.password
+        self.fsync = fsync
+        self.engine = self._make_engine()
+        self._extra = {_fresh(column): getter for column, getter in (extra_fields or {}).items()}
+        for column in self._extra:
+            if column.name in CORE_COLUMNS:
+                raise InvalidArgument(f"extra field {column.name!r} clashes with a column of the store table")
+        self.table, self.counters = self._open_tables(create)
+        self._upsert = self._make_upsert()
+
+    # -- engine and tables ------------------------------------------------------
+
+    def _make_engine(self) -> Engine:
+        backend = self._address.get_backend_name()
+        kwargs: dict[str, Any] = {}
+        if backend == "sqlite":
+            kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT, "check_same_thread": False}
+            if self._address.database in (None, "", ":memory:"):
+                kwargs["poolclass"] = sa.pool.StaticPool
+        else:
+            kwargs["pool_pre_ping"] = True
+        try:
+            engine = sa.create_engine(self._address, **kwargs)
+        except (ImportError, sa.exc.NoSuchModuleError) as error:
+            extra = _EXTRAS.get(backend)
+            hint = f": pip install 'gc3session[{extra}]'" if extra else ""
+            raise InvalidArgument(
+                f"no database driver for {self._masked()} ({self._scrub(str(error))}){hint}"
+            ) from None
+        if backend == "sqlite":
+            _tune_sqlite(engine, self.fsync)
+        return engine
+
+    def _open_tables(self, create: bool) -> tuple[sa.Table, sa.Table]:
+        metadata = sa.MetaData()
+        counters = sa.Table(
+            COUNTERS_TABLE,
+            metadata,
+            sa.Column("name", sa.String(64), primary_key=True),
+            sa.Column("next_id", sa.BigInteger, nullable=False),
+        )
+        wanted = sa.Table(self.table_name, metadata, *_core_columns(), *self._extra, **_table_options())
+        with self._failures("cannot open the store table"):
+            inspector = sa.inspect(self.engine)
+            if not inspector.has_table(self.table_name):
+                if not create:
+                    raise StoreError(self._masked(), f"no table {self.table_name!r} (and create=False)")
+                self._create_tables(metadata)
+            elif not inspector.has_table(COUNTERS_TABLE):
+                self._create_tables(metadata)
+            table = self._adopt(wanted)
+            self._ensure_counter(counters, table)
+        return table, counters
+
+    def _create_tables(self, metadata: sa.MetaData) -> None:
+        try:
+            metadata.create_all(self.engine, checkfirst=True)
+        except sa.exc.SQLAlchemyError:
+            # another process created them at the same moment: fine if they exist now
+            inspector = sa.inspect(self.engine)
+            if not (inspector.has_table(self.table_name) and inspector.has_table(COUNTERS_TABLE)):
+                raise
+
+    def _adopt(self, wanted: sa.Table) -> sa.Table:
+        """Use the existing table as it is, adding any missing extra column."""
+        present = {column["name"] for column in sa.inspect(self.engine).get_columns(self.table_name)}
+        missing_core = [name for name in CORE_COLUMNS if name not in present]
+        if missing_core:
+            raise StoreError(
+                self._masked(),
+                f"table {self.table_name!r} exists but is not a gc3session store (no column {', '.join(missing_core)})",
+            )
+        preparer = self.engine.dialect.identifier_preparer
+        for column in self._extra:
+            if column.name not in present:
+                kind = column.type.compile(dialect=self.engine.dialect)
+                ddl = f"ALTER TABLE {preparer.quote(self.table_name)} ADD COLUMN {preparer.quote(column.name)} {kind}"
+                try:
+                    with self.engine.begin() as conn:
+                        conn.exec_driver_sql(ddl)
+                except sa.exc.SQLAlchemyError:
+                    names = {c["name"] for c in sa.inspect(self.engine).get_columns(self.table_name)}
+                    if column.name not in names:
+                        raise
+        return wanted
+
+    def _ensure_counter(self, counters: sa.Table, table: sa.Table) -> None:
+        with self._transaction() as conn:
+            exists = conn.execute(sa.select(counters.c.next_id).where(counters.c.name == self.table_name)).first()
+            if exists is None:
+                highest = conn.execute(sa.select(sa.func.max(table.c.id))).scalar() or 0
+                conn.execute(self._insert_ignore(counters), {"name": self.table_name, "next_id": highest + 1})
+
+    def _insert_ignore(self, table: sa.Table) -> Any:
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql":
+            return postgresql.insert(table).on_conflict_do_nothing()
+        if dialect == "sqlite":
+            return sqlite.insert(table).on_conflict_do_nothing()
+        return sa.insert(table).prefix_with("IGNORE")
+
+    def _make_upsert(self) -> Any:
+        table = self.table
+        updated = [c.name for c in table.columns if c.name != "id"]
+        dialect = self.engine.dialect.name
+        if dialect in ("postgresql", "sqlite"):
+            insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+            return insert.on_conflict_do_update(
+                index_elements=[table.c.id], set_={name: insert.excluded[name] for name in updated}
+            )
+        if dialect in ("mysql", "mariadb"):
+            insert = mysql.insert(table)
+            return insert.on_duplicate_key_update({name: insert.inserted[name] for name in updated})
+        raise InvalidArgument(f"SQL store does not support the {dialect!r} database")  # pragma: no cover
+
+    # -- transactions and errors ----------------------------------------------
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """A write transaction (BEGIN IMMEDIATE on SQLite), committed on success."""
+        with self.engine.connect().execution_options(gc3session_write=True) as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def _failures(self, what: str, target: str | None = None) -> Iterator[None]:
+        """Turn database errors into gc3session errors that name the store, without its password."""
+        try:
+            yield
+        except sa.exc.SQLAlchemyError as error:
+            reason = f"{what}: {self._scrub(str(getattr(error, 'orig', None) or error)).splitlines()[0]}"
+            if target is not None:
+                raise SaveError(target, f"{reason} (store {self._masked()})") from None
+            raise StoreError(self._masked(), reason) from None
+
+    def _masked(self) -> str:
+        return mask_password(self.url)
+
+    def _scrub(self, text: str) -> str:
+        if self._password:
+            text = text.replace(str(self._password), "***")
+        return text
+
+    # -- storage primitives ---------------------------------------------------
+
+    def _reserve(self, n: int) -> range:
+        counters = self.counters
+        where = counters.c.name == self.table_name
+        with self._failures("cannot allocate object ids"), self._transaction() as conn:
+            conn.execute(sa.update(counters).where(where).values(next_id=counters.c.next_id + n))
+            after = conn.execute(sa.select(counters.c.next_id).where(where).with_for_update()).scalar_one()
+        return range(after - n, after)
+
+    def _write(self, records: list[Record]) -> None:
+        """Upsert the records in one transaction, in batches."""
+        rows = [self._row(record) for record in records]
+        with self._failures("cannot write", target=records[0].id if len(records) == 1 else f"{len(records)} objects"):
+            with self._transaction() as conn:
+                for start in range(0, len(rows), BATCH):
+                    conn.execute(self._upsert, rows[start : start + BATCH])
+
+    def _row(self, record: Record) -> dict[str, Any]:
+        meta = record.meta
+        row = {
+            "id": record.number,
+            "persistent_id": record.id,
+            "data": record.data,
+            "state": meta.get("state"),
+            "jobname": meta.get("jobname"),
+            "cls": meta.get("cls"),
+            "children": json.dumps(meta.get("children", [])),
+            "created": meta.get("created"),
+            "modified": meta.get("modified"),
+            "meta": json.dumps(meta, separators=(",", ":")),
+        }
+        for column, getter in self._extra.items():
+            try:
+                row[column.name] = getter(record.obj)
+            except Exception as error:  # an accessor may fail on any object: store NULL, as documented
+                log.debug("extra field %s of %s: %s; storing NULL", column.name, record.id, error)
+                row[column.name] = None
+        return row
+
+    def _read(self, ids: list[str]) -> dict[str, tuple[dict[str, Any], bytes] | LoadError]:
+        table = self.table
+        wanted = {parse_id(oid)[1]: oid for oid in ids}
+        found: dict[str, tuple[dict[str, Any], bytes] | LoadError] = {}
+        numbers = list(wanted)
+        with self._failures("cannot read"), self.engine.connect() as conn:
+            for start in range(0, len(numbers), BATCH):
+                chunk = numbers[start : start + BATCH]
+                query = sa.select(table.c.id, table.c.meta, table.c.data).where(table.c.id.in_(chunk))
+                for number, meta_text, data in conn.execute(query):
+                    oid = wanted[number]
+                    meta = _parse_meta(oid, meta_text)
+                    found[oid] = meta if isinstance(meta, LoadError) else (meta, bytes(data or b""))
+        return found
+
+    def _delete(self, ids: list[str]) -> None:
+        table = self.table
+        with self._failures("cannot remove", target=ids[0] if len(ids) == 1 else f"{len(ids)} objects"):
+            with self._transaction() as conn:
+                for start in range(0, len(ids), BATCH):
+                    chunk = ids[start : start + BATCH]
+                    numbers = [parse_id(oid)[1] for oid in chunk]
+                    conn.execute(
+                        sa.delete(table).where(table.c.id.in_(numbers), table.c.persistent_id.in_(chunk))
+                    )
+
+    def _list(self, filters: dict[str, Any]) -> list[str]:
+        table = self.table
+        query = sa.select(table.c.persistent_id).order_by(table.c.id)
+        for name, value in filters.items():
+            if name not in table.c or name in ("data", "meta"):
+                usable = ", ".join(c.name for c in table.columns if c.name not in ("data", "meta"))
+                raise InvalidArgument(f"cannot filter {self} by {name!r} (columns: {usable})")
+            if isinstance(value, enum.Enum):
+                value = value.value
+            query = query.where(table.c[name].is_(None) if value is None else table.c[name] == value)
+        with self._failures("cannot list"), self.engine.connect() as conn:
+            return list(conn.execute(query).scalars())
+
+    def _read_metadata(self, ids: list[str] | None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
+        table = self.table
+        columns = (table.c.persistent_id, table.c.meta)
+        if ids is None:
+            query = sa.select(*columns).order_by(table.c.id)
+            with self._failures("cannot list"), self.engine.connect() as conn:
+                result = conn.execution_options(yield_per=BATCH).execute(query)
+                for oid, meta_text in result:
+                    yield oid, _parse_meta(oid, meta_text)
+            return
+        for start in range(0, len(ids), BATCH):
+            chunk = ids[start : start + BATCH]
+            query = sa.select(*columns).where(table.c.id.in_([parse_id(oid)[1] for oid in chunk]))
+            with self._failures("cannot read"), self.engine.connect() as conn:
+                rows = dict(conn.execute(query).tuples().all())
+            for oid in chunk:
+                if oid in rows:
+                    yield oid, _parse_meta(oid, rows[oid])
+                else:
+                    yield oid, LoadError(oid, f"no such object in {self}")
+
+    def size(self) -> int | None:
+        """Bytes the table takes in the database, where the database tells."""
+        dialect = self.engine.dialect.name
+        with self._failures("cannot measure"), self.engine.connect() as conn:
+            if dialect == "postgresql":
+                return conn.execute(sa.text("SELECT pg_total_relation_size(:t)"), {"t": self.table_name}).scalar()
+            if dialect in ("mysql", "mariadb"):
+                query = sa.text(
+                    "SELECT data_length + index_length FROM information_schema.tables "
+                    "WHERE table_schema = DATABASE() AND table_name = :t"
+                )
+                value = conn.execute(query, {"t": self.table_name}).scalar()
+                return None if value is None else int(value)
+        database = self._address.database
+        return os.path.getsize(database) if database and os.path.exists(database) else None
+
+    # -- life cycle -----------------------------------------------------------
+
+    def pre_fork(self) -> None:
+        """Close every pooled connection, so that no child inherits one."""
+        self.engine.dispose()
+
+    def post_fork(self) -> None:
+        """In a child process: drop the inherited pool without closing the parent's connections."""
+        super().post_fork()
+        self.engine.dispose(close=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _tune_sqlite(engine: Engine, fsync: bool) -> None:
+    """WAL, a busy timeout, and explicit transactions (BEGIN IMMEDIATE for writers)."""
+
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves, below
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(conn: Connection) -> None:
+        writing = conn.get_execution_options().get("gc3session_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if writing else "BEGIN")
+
+
+def _table_options() -> dict[str, Any]:
+    return {"mysql_charset": "utf8mb4", "mariadb_charset": "utf8mb4", "mysql_engine": "InnoDB", "mariadb_engine": "InnoDB"}
+
+
+def _split_fragment(url: str) -> tuple[str, str | None]:
+    address, sep, fragment = url.partition("#")
+    if not sep:
+        return url, None
+    key, eq, value = fragment.partition("=")
+    if key != "table" or not eq:
+        raise InvalidArgument(f"store URL {mask_password(url)}: the fragment must be '#table=NAME'")
+    return address, value
+
+
+def _with_default_driver(address: str) -> sa.URL:
+    try:
+        url = make_url(address)
+    except sa.exc.ArgumentError as error:
+        raise InvalidArgument(f"{mask_password(address)} is not a valid database URL: {error}") from None
+    if "+" not in url.drivername and url.drivername in _DEFAULT_DRIVERS:
+        url = url.set(drivername=_DEFAULT_DRIVERS[url.drivername])
+    return url
+
+
+def _fresh(column: sa.Column[Any]) -> sa.Column[Any]:
+    """``column`` itself, or a copy when it already belongs to another table."""
+    if not isinstance(column, sa.Column):
+        raise InvalidArgument(f"extra_fields keys must be sqlalchemy.Column objects, not {column!r}")
+    if getattr(column, "table", None) is None:
+        return column
+    return sa.Column(column.name, column.type, nullable=column.nullable, index=column.index)
+
+
+def _parse_meta(oid: str, text: Any) -> dict[str, Any] | LoadError:
+    try:
+        meta = json.loads(text)
+    except (TypeError, ValueError):
+        return LoadError(oid, "metadata is not valid JSON")
+    if not isinstance(meta, dict):
+        return LoadError(oid, "metadata is not a JSON object")
+    return meta
+
+
+__all__ = ["BATCH", "COUNTERS_TABLE", "CORE_COLUMNS", "SqlStore"]
