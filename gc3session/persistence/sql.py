@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -102,8 +103,14 @@ class SqlStore(Store):
         for column in self._extra:
             if column.name in CORE_COLUMNS:
                 raise InvalidArgument(f"extra field {column.name!r} clashes with a column of the store table")
-        self.table, self.counters = self._open_tables(create)
+        try:
+            self.table, self.counters = self._open_tables(create)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self._upsert = self._make_upsert()
+        # a store dropped without close() still returns its connections
+        self._closer = weakref.finalize(self, self.engine.dispose)
 
     # -- engine and tables ------------------------------------------------------
 
@@ -365,6 +372,7 @@ class SqlStore(Store):
         self.engine.dispose(close=False)
 
     def close(self) -> None:
+        """Close the pooled connections (the store reconnects if used again)."""
         self.engine.dispose()
 
 
@@ -394,7 +402,7 @@ def _split_fragment(url: str) -> tuple[str, str | None]:
     if not sep:
         return url, None
     key, eq, value = fragment.partition("=")
-    if key != "table" or not eq:
+    if key != "table" or not eq or not value:
         raise InvalidArgument(f"store URL {mask_password(url)}: the fragment must be '#table=NAME'")
     return address, value
 

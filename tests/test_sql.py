@@ -1,0 +1,366 @@
+"""What only SQL stores do: tables, columns, upserts, extra fields, drivers, forks, sharing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from gc3session import Session, State, Task
+from gc3session.exceptions import InvalidArgument, SaveError, StoreError
+from gc3session.persistence import SqlStore, make_store
+from gc3session.persistence.accessors import GET
+
+SQL_KINDS = ["sqlite", "postgresql", "mysql"]
+
+
+@pytest.fixture(params=SQL_KINDS)
+def sql_url(request: Any, store_url_of: Callable[[str], str]) -> str:
+    return store_url_of(request.param)
+
+
+@pytest.fixture
+def opened(sql_url: str) -> Any:
+    stores: list[SqlStore] = []
+
+    def opener(url: str = sql_url, **kwargs: Any) -> SqlStore:
+        store = make_store(url, **kwargs)
+        assert isinstance(store, SqlStore)
+        stores.append(store)
+        return store
+
+    yield opener
+    for store in stores:
+        store.close()
+
+
+def table_of(url: str) -> str:
+    return url.rpartition("#table=")[2] if "#table=" in url else "store"
+
+
+def test_make_store_gives_sql_store_with_engine_and_table(opened: Any, sql_url: str) -> None:
+    store = opened()
+    assert isinstance(store.engine, sa.Engine)
+    assert isinstance(store.table, sa.Table)
+    assert store.table_name == table_of(sql_url)
+    assert store.table.name == store.table_name
+    names = {c.name for c in store.table.columns}
+    assert {"id", "data", "state", "jobname", "cls", "children", "created", "modified", "meta"} <= names
+    assert store.table.c.id.primary_key
+
+
+def test_table_name_argument_wins_over_fragment_and_default(tmp_path: Any) -> None:
+    url = f"sqlite:///{tmp_path}/a.db"
+    with make_store(url) as default, make_store(url + "#table=frag") as frag:
+        assert default.table_name == "store"
+        assert frag.table_name == "frag"
+    with SqlStore(url + "#table=frag", table_name="arg") as arg:
+        assert arg.table_name == "arg"
+    assert set(sa.inspect(sa.create_engine(url)).get_table_names()) >= {"store", "frag", "arg"}
+
+
+@pytest.mark.parametrize("name", ["bad name", "x;DROP TABLE store", "1abc", "a" * 64, "tab-le"])
+def test_table_name_must_be_plain_identifier(tmp_path: Any, name: str) -> None:
+    with pytest.raises(InvalidArgument, match="table name"):
+        SqlStore(f"sqlite:///{tmp_path}/a.db", table_name=name)
+    with pytest.raises(InvalidArgument, match="table"):
+        make_store(f"sqlite:///{tmp_path}/a.db#table={name}")
+
+
+@pytest.mark.parametrize("fragment", ["tbl=x", "table=", "table"])
+def test_bad_fragment_is_refused(tmp_path: Any, fragment: str) -> None:
+    with pytest.raises(InvalidArgument, match="#table=NAME"):
+        make_store(f"sqlite:///{tmp_path}/a.db#{fragment}")
+
+
+def test_rows_carry_metadata_columns(opened: Any) -> None:
+    store = opened()
+    task = Task(jobname="fit-1")
+    task.state = State.RUNNING
+    oid = store.save(task)
+    with store.engine.connect() as conn:
+        row = conn.execute(sa.select(store.table)).mappings().one()
+    assert row["persistent_id"] == oid
+    assert row["state"] == "RUNNING"
+    assert row["jobname"] == "fit-1"
+    assert row["cls"] == "gc3session.task.Task"
+    assert row["id"] == int(oid.split(".")[1])
+    assert row["created"] <= row["modified"]
+
+
+def test_ids_come_from_the_database_counter(opened: Any) -> None:
+    first, second = opened(), opened()
+    a = first.save(Task())
+    b = second.save(Task())
+    c = first.save(Task())
+    numbers = [int(x.split(".")[1]) for x in (a, b, c)]
+    assert len(set(numbers)) == 3
+
+
+def test_list_filters_are_done_in_sql(opened: Any) -> None:
+    store = opened()
+    tasks = [Task(jobname=f"t{i}") for i in range(6)]
+    for t in tasks[:2]:
+        t.state = State.TERMINATED
+    store.save_many(tasks)
+    statements: list[str] = []
+    sa.event.listen(store.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    done = store.list(state="TERMINATED")
+    assert done == [t.persistent_id for t in tasks[:2]]
+    assert store.list(state=State.TERMINATED, jobname="t1") == [tasks[1].persistent_id]
+    assert any("WHERE" in s and "state" in s for s in statements)
+    with pytest.raises(InvalidArgument, match="cannot filter"):
+        store.list(colour="red")
+
+
+def test_save_many_uses_one_upsert_transaction(opened: Any) -> None:
+    store = opened()
+    tasks = [Task(jobname=f"t{i}") for i in range(1200)]
+    store.assign_id(tasks[0])
+    statements: list[str] = []
+    sa.event.listen(store.engine, "before_cursor_execute", lambda *a: statements.append(a[2].upper()))
+    store.save_many(tasks)
+    writes = [s for s in statements if s.lstrip().startswith("INSERT")]
+    assert writes and all("ON CONFLICT" in s or "ON DUPLICATE KEY" in s for s in writes)
+    assert not any(s.lstrip().startswith("SELECT") and store.table_name.upper() in s for s in statements)
+    for t in tasks[:5]:
+        t.state = State.RUNNING
+    store.save_many(tasks[:5])
+    store.invalidate_cache()
+    assert [store.load(t.persistent_id).state for t in tasks[:6]] == [State.RUNNING] * 5 + [State.NEW]
+    assert len(store.list()) == 1200
+
+
+def test_sql_text_in_values_is_just_text(opened: Any) -> None:
+    store = opened()
+    evil = "x'); DROP TABLE store; --"
+    oid = store.save(Task(jobname=evil, note="'; DELETE FROM gc3session_counters; --"))
+    store.invalidate_cache()
+    assert store.load(oid).jobname == evil
+    assert store.list(jobname=evil) == [oid]
+    assert sa.inspect(store.engine).has_table(store.table_name)
+
+
+def test_extra_fields_with_get_accessor(opened: Any, sql_url: str) -> None:
+    column = sa.Column("returncode", sa.Integer)
+    store = opened(extra_fields={column: GET.execution.returncode, sa.Column("alpha", sa.Float): GET.params["alpha"]})
+    task = Task(params={"alpha": 0.5})
+    task.execution.returncode = 3
+    oid = store.save(task)
+    broken = store.save(Task())  # no params: the accessor fails, NULL is stored
+    with store.engine.connect() as conn:
+        rows = {r.persistent_id: r for r in conn.execute(sa.select(store.table))}
+    assert rows[oid].returncode == 3 and rows[oid].alpha == 0.5
+    assert rows[broken].alpha is None
+    assert store.list(returncode=3) == [oid]
+    # the same mapping can serve a second store handle (columns are copied)
+    again = opened(extra_fields={column: GET.execution.returncode})
+    assert again.list(returncode=3) == [oid]
+
+
+def test_missing_extra_column_is_added_to_existing_table(opened: Any) -> None:
+    plain = opened()
+    oid = plain.save(Task(size=7))
+    plain.close()
+    store = opened(extra_fields={sa.Column("size", sa.Integer): GET.size})
+    assert "size" in {c["name"] for c in sa.inspect(store.engine).get_columns(store.table_name)}
+    store.replace(oid, store.load(oid))
+    assert store.list(size=7) == [oid]
+
+
+def test_existing_foreign_table_is_refused(opened: Any, sql_url: str) -> None:
+    engine = opened().engine
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE not_ours_x (id INTEGER PRIMARY KEY, data TEXT)")
+    try:
+        base = sql_url.partition("#")[0]
+        with pytest.raises(StoreError, match="not a gc3session store"):
+            make_store(f"{base}#table=not_ours_x")
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE not_ours_x")
+
+
+def test_create_false_refuses_missing_table(tmp_path: Any) -> None:
+    with pytest.raises(StoreError, match="no table"):
+        SqlStore(f"sqlite:///{tmp_path}/a.db", create=False)
+
+
+def test_sqlite_runs_in_wal_mode(tmp_path: Any) -> None:
+    with make_store(f"sqlite:///{tmp_path}/a.db") as store, store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() > 0
+
+
+def test_relative_sqlite_path_in_session_is_made_absolute(tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.chdir(tmp_path)
+    session = Session(tmp_path / "s", store_or_url="sqlite:///rel.db")
+    session.add(Task())
+    assert session.store_url == f"sqlite:///{tmp_path}/rel.db"
+    monkeypatch.chdir("/")
+    assert len(Session(tmp_path / "s")) == 1
+
+
+def test_password_never_shown(tmp_path: Any) -> None:
+    url = "postgresql+psycopg://alice:s3cr3t@127.0.0.1:1/nodb"
+    with pytest.raises(StoreError) as info:
+        make_store(url)
+    assert "s3cr3t" not in str(info.value) and "***" in str(info.value)
+    assert "s3cr3t" not in repr(info.value.args)
+    assert info.value.__cause__ is None or "s3cr3t" not in str(info.value.__cause__)
+
+
+def test_repr_masks_password(tmp_path: Any) -> None:
+    store = SqlStore(f"sqlite:///{tmp_path}/a.db")
+    store.url = "postgresql://bob:hunter2@db/x"
+    assert "hunter2" not in repr(store) and "***" in repr(store)
+    store.close()
+
+
+def test_missing_driver_names_the_extra() -> None:
+    with pytest.raises(InvalidArgument, match=r"gc3session\[postgresql\]"):
+        make_store("postgresql+pg8000://user@localhost/db")
+    with pytest.raises(InvalidArgument, match=r"gc3session\[mysql\]"):
+        make_store("mysql+mysqldb://user@localhost/db")
+
+
+def test_unreachable_server_is_a_store_error() -> None:
+    with pytest.raises(StoreError, match="127.0.0.1:1"):
+        make_store("postgresql://nobody@127.0.0.1:1/nothing")
+
+
+def test_threads_share_one_store(opened: Any) -> None:
+    store = opened()
+    ids: list[str] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(25):
+                ids.append(store.save(Task()))
+        except BaseException as error:  # collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(set(ids)) == 100
+    assert sorted(store.list(), key=lambda x: int(x.split(".")[1])) == sorted(ids, key=lambda x: int(x.split(".")[1]))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_usable_after_fork(opened: Any) -> None:
+    store = opened()
+    parent_id = store.save(Task(jobname="parent"))
+    store.pre_fork()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: save and report the id, never return into pytest
+        code = 1
+        try:
+            store.post_fork()
+            os.write(write, store.save(Task(jobname="child")).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    child_id = os.read(read, 100).decode()
+    os.close(read)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert child_id and child_id != parent_id
+    third = store.save(Task(jobname="parent again"))
+    assert len({parent_id, child_id, third}) == 3
+    assert store.load(child_id).jobname == "child"
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from gc3session import Task
+    from gc3session.persistence import make_store
+    store = make_store(sys.argv[1])
+    ids = [store.save(Task(jobname=f"w{sys.argv[2]}-{i}")) for i in range(int(sys.argv[3]) // 2)]
+    ids += store.save_many([Task(jobname=f"w{sys.argv[2]}-b{i}") for i in range(int(sys.argv[3]) - len(ids))])
+    print("\\n".join(ids))
+    """
+)
+
+
+def test_four_processes_share_one_store(opened: Any, sql_url: str) -> None:
+    opened()  # create the table first, as a session would
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, sql_url, str(n), "500"], stdout=subprocess.PIPE, text=True)
+        for n in range(4)
+    ]
+    outputs = [p.communicate(timeout=300)[0].split() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0]
+    ids = [oid for out in outputs for oid in out]
+    assert len(ids) == 2000 and len(set(ids)) == 2000
+    store = opened()
+    assert sorted(store.list()) == sorted(ids)
+    loaded = store.load_many(ids)
+    assert {t.jobname for t in loaded.values()} == {f"w{n}-{i}" for n in range(4) for i in range(250)} | {
+        f"w{n}-b{i}" for n in range(4) for i in range(250)
+    }
+
+
+def test_second_handle_sees_saves_after_invalidate_cache(opened: Any) -> None:
+    first, second = opened(), opened()
+    task = Task(jobname="v1")
+    oid = first.save(task)
+    seen = second.load(oid)
+    assert seen.jobname == "v1"
+    task.jobname = "v2"
+    first.save(task)
+    assert second.load(oid) is seen and seen.jobname == "v1"
+    second.invalidate_cache()
+    assert second.load(oid).jobname == "v2"
+
+
+def test_two_sessions_share_one_store(tmp_path: Any, sql_url: str) -> None:
+    one = Session(tmp_path / "one", store_or_url=sql_url)
+    two = Session(tmp_path / "two", store_or_url=sql_url)
+    mine = [one.add(Task(jobname=f"one{i}")) for i in range(3)]
+    theirs = [two.add(Task(jobname=f"two{i}")) for i in range(3)]
+    assert not set(mine) & set(theirs)
+    assert Session(tmp_path / "one").list_ids() == mine
+    one.destroy()
+    assert not (tmp_path / "one").exists()
+    reopened = Session(tmp_path / "two")
+    assert reopened.list_ids() == theirs
+    assert [t.jobname for t in reopened] == ["two0", "two1", "two2"]
+    assert sorted(reopened.store.list()) == sorted(theirs)
+    reopened.store.close()
+
+
+def test_session_flush_false_batches_through_save_many(tmp_path: Any, sql_url: str) -> None:
+    session = Session(tmp_path / "s", store_or_url=sql_url)
+    statements: list[str] = []
+    sa.event.listen(session.store.engine, "before_cursor_execute", lambda *a: statements.append(a[2].upper()))
+    ids = [session.add(Task(jobname=f"t{i}"), flush=False) for i in range(300)]
+    assert not any(s.lstrip().startswith("INSERT INTO " + session.store.table_name.upper()) for s in statements)
+    session.flush()
+    inserts = [s for s in statements if session.store.table_name.upper() in s and s.lstrip().startswith("INSERT")]
+    assert 1 <= len(inserts) <= 3
+    assert Session(tmp_path / "s").list_ids() == ids
+    session.store.close()
+
+
+def test_save_error_names_the_object(opened: Any) -> None:
+    store = opened()
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP TABLE {store.table_name}")
+    with pytest.raises(SaveError) as info:
+        store.save(Task())
+    assert "Task." in str(info.value)
