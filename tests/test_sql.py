@@ -359,8 +359,10 @@ def test_session_flush_false_batches_through_save_many(tmp_path: Any, sql_url: s
 
 def test_save_error_names_the_object(opened: Any) -> None:
     store = opened()
+    task = Task()
+    store.assign_id(task)
     with store.engine.begin() as conn:
         conn.exec_driver_sql(f"DROP TABLE {store.table_name}")
     with pytest.raises(SaveError) as info:
-        store.save(Task())
-    assert "Task." in str(info.value)
+        store.save(task)
+    assert task.persistent_id in str(info.value)

@@ -153,7 +153,6 @@ class SqlStore(Store):
             elif not inspector.has_table(COUNTERS_TABLE):
                 self._create_tables(metadata)
             table = self._adopt(wanted)
-            self._ensure_counter(counters, table)
         return table, counters
 
     def _create_tables(self, metadata: sa.MetaData) -> None:
@@ -188,14 +187,8 @@ class SqlStore(Store):
                         raise
         return wanted
 
-    def _ensure_counter(self, counters: sa.Table, table: sa.Table) -> None:
-        with self._transaction() as conn:
-            exists = conn.execute(sa.select(counters.c.next_id).where(counters.c.name == self.table_name)).first()
-            if exists is None:
-                highest = conn.execute(sa.select(sa.func.max(table.c.id))).scalar() or 0
-                conn.execute(self._insert_ignore(counters), {"name": self.table_name, "next_id": highest + 1})
-
     def _insert_ignore(self, table: sa.Table) -> Any:
+        """An INSERT that does nothing when the row exists."""
         dialect = self.engine.dialect.name
         if dialect == "postgresql":
             return postgresql.insert(table).on_conflict_do_nothing()
@@ -250,9 +243,20 @@ class SqlStore(Store):
         counters = self.counters
         where = counters.c.name == self.table_name
         with self._failures("cannot allocate object ids"), self._transaction() as conn:
-            conn.execute(sa.update(counters).where(where).values(next_id=counters.c.next_id + n))
+            moved = conn.execute(sa.update(counters).where(where).values(next_id=counters.c.next_id + n)).rowcount
+            if not moved:  # no counter row yet: start above the highest id in the table
+                highest = conn.execute(sa.select(sa.func.max(self.table.c.id))).scalar() or 0
+                conn.execute(self._insert_ignore(counters), {"name": self.table_name, "next_id": highest + 1})
+                conn.execute(sa.update(counters).where(where).values(next_id=counters.c.next_id + n))
             after = conn.execute(sa.select(counters.c.next_id).where(where).with_for_update()).scalar_one()
         return range(after - n, after)
+
+    def _bump(self, number: int) -> None:
+        counters = self.counters
+        where = (counters.c.name == self.table_name) & (counters.c.next_id <= number)
+        self._reserve(0)  # makes sure the counter row exists
+        with self._failures("cannot advance the id counter"), self._transaction() as conn:
+            conn.execute(sa.update(counters).where(where).values(next_id=number + 1))
 
     def _write(self, records: list[Record]) -> None:
         """Upsert the records in one transaction, in batches."""

@@ -138,6 +138,7 @@ class Store(abc.ABC):
                 "version": __version__,
                 "id": oid,
                 **self.serializer.describe(obj),
+                "references": sorted(set(edges.get(oid, ()))),
                 "created": created,
                 "modified": now,
                 "size": len(data),
@@ -273,6 +274,50 @@ class Store(abc.ABC):
             for oid in ids:
                 self._cache.pop(oid, None)
 
+    # -- raw records ----------------------------------------------------------
+
+    def export(self, ids: Iterable[str]) -> Iterator[tuple[str, tuple[dict[str, Any], bytes] | LoadError]]:
+        """``(id, (metadata, pickle))`` of each id, as stored, without unpickling; a failure as a LoadError."""
+        ids = list(ids)
+        for oid in ids:
+            parse_id(oid)
+        for start in range(0, len(ids), LOAD_BATCH):
+            chunk = ids[start : start + LOAD_BATCH]
+            with self._lock:
+                self._check_pid()
+                raw = self._read(chunk)
+            for oid in chunk:
+                entry = raw.get(oid) or LoadError(oid, f"no such object in {self}")
+                if not isinstance(entry, LoadError):
+                    try:
+                        check_metadata(oid, *entry)
+                    except LoadError as error:
+                        entry = error
+                yield oid, entry
+
+    def import_records(self, records: Iterable[tuple[str, dict[str, Any], bytes]]) -> None:
+        """Write records exported from another store, keeping their ids, in one batch.
+
+        The counter moves past the highest number imported, so new ids never
+        collide with them.
+        """
+        batch = []
+        for oid, meta, data in records:
+            check_metadata(oid, meta, data)
+            batch.append(Record(oid, parse_id(oid)[1], meta, data, None))
+        if not batch:
+            return
+        with self._lock:
+            self._check_pid()
+            self._bump(max(record.number for record in batch))
+            self._write(batch)
+            for record in batch:
+                self._cache.pop(record.id, None)
+
+    def size(self) -> int | None:
+        """Bytes the store takes, where it can tell; None otherwise."""
+        return None
+
     # -- life cycle -----------------------------------------------------------
 
     def invalidate_cache(self) -> None:
@@ -313,6 +358,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def _reserve(self, n: int) -> range:
         """Take ``n`` new object numbers from the store's counter."""
+
+    @abc.abstractmethod
+    def _bump(self, number: int) -> None:
+        """Make sure the counter never hands out ``number`` or anything below it."""
 
     @abc.abstractmethod
     def _write(self, records: list[Record]) -> None:
