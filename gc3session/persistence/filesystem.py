@@ -74,6 +74,9 @@ class FilesystemStore(Store):
     def _reserve(self, n: int) -> range:
         return self._counter.reserve(n)
 
+    def _bump(self, number: int) -> None:
+        self._counter.advance(number)
+
     def _write(self, records: list[Record]) -> None:
         for record in records:
             path = self._path(record.id)
@@ -130,7 +133,7 @@ class FilesystemStore(Store):
             yield oid, parse_metadata(oid, path, line)
 
     def size(self) -> int:
-        """Bytes used by the records."""
+        """Bytes the records take on disk."""
         total = 0
         for oid in self._names():
             try:

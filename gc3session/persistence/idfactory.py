@@ -97,6 +97,15 @@ class FileCounter(Counter):
             raise SaveError(str(self.path), f"cannot advance the id counter: {error}") from error
         return range(first, first + n)
 
+    def advance(self, number: int) -> None:
+        """Make sure ``number`` and everything below it is never handed out."""
+        try:
+            with self._lock:
+                if self._read() <= number:
+                    write_atomically(self.path, f"{number + 1}\n".encode())
+        except OSError as error:
+            raise SaveError(str(self.path), f"cannot advance the id counter: {error}") from error
+
     def _read(self) -> int:
         try:
             text = self.path.read_text()
