@@ -29,7 +29,7 @@ from .exceptions import InvalidArgument, LoadError, LoadWarning, SaveError, Sess
 from .persistence.atomic import write_atomically
 from .persistence.filesystem import FilesystemStore
 from .persistence.idfactory import is_id, parse_id
-from .persistence.store import Store, make_store, mask_password, url_scheme
+from .persistence.store import Store, expand_variables, make_store, mask_password, url_scheme
 
 log = logging.getLogger(__name__)
 
@@ -127,26 +127,10 @@ class Session:
         self._load_into_session(ids)
 
     def _read_store_url(self) -> str:
-        path = self._file(self.STORE_URL_FILENAME)
-        if not os.path.lexists(path):
-            raise SessionError(path, "missing: the session does not say where its tasks are stored")
-        if os.path.isdir(path):
-            raise SessionError(path, "is a directory, expected a file holding the store URL")
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as error:
-            raise SessionError(path, f"cannot read the store URL: {error}") from error
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        if not lines:
-            raise SessionError(path, "is empty: the session does not say where its tasks are stored")
-        return lines[0]
+        return read_store_url(self.path)
 
     def _resolve(self, url: str) -> str:
-        """Relative paths in ``store.url`` are relative to the session directory."""
-        if url_scheme(url) is None and not os.path.isabs(url):
-            return self._file(url)
-        return url
+        return resolve_store_url(self.path, url)
 
     def _load_into_session(self, ids: list[str]) -> None:
         errors: dict[str, LoadError] = {}
@@ -469,6 +453,36 @@ class TemporarySession(Session):
             self._finalizer.detach()
 
 
+def is_session(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a directory with a session's ``store.url``."""
+    return os.path.isdir(path) and os.path.lexists(os.path.join(path, Session.STORE_URL_FILENAME))
+
+
+def read_store_url(session_path: str | os.PathLike[str]) -> str:
+    """The store URL written in a session directory (``${NAME}`` variables not expanded)."""
+    path = os.path.join(session_path, Session.STORE_URL_FILENAME)
+    if not os.path.lexists(path):
+        raise SessionError(path, "missing: the session does not say where its tasks are stored")
+    if os.path.isdir(path):
+        raise SessionError(path, "is a directory, expected a file holding the store URL")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SessionError(path, f"cannot read the store URL: {error}") from error
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise SessionError(path, "is empty: the session does not say where its tasks are stored")
+    return lines[0]
+
+
+def resolve_store_url(session_path: str | os.PathLike[str], url: str) -> str:
+    """``url`` with a relative path taken as relative to the session directory."""
+    if url_scheme(url) is None and not os.path.isabs(expand_variables(url)):
+        return os.path.join(os.path.abspath(session_path), url)
+    return url
+
+
 def read_index(path: str, strict: bool = True) -> list[str]:
     """The ids in an index file, in order, without blanks or repeats.
 
@@ -522,13 +536,17 @@ def _mend_last_line(fd: int) -> None:
 
 
 def absolute_url(url: str) -> str:
-    """``url`` with a relative path made absolute (plain paths and ``sqlite:///relative``)."""
+    """``url`` with a relative path made absolute (plain paths and ``sqlite:///relative``).
+
+    ``${NAME}`` variables are kept; a path is relative when it is once they are expanded.
+    """
     scheme = url_scheme(url)
     if scheme is None:
-        return os.path.abspath(url)
+        return url if "${" in url and os.path.isabs(expand_variables(url)) else os.path.abspath(url)
     if scheme == "sqlite":
         head, sep, rest = url.partition(":///")
-        if sep and rest and not rest.startswith("/") and not rest.startswith(":memory:") and "://" not in head:
+        absolute = expand_variables(rest).startswith("/")
+        if sep and rest and not absolute and not rest.startswith(":memory:") and "://" not in head:
             return f"{head}:///{os.path.abspath(rest)}"
     return url
 
@@ -542,4 +560,4 @@ def is_inside(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -
     return True
 
 
-__all__ = ["Session", "TemporarySession", "read_index"]
+__all__ = ["Session", "TemporarySession", "is_session", "read_index", "read_store_url", "resolve_store_url"]

@@ -1,0 +1,546 @@
+"""``session-tool``: list, inspect, verify, copy, remove and destroy sessions from a shell.
+
+``ls``, ``show``, ``log``, ``stats``, ``rm`` and ``destroy`` read the metadata
+that every record carries and never unpickle anything, so they work on
+sessions whose task classes cannot be imported and are safe on sessions that
+someone else wrote.  Read-only commands write nothing at all.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import fnmatch
+import json
+import os
+import shutil
+import sys
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from functools import cached_property
+from typing import Any
+
+import click
+
+from ._version import __version__
+from .exceptions import Error, LoadError, SessionError
+from .persistence.idfactory import is_id
+from .persistence.store import Store, make_store, mask_password
+from .session import Session, is_session, read_index, read_store_url, resolve_store_url
+
+FORMATS = ("table", "json", "csv")
+COLUMNS = ("id", "jobname", "state", "class", "returncode", "modified")
+
+
+class SessionView:
+    """A session directory opened for reading: its index and its store, nothing written."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        if not is_session(self.path):
+            raise SessionError(self.path, "is not a session directory (it has no store.url)")
+        self.store_url = read_store_url(self.path)
+        self.index_path = os.path.join(self.path, Session.INDEX_FILENAME)
+
+    @cached_property
+    def ids(self) -> list[str]:
+        return read_index(self.index_path)
+
+    @cached_property
+    def id_set(self) -> set[str]:
+        return set(self.ids)
+
+    @cached_property
+    def store(self) -> Store:
+        return make_store(resolve_store_url(self.path, self.store_url), create=False)
+
+    def metadata(self, ids: Iterable[str]) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
+        return self.store.iter_metadata(ids)
+
+    def walk(self, recursive: bool) -> Iterator[tuple[int, str | None, str, dict[str, Any] | LoadError]]:
+        """``(depth, parent, id, metadata)`` of the tasks, children right under their parent when recursive."""
+        for oid, meta in self.metadata(self.ids):
+            yield 0, None, oid, meta
+            if recursive and isinstance(meta, dict):
+                yield from self._children(oid, meta, 1, {oid})
+
+    def _children(self, parent: str, meta: dict[str, Any], depth: int, seen: set[str]) -> Iterator[Any]:
+        children = [c for c in meta.get("children") or [] if isinstance(c, str) and is_id(c) and c not in seen]
+        for oid, child in self.metadata(children):
+            yield depth, parent, oid, child
+            if isinstance(child, dict):
+                yield from self._children(oid, child, depth + 1, seen | {oid})
+
+    def all_metadata(self, follow: tuple[str, ...] = ("children",)) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
+        """Metadata of every task of the session, children (or the ``follow`` fields) included, breadth first."""
+        seen: set[str] = set()
+        queue = deque(self.ids)
+        while queue:
+            batch = [queue.popleft() for _ in range(min(len(queue), 500))]
+            batch = [oid for oid in batch if oid not in seen]
+            seen.update(batch)
+            for oid, meta in self.metadata(batch):
+                if isinstance(meta, dict):
+                    queue.extend(c for f in follow for c in meta.get(f) or [] if isinstance(c, str) and is_id(c))
+                yield oid, meta
+
+
+class Tool(click.Group):
+    """Turns gc3session errors into one line on stderr and exit status 1 (a traceback with --debug)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Error as error:
+            if ctx.meta.get("gc3session.debug"):
+                raise
+            raise click.ClickException(str(error)) from None
+
+
+session_argument = click.argument("session", type=click.Path(file_okay=False, path_type=str))
+
+
+@click.group(cls=Tool, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="session-tool")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Look after gc3session sessions: list, inspect, verify, copy, remove, destroy.
+
+    \b
+    Example:
+      session-tool ls runs/sweep1 --state TERMINATED
+    """
+    ctx.meta["gc3session.debug"] = debug
+
+
+# -- ls -------------------------------------------------------------------------
+
+
+@main.command("ls")
+@session_argument
+@click.option("-r", "--recursive", is_flag=True, help="Show the children of collections under them.")
+@click.option("--state", "states", multiple=True, help="Only tasks in this state (repeatable).")
+@click.option("--name", "pattern", help="Only tasks whose job name matches this glob.")
+@click.option("--failed", is_flag=True, help="Only tasks that ended with a non-zero return code.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+def ls(session: str, recursive: bool, states: tuple[str, ...], pattern: str | None, failed: bool, fmt: str) -> None:
+    """List the tasks of SESSION: id, job name, state, class, last change.
+
+    \b
+    Example:
+      session-tool ls runs/sweep1 --recursive --format json
+    """
+    view = SessionView(session)
+    wanted = {s.upper() for s in states}
+    rows = (
+        row_of(oid, meta, depth, parent)
+        for depth, parent, oid, meta in view.walk(recursive)
+        if selected(meta, wanted, pattern, failed)
+    )
+    if fmt == "json":
+        write_json(rows)
+    elif fmt == "csv":
+        write_csv(rows)
+    else:
+        write_table(rows, sys.stdout.isatty())
+
+
+def selected(meta: dict[str, Any] | LoadError, states: set[str], pattern: str | None, failed: bool) -> bool:
+    if not isinstance(meta, dict):
+        return not (states or pattern or failed)
+    if states and str(meta.get("state")) not in states:
+        return False
+    if pattern and not fnmatch.fnmatchcase(str(meta.get("jobname") or ""), pattern):
+        return False
+    return not failed or meta.get("returncode") not in (None, 0)
+
+
+def row_of(oid: str, meta: dict[str, Any] | LoadError, depth: int = 0, parent: str | None = None) -> dict[str, Any]:
+    if isinstance(meta, LoadError):
+        return {"id": oid, "jobname": None, "state": "UNREADABLE", "class": None, "returncode": None,
+                "modified": None, "depth": depth, "parent": parent, "error": meta.reason}
+    return {
+        "id": oid,
+        "jobname": meta.get("jobname"),
+        "state": meta.get("state"),
+        "class": meta.get("cls"),
+        "returncode": meta.get("returncode"),
+        "modified": iso_time(meta.get("modified")),
+        "depth": depth,
+        "parent": parent,
+    }
+
+
+def write_json(rows: Iterable[dict[str, Any]]) -> None:
+    out = sys.stdout
+    first = True
+    out.write("[")
+    for row in rows:
+        out.write(("\n  " if first else ",\n  ") + json.dumps(row))
+        first = False
+    out.write("\n]\n" if not first else "]\n")
+
+
+def write_csv(rows: Iterable[dict[str, Any]]) -> None:
+    writer = csv.DictWriter(sys.stdout, fieldnames=[*COLUMNS, "depth", "parent"], extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+
+
+def write_table(rows: Iterable[dict[str, Any]], terminal: bool) -> None:
+    """Aligned columns cut to the terminal's width on a terminal; tab-separated, uncut, when piped."""
+    headers = ("ID", "JOBNAME", "STATE", "CLASS", "LAST CHANGE")
+    if not terminal:
+        click.echo("\t".join(headers))
+        for row in rows:
+            cells = table_cells(row)
+            click.echo("\t".join(cells))
+        return
+    width = shutil.get_terminal_size((100, 24)).columns
+    fixed = {"id": 20, "state": 11, "class": 18, "modified": 19}
+    name_width = max(10, width - sum(fixed.values()) - 8)
+    widths = (fixed["id"], name_width, fixed["state"], fixed["class"], fixed["modified"])
+    click.echo("  ".join(cut(h, w).ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for row in rows:
+        click.echo("  ".join(cut(c, w).ljust(w) for c, w in zip(table_cells(row), widths)).rstrip())
+
+
+def table_cells(row: dict[str, Any]) -> tuple[str, ...]:
+    indent = "  " * row.get("depth", 0)
+    modified = (row["modified"] or "")[:19].replace("T", " ")
+    short_class = (row["class"] or "").rpartition(".")[2]
+    jobname = row["jobname"] if row.get("error") is None else f"<{row['error']}>"
+    return (indent + row["id"], str(jobname or ""), str(row["state"] or ""), short_class, modified)
+
+
+def cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def iso_time(value: Any) -> str | None:
+    if not isinstance(value, (int, float)):
+        return None
+    return datetime.datetime.fromtimestamp(value).astimezone().isoformat(timespec="seconds")
+
+
+def local_time(value: Any) -> str:
+    if not isinstance(value, (int, float)) or value < 0:
+        return "-"
+    return datetime.datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# -- show, log, stats -----------------------------------------------------------
+
+
+@main.command()
+@session_argument
+@click.argument("task_id")
+def show(session: str, task_id: str) -> None:
+    """Show every metadata field of one task, its children and its state history.
+
+    \b
+    Example:
+      session-tool show runs/sweep1 Task.17
+    """
+    view = SessionView(session)
+    meta = view.store.metadata(task_id)
+    fields = [
+        ("id", task_id),
+        ("jobname", meta.get("jobname")),
+        ("class", meta.get("cls")),
+        ("state", meta.get("state")),
+        ("returncode", meta.get("returncode")),
+        ("created", local_time(meta.get("created"))),
+        ("modified", local_time(meta.get("modified"))),
+        ("children", " ".join(meta.get("children") or []) or "-"),
+        ("references", " ".join(meta.get("references") or []) or "-"),
+        ("in index", "yes" if task_id in view.ids else "no (a child, or not in this session)"),
+        ("size", f"{meta.get('size')} bytes"),
+        ("format", f"{meta.get('format')} (written by gc3session {meta.get('version')})"),
+    ]
+    for name, value in fields:
+        click.echo(f"{name + ':':<12}{'-' if value is None else value}")
+    click.echo("history:")
+    for when, state in meta.get("history") or []:
+        click.echo(f"  {local_time(when)}  {state}")
+
+
+@main.command()
+@session_argument
+def log(session: str) -> None:
+    """Every state change of every task, oldest first: time, id, job name, new state.
+
+    \b
+    Example:
+      session-tool log runs/sweep1 | tail
+    """
+    view = SessionView(session)
+    events = []
+    for oid, meta in view.all_metadata():
+        if isinstance(meta, dict):
+            events.extend((when, oid, meta.get("jobname") or "", state) for when, state in meta.get("history") or [])
+        else:
+            click.echo(f"warning: {meta}", err=True)
+    events.sort(key=lambda e: (e[0], e[1]))
+    for when, oid, jobname, state in events:
+        click.echo(f"{local_time(when)}  {oid}  {jobname}  {state}")
+
+
+@main.command()
+@session_argument
+def stats(session: str) -> None:
+    """Counts by state, number of tasks, times, store URL and size.
+
+    \b
+    Example:
+      session-tool stats runs/sweep1
+    """
+    view = SessionView(session)
+    top = Counter()
+    every = Counter()
+    top_ids = set(view.ids)
+    for oid, meta in view.all_metadata():
+        state = meta.get("state") if isinstance(meta, dict) else "UNREADABLE"
+        every[str(state)] += 1
+        if oid in top_ids:
+            top[str(state)] += 1
+    size = view.store.size()
+    created = os.path.join(view.path, Session.TIMESTAMP_FILES["start"])
+    finished = os.path.join(view.path, Session.TIMESTAMP_FILES["end"])
+    click.echo(f"session:   {view.path}")
+    click.echo(f"store:     {mask_password(view.store_url)}")
+    click.echo(f"tasks:     {len(view.ids)} top-level, {sum(every.values())} with children")
+    click.echo(f"created:   {local_time(mtime(created))}")
+    click.echo(f"finished:  {local_time(mtime(finished))}")
+    click.echo(f"size:      {'unknown' if size is None else human_size(size)}")
+    click.echo("states (top-level / all):")
+    for state in sorted(every):
+        click.echo(f"  {state:<12}{top[state]:>8} {every[state]:>8}")
+
+
+def mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return -1
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} bytes"  # pragma: no cover
+
+
+# -- rm, destroy ----------------------------------------------------------------
+
+
+@main.command()
+@session_argument
+@click.argument("task_ids", nargs=-1, required=True)
+@click.option("--keep-in-store", is_flag=True, help="Only drop them from the session; keep the records.")
+@click.option("-n", "--dry-run", is_flag=True, help="Say what would be removed, remove nothing.")
+def rm(session: str, task_ids: tuple[str, ...], keep_in_store: bool, dry_run: bool) -> None:
+    """Remove tasks (and their children) from SESSION and from its store.
+
+    \b
+    Example:
+      session-tool rm runs/sweep1 Task.17 Task.18 --dry-run
+    """
+    view = SessionView(session)
+    unknown = [oid for oid in task_ids if oid not in view.ids]
+    if unknown:
+        raise click.ClickException(f"not in session {view.path}: {', '.join(unknown)}")
+    opened = Session(view.path, create=False, task_ids=[])
+    doomed = opened._descendants(task_ids)
+    verb = "would remove" if dry_run else "removed"
+    where = "from the session" if keep_in_store else "from the session and the store"
+    if not dry_run:
+        for oid in task_ids:
+            (opened.forget if keep_in_store else opened.remove)(oid, flush=False)
+        opened.flush()
+    opened.store.close()
+    removed = list(task_ids) if keep_in_store else doomed
+    click.echo(f"{verb} {len(removed)} task(s) {where}: {' '.join(removed)}")
+
+
+@main.command()
+@session_argument
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("-n", "--dry-run", is_flag=True, help="Say what would be destroyed, destroy nothing.")
+def destroy(session: str, yes: bool, dry_run: bool) -> None:
+    """Remove every task of SESSION from its store, then the session directory.
+
+    \b
+    Example:
+      session-tool destroy runs/old-sweep --yes
+    """
+    view = SessionView(session)
+    count = len(view.ids)
+    if dry_run:
+        click.echo(f"would destroy session {view.path} and its {count} task(s) in {mask_password(view.store_url)}")
+        return
+    if not yes:
+        click.confirm(f"Destroy session {view.path} and its {count} task(s)?", abort=True)
+    opened = Session(view.path, create=False, task_ids=[])
+    opened.destroy()
+    click.echo(f"destroyed session {view.path} ({count} task(s))")
+
+
+# -- verify, copy ---------------------------------------------------------------
+
+
+@main.command()
+@session_argument
+@click.option("--allow", "allowed", multiple=True, help="Unpickle only classes of this module (repeatable).")
+def verify(session: str, allowed: tuple[str, ...]) -> None:
+    """Load every indexed task and report each one missing or unreadable (exit status 1 if any).
+
+    Loading runs the pickles: for a session someone else wrote, name the
+    modules you trust with --allow.
+
+    \b
+    Example:
+      session-tool verify runs/sweep1 --allow mypackage
+    """
+    view = SessionView(session)
+    problems = 0
+    lines = read_index(view.index_path, strict=False)
+    ids = [line for line in lines if is_id(line)]
+    for line in lines:
+        if not is_id(line):
+            problems += 1
+            click.echo(f"{view.index_path}: {line[:60]!r} is not a task id")
+    store = make_store(resolve_store_url(view.path, view.store_url), create=False,
+                       **({"allowed_classes": list(allowed)} if allowed else {}))
+    errors: dict[str, LoadError] = {}
+    for start in range(0, len(ids), 1000):
+        store.load_many(ids[start : start + 1000], errors=errors)
+        store.invalidate_cache()
+    for error in errors.values():
+        click.echo(str(error))
+    problems += len(errors)
+    store.close()
+    click.echo(f"{len(ids) - len(errors)} of {len(ids)} task(s) load" + (f"; {problems} problem(s)" if problems else ""))
+    if problems:
+        sys.exit(1)
+
+
+@main.command()
+@session_argument
+@click.argument("dest", type=click.Path(file_okay=False, path_type=str))
+@click.option("--store", "store_url", help="URL of the store for the copy (default: files inside DEST).")
+@click.option("--renumber", is_flag=True, help="Give the copies new ids (loads the tasks: needs their classes).")
+def copy(session: str, dest: str, store_url: str | None, renumber: bool) -> None:
+    """Copy SESSION to a new session DEST, its tasks into a store of any kind.
+
+    Records are copied as they are, with their ids, without unpickling;
+    if the destination store already holds other objects under those ids,
+    use --renumber.
+
+    \b
+    Example:
+      session-tool copy runs/sweep1 runs/sweep1-pg --store postgresql://me@db/tasks
+    """
+    view = SessionView(session)
+    if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
+        raise click.ClickException(f"{dest} exists and is not an empty directory")
+    target = Session(dest, store_or_url=store_url)
+    try:
+        missing = renumber_into(view, target) if renumber else copy_records(view, target)
+    except BaseException:
+        target.store.close()
+        shutil.rmtree(target.path, ignore_errors=True)
+        raise
+    target.store.close()
+    click.echo(f"copied {len(view.ids) - len(missing)} task(s) to {target.path} ({mask_password(target.store_url)})")
+    if missing:
+        for error in missing:
+            click.echo(str(error), err=True)
+        sys.exit(1)
+
+
+def copy_records(view: SessionView, target: Session) -> list[LoadError]:
+    """Copy raw records, with everything they refer to, keeping ids; return the ones that failed."""
+    failed: list[LoadError] = []
+    seen: set[str] = set()
+    queue = deque(view.ids)
+    with progress(len(view.ids), "copying") as bar:
+        while queue:
+            batch = []
+            while queue and len(batch) < 1000:
+                oid = queue.popleft()
+                if oid not in seen:
+                    seen.add(oid)
+                    batch.append(oid)
+            records = []
+            for oid, entry in view.store.export(batch):
+                if isinstance(entry, LoadError):
+                    failed.append(entry)
+                    continue
+                meta, data = entry
+                records.append((oid, meta, data))
+                queue.extend(r for r in {*(meta.get("references") or []), *(meta.get("children") or [])}
+                             if isinstance(r, str) and is_id(r))
+            copied = {oid: meta for oid, meta, _ in records}
+            clashes = [
+                oid
+                for oid, meta in target.store.iter_metadata(list(copied))
+                if isinstance(meta, dict) and meta.get("crc32") != copied[oid].get("crc32")
+            ]
+            if clashes:
+                raise click.ClickException(
+                    f"the destination store already holds other objects with these ids: {', '.join(clashes[:5])}"
+                    f"{' ...' if len(clashes) > 5 else ''}; use --renumber"
+                )
+            target.store.import_records(records)
+            bar.update(sum(1 for oid in copied if oid in view.id_set))
+    failed_ids = {e.id for e in failed}
+    for oid in view.ids:
+        if oid not in failed_ids:
+            target._register(oid)
+    target.flush()
+    return failed
+
+
+def renumber_into(view: SessionView, target: Session) -> list[LoadError]:
+    """Load the tasks and save them into the target with fresh ids; return the ones that failed."""
+    errors: dict[str, LoadError] = {}
+    tasks = view.store.load_many(view.ids, errors=errors)
+    closure = [oid for oid, meta in view.all_metadata(("children", "references")) if isinstance(meta, dict)]
+    objects = view.store.load_many([oid for oid in closure if oid not in errors], errors=errors)
+    for obj in objects.values():
+        obj.persistent_id = None
+        obj.changed = True
+    with progress(len(tasks), "copying") as bar:
+        for task in tasks.values():
+            target.add(task, flush=False)
+            bar.update(1)
+        target.flush()
+    return list(errors.values())
+
+
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        pass
+
+
+def progress(length: int, label: str) -> Any:
+    """A progress bar on a terminal, nothing otherwise."""
+    if sys.stderr.isatty():
+        return click.progressbar(length=length, label=label, file=sys.stderr)
+    return _NoBar()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
