@@ -341,7 +341,7 @@ class SqlStore(Store):
             chunk = ids[start : start + BATCH]
             query = sa.select(*columns).where(table.c.id.in_([parse_id(oid)[1] for oid in chunk]))
             with self._failures("cannot read"), self.engine.connect() as conn:
-                rows = dict(conn.execute(query).tuples().all())
+                rows = {oid: meta for oid, meta in conn.execute(query)}
             for oid in chunk:
                 if oid in rows:
                     yield oid, _parse_meta(oid, rows[oid])

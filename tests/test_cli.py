@@ -1,0 +1,366 @@
+"""session-tool, driven through click's CliRunner and, for a few checks, as the installed script."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from gc3session import Session, State, Task, TaskCollection, __version__
+from gc3session.cli import cut, main, write_table
+from gc3session.persistence.filesystem import encode_record
+
+CLI_KINDS = ["file", "sqlite", "postgresql"]
+
+
+def run(*args: str, input: str | None = None) -> Any:  # noqa: A002
+    return CliRunner().invoke(main, [str(a) for a in args], input=input)
+
+
+def snapshot(path: Path) -> dict[str, tuple[int, float]]:
+    """Every file below ``path`` with its size and mtime."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime) for p in sorted(path.rglob("*"))}
+
+
+@pytest.fixture(params=CLI_KINDS)
+def sample(request: Any, tmp_path: Path, store_url_of: Callable[[str], str]) -> Path:
+    """A session with two single tasks and a collection of three, some failed."""
+    url = None if request.param == "file" else store_url_of(request.param)
+    path = tmp_path / "s"
+    session = Session(path, store_or_url=url)
+    ok = Task(jobname="fit-ok")
+    ok.state = State.TERMINATED
+    ok.execution.returncode = 0
+    bad = Task(jobname="fit-bad")
+    bad.state = State.TERMINATED
+    bad.execution.returncode = 2
+    children = [Task(jobname=f"child-{i}") for i in range(3)]
+    children[1].state = State.RUNNING
+    session.add(ok)
+    session.add(bad)
+    session.add(TaskCollection(jobname="grid-with-a-really-long-name-" + "x" * 80, tasks=children))
+    session.store.close()
+    return path
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+@pytest.mark.parametrize("command", ["ls", "show", "log", "stats", "rm", "destroy", "verify", "copy"])
+def test_every_command_has_help_with_an_example(command: str) -> None:
+    result = run(command, "--help")
+    assert result.exit_code == 0
+    assert "Example:" in result.output and f"session-tool {command}" in result.output
+
+
+def test_ls_table_plain_when_piped(sample: Path) -> None:
+    result = run("ls", sample)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split("\t") == ["ID", "JOBNAME", "STATE", "CLASS", "LAST CHANGE"]
+    rows = [line.split("\t") for line in lines[1:]]
+    assert [r[1] for r in rows][:2] == ["fit-ok", "fit-bad"]
+    assert rows[2][1].startswith("grid-with") and rows[2][1].endswith("x" * 80)  # not cut when piped
+    assert [r[2] for r in rows] == ["TERMINATED", "TERMINATED", "NEW"]
+    assert rows[2][3] == "TaskCollection"
+
+
+def test_table_on_terminal_is_aligned_and_cut(monkeypatch: Any, capsys: Any) -> None:
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback=None: os.terminal_size((80, 24)))
+    rows = [
+        {"id": "Task.1", "jobname": "n" * 200, "state": "NEW", "class": "a.Task", "modified": None, "depth": 0},
+        {"id": "Task.22", "jobname": "short", "state": "RUNNING", "class": "a.Task", "modified": None, "depth": 1},
+    ]
+    write_table(rows, terminal=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert "…" in lines[1]
+    assert lines[1].index("NEW") == lines[2].index("RUNNING")
+    assert lines[2].startswith("  Task.22")
+    assert cut("abcdef", 4) == "abc…" and cut("abc", 4) == "abc"
+
+
+def test_ls_recursive_json_and_filters(sample: Path) -> None:
+    result = run("ls", sample, "--recursive", "--format", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [r["depth"] for r in rows] == [0, 0, 0, 1, 1, 1]
+    assert [r["jobname"] for r in rows[3:]] == ["child-0", "child-1", "child-2"]
+    assert {r["parent"] for r in rows[3:]} == {rows[2]["id"]}
+    assert set(rows[0]) == {"id", "jobname", "state", "class", "returncode", "modified", "depth", "parent"}
+    assert rows[1]["returncode"] == 2 and rows[0]["class"] == "gc3session.task.Task"
+
+    running = json.loads(run("ls", sample, "-r", "--state", "running", "--format", "json").output)
+    assert [r["jobname"] for r in running] == ["child-1"]
+    named = json.loads(run("ls", sample, "-r", "--name", "child-*", "--format", "json").output)
+    assert len(named) == 3
+    failed = json.loads(run("ls", sample, "--failed", "--format", "json").output)
+    assert [r["jobname"] for r in failed] == ["fit-bad"]
+    assert json.loads(run("ls", sample, "--state", "STOPPED", "--format", "json").output) == []
+
+
+def test_ls_csv(sample: Path) -> None:
+    result = run("ls", sample, "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(result.output)))
+    assert [r["jobname"] for r in rows[:2]] == ["fit-ok", "fit-bad"]
+    assert rows[0]["state"] == "TERMINATED"
+
+
+def test_show(sample: Path) -> None:
+    ids = json.loads(run("ls", sample, "-r", "--format", "json").output)
+    grid = ids[2]["id"]
+    result = run("show", sample, grid)
+    assert result.exit_code == 0, result.output
+    assert f"id:         {grid}" in result.output
+    assert "class:      gc3session.task.TaskCollection" in result.output
+    for child in ids[3:]:
+        assert child["id"] in result.output
+    assert "history:" in result.output and "NEW" in result.output
+
+
+def test_show_unknown_id_is_one_clear_line(sample: Path) -> None:
+    result = run("show", sample, "Task.999999")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [result.output.strip()]
+    assert "Task.999999" in result.output and "Traceback" not in result.output
+
+
+def test_log_is_oldest_first(sample: Path) -> None:
+    result = run("log", sample)
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert len(lines) == 6 + 3  # one NEW per task, plus TERMINATED twice and RUNNING once
+    times = [line[:19] for line in lines]
+    assert times == sorted(times)
+    assert any(line.endswith("RUNNING") and "child-1" in line for line in lines)
+
+
+def test_stats(sample: Path) -> None:
+    result = run("stats", sample)
+    assert result.exit_code == 0, result.output
+    assert "3 top-level, 6 with children" in result.output
+    assert "TERMINATED" in result.output and "RUNNING" in result.output
+    assert "store:" in result.output and "size:" in result.output
+
+
+def test_read_only_commands_change_nothing(sample: Path) -> None:
+    before = snapshot(sample)
+    grid = json.loads(run("ls", sample, "--format", "json").output)[2]["id"]
+    for args in (["ls", "-r"], ["show", grid], ["log"], ["stats"], ["verify"]):
+        assert run(args[0], sample, *args[1:]).exit_code == 0
+    assert snapshot(sample) == before  # nothing written, not even a lock file
+
+
+def test_rm_with_children_and_dry_run(sample: Path) -> None:
+    rows = json.loads(run("ls", sample, "-r", "--format", "json").output)
+    grid = rows[2]["id"]
+    dry = run("rm", sample, grid, "--dry-run")
+    assert dry.exit_code == 0 and "would remove 4" in dry.output
+    assert len(json.loads(run("ls", sample, "-r", "--format", "json").output)) == 6
+    done = run("rm", sample, grid)
+    assert done.exit_code == 0, done.output
+    left = Session(sample)
+    assert sorted(t.jobname for t in left) == ["fit-bad", "fit-ok"]
+    assert not set(left.store.list()) & {r["id"] for r in rows[2:]}
+    left.store.close()
+
+
+def test_rm_keep_in_store(sample: Path) -> None:
+    first = json.loads(run("ls", sample, "--format", "json").output)[0]["id"]
+    assert run("rm", sample, first, "--keep-in-store").exit_code == 0
+    left = Session(sample)
+    assert first not in left.list_ids() and first in left.store.list()
+    left.store.close()
+
+
+def test_rm_unknown_id_refused(sample: Path) -> None:
+    result = run("rm", sample, "Task.424242")
+    assert result.exit_code == 1 and "Task.424242" in result.output
+
+
+def test_destroy_asks_and_refuses_non_sessions(sample: Path, tmp_path: Path) -> None:
+    no = run("destroy", sample, input="n\n")
+    assert no.exit_code == 1 and "3 task(s)" in no.output and sample.exists()
+    assert run("destroy", sample, "--dry-run").exit_code == 0 and sample.exists()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "precious.txt").write_text("keep me")
+    refused = run("destroy", plain, "--yes")
+    assert refused.exit_code == 1 and "not a session" in refused.output
+    assert (plain / "precious.txt").exists()
+    yes = run("destroy", sample, input="y\n")
+    assert yes.exit_code == 0 and not sample.exists()
+
+
+def test_verify_reports_missing_and_damaged(tmp_path: Path) -> None:
+    session = Session(tmp_path / "s")
+    ids = [session.add(Task(jobname=f"t{i}")) for i in range(4)]
+    (tmp_path / "s" / "jobs" / ids[1]).unlink()
+    (tmp_path / "s" / "jobs" / ids[2]).write_bytes(b"garbage")
+    result = run("verify", tmp_path / "s")
+    assert result.exit_code == 1
+    assert ids[1] in result.output and ids[2] in result.output
+    assert "2 of 4 task(s) load" in result.output
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "file"])
+def test_copy_between_store_kinds(tmp_path: Path, store_url_of: Callable[[str], str], kind: str) -> None:
+    source = Session(tmp_path / "src")
+    ids = [source.add(TaskCollection(jobname=f"c{i}", tasks=[Task(jobname=f"c{i}-{j}") for j in range(3)]))
+           for i in range(5)]
+    url = store_url_of(kind)
+    result = run("copy", tmp_path / "src", tmp_path / "dst", "--store", url)
+    assert result.exit_code == 0, result.output
+    copy = Session(tmp_path / "dst")
+    assert copy.list_ids() == ids
+    assert [[c.jobname for c in t.tasks] for t in copy] == [[f"c{i}-{j}" for j in range(3)] for i in range(5)]
+    assert run("verify", tmp_path / "dst").exit_code == 0
+    new = copy.add(Task())
+    assert new not in copy.store.list()[:-1]  # the counter moved past the copied ids
+    copy.store.close()
+    # and back to files
+    back = run("copy", tmp_path / "dst", tmp_path / "back")
+    assert back.exit_code == 0, back.output
+    assert Session(tmp_path / "back").list_ids() == [*ids, new]
+
+
+def test_copy_refuses_to_overwrite_other_objects(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/shared.db"
+    Session(tmp_path / "a", store_or_url=url).add(Task(jobname="a"))
+    Session(tmp_path / "b").add(Task(jobname="b"))  # same id Task.1, other content
+    refused = run("copy", tmp_path / "b", tmp_path / "c", "--store", url)
+    assert refused.exit_code == 1 and "--renumber" in refused.output
+    assert not (tmp_path / "c").exists()
+    renumbered = run("copy", tmp_path / "b", tmp_path / "c", "--store", url, "--renumber")
+    assert renumbered.exit_code == 0, renumbered.output
+    assert [t.jobname for t in Session(tmp_path / "c")] == ["b"]
+    assert [t.jobname for t in Session(tmp_path / "a")] == ["a"]
+
+
+def test_not_a_session_and_debug(tmp_path: Path) -> None:
+    result = run("ls", tmp_path)
+    assert result.exit_code == 1 and "not a session" in result.output and "Traceback" not in result.output
+    debug = run("--debug", "ls", tmp_path)
+    assert debug.exit_code == 1 and debug.exception is not None
+
+
+def test_usage_error_exit_status() -> None:
+    assert run("ls").exit_code == 2
+    assert run("ls", "x", "--format", "xml").exit_code == 2
+
+
+def test_unreachable_store_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    path.mkdir()
+    (path / "store.url").write_text("postgresql://nobody:pw@127.0.0.1:1/none\n")
+    (path / "index.txt").write_text("Task.1\n")
+    result = run("ls", path)
+    assert result.exit_code == 1 and "127.0.0.1:1" in result.output
+    assert "pw@" not in result.output and "Traceback" not in result.output
+
+
+# -- sessions whose classes the CLI cannot import, and hostile pickles -------------
+
+FOREIGN_MODULE = textwrap.dedent(
+    """
+    from gc3session import Task
+
+    class Simulation(Task):
+        pass
+    """
+)
+
+
+def test_foreign_classes_listed_without_import(tmp_path: Path, store_url_of: Callable[[str], str]) -> None:
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "private_sim.py").write_text(FOREIGN_MODULE)
+    url = store_url_of("sqlite")
+    code = (
+        "import sys; from gc3session import Session; from private_sim import Simulation\n"
+        f"s = Session({str(tmp_path / 's')!r}, store_or_url={url!r})\n"
+        "t = Simulation(jobname='sim'); t.state = 'RUNNING'; s.add(t)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(mods)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    assert "private_sim" not in sys.modules
+    rows = json.loads(run("ls", tmp_path / "s", "--format", "json").output)
+    assert rows[0]["class"] == "private_sim.Simulation" and rows[0]["state"] == "RUNNING"
+    oid = rows[0]["id"]
+    assert run("show", tmp_path / "s", oid).exit_code == 0
+    assert run("log", tmp_path / "s").exit_code == 0
+    assert run("stats", tmp_path / "s").exit_code == 0
+    assert "private_sim" not in sys.modules
+    verify = run("verify", tmp_path / "s")
+    assert verify.exit_code == 1 and "private_sim" in verify.output
+
+
+class _Boom:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> Any:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def plant_hostile_task(session_path: Path, marker: Path) -> str:
+    """Put a record whose pickle would create ``marker`` if ever loaded; return its id."""
+    session = Session(session_path)
+    oid = session.add(Task(jobname="innocent"))
+    data = pickle.dumps(_Boom(str(marker)), protocol=4)
+    meta = session.store.metadata(oid)
+    meta.update(size=len(data), crc32=zlib.crc32(data))
+    store = session.store
+    if hasattr(store, "directory"):
+        (Path(store.directory) / oid).write_bytes(encode_record(meta, data))
+    else:
+        with store.engine.begin() as conn:
+            conn.execute(store.table.update().where(store.table.c.persistent_id == oid).values(data=data,
+                                                                                            meta=json.dumps(meta)))
+    store.close()
+    return oid
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+def test_hostile_pickle_never_runs(tmp_path: Path, store_url_of: Callable[[str], str], kind: str) -> None:
+    path = tmp_path / "s"
+    if kind != "file":
+        Session(path, store_or_url=store_url_of(kind)).store.close()
+    marker = tmp_path / "pwned"
+    oid = plant_hostile_task(path, marker)
+    for args in (["ls", "-r"], ["show", oid], ["log"], ["stats"], ["rm", oid, "--dry-run"], ["destroy", "--dry-run"]):
+        result = run(args[0], path, *args[1:])
+        assert result.exit_code == 0, (args, result.output)
+    assert not marker.exists()
+    guarded = run("verify", path, "--allow", "gc3session")
+    assert guarded.exit_code == 1 and "not in allowed_classes" in guarded.output
+    assert not marker.exists()
+    assert run("rm", path, oid).exit_code == 0
+    assert run("destroy", path, "--yes").exit_code == 0
+    assert not marker.exists() and not path.exists()
+
+
+def test_installed_script_runs(tmp_path: Path, sample: Path) -> None:
+    script = shutil.which("session-tool", path=os.path.dirname(sys.executable)) or shutil.which("session-tool")
+    assert script, "session-tool is not installed next to this Python"
+    listed = subprocess.run([script, "ls", str(sample), "--format", "json"], capture_output=True, text=True)
+    assert listed.returncode == 0 and len(json.loads(listed.stdout)) == 3
+    missing = subprocess.run([script, "ls", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("Error:") and "Traceback" not in missing.stderr
+    assert missing.stdout == ""
