@@ -123,7 +123,8 @@ def test_list_filters_are_done_in_sql(opened: Any) -> None:
 def test_save_many_uses_one_upsert_transaction(opened: Any) -> None:
     store = opened()
     tasks = [Task(jobname=f"t{i}") for i in range(1200)]
-    store.assign_id(tasks[0])
+    for task in tasks:  # ids first: what follows must be writes only
+        store.assign_id(task)
     statements: list[str] = []
     sa.event.listen(store.engine, "before_cursor_execute", lambda *a: statements.append(a[2].upper()))
     store.save_many(tasks)

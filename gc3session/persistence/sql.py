@@ -14,7 +14,9 @@ import enum
 import json
 import logging
 import os
+import random
 import re
+import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -153,6 +155,9 @@ class SqlStore(Store):
             elif not inspector.has_table(COUNTERS_TABLE):
                 self._create_tables(metadata)
             table = self._adopt(wanted)
+        if create:
+            self.table, self.counters = table, counters
+            self._reserve(0)  # creates this table's counter row now, before writers race for it
         return table, counters
 
     def _create_tables(self, metadata: sa.MetaData) -> None:
@@ -242,13 +247,22 @@ class SqlStore(Store):
     def _reserve(self, n: int) -> range:
         counters = self.counters
         where = counters.c.name == self.table_name
-        with self._failures("cannot allocate object ids"), self._transaction() as conn:
-            moved = conn.execute(sa.update(counters).where(where).values(next_id=counters.c.next_id + n)).rowcount
-            if not moved:  # no counter row yet: start above the highest id in the table
-                highest = conn.execute(sa.select(sa.func.max(self.table.c.id))).scalar() or 0
-                conn.execute(self._insert_ignore(counters), {"name": self.table_name, "next_id": highest + 1})
-                conn.execute(sa.update(counters).where(where).values(next_id=counters.c.next_id + n))
-            after = conn.execute(sa.select(counters.c.next_id).where(where).with_for_update()).scalar_one()
+        with self._failures("cannot allocate object ids"):
+            for attempt in retries():
+                with attempt, self._transaction() as conn:
+                    moved = conn.execute(sa.update(counters).where(where).values(next_id=counters.c.next_id + n))
+                    if not moved.rowcount:  # no counter row yet: start above the highest id in the table
+                        highest = conn.execute(sa.select(sa.func.max(self.table.c.id))).scalar() or 0
+                        conn.execute(self._insert_ignore(counters), {"name": self.table_name, "next_id": highest + 1})
+                        conn.execute(sa.update(counters).where(where).values(next_id=counters.c.next_id + n))
+                    after = conn.execute(sa.select(counters.c.next_id).where(where)).scalar_one()
+                    taken = self.table.c.id.between(after - n, after - 1)
+                    if n and conn.execute(sa.select(sa.func.count()).where(taken)).scalar():
+                        # the counter is behind the rows (edited or restored by hand): move it past them
+                        highest = conn.execute(sa.select(sa.func.max(self.table.c.id))).scalar()
+                        log.warning("%s: id counter was behind the table; moving it past %s", self, highest)
+                        conn.execute(sa.update(counters).where(where).values(next_id=highest + 1 + n))
+                        after = highest + 1 + n
         return range(after - n, after)
 
     def _bump(self, number: int) -> None:
@@ -262,9 +276,10 @@ class SqlStore(Store):
         """Upsert the records in one transaction, in batches."""
         rows = [self._row(record) for record in records]
         with self._failures("cannot write", target=records[0].id if len(records) == 1 else f"{len(records)} objects"):
-            with self._transaction() as conn:
-                for start in range(0, len(rows), BATCH):
-                    conn.execute(self._upsert, rows[start : start + BATCH])
+            for attempt in retries():
+                with attempt, self._transaction() as conn:
+                    for start in range(0, len(rows), BATCH):
+                        conn.execute(self._upsert, rows[start : start + BATCH])
 
     def _row(self, record: Record) -> dict[str, Any]:
         meta = record.meta
@@ -306,13 +321,13 @@ class SqlStore(Store):
     def _delete(self, ids: list[str]) -> None:
         table = self.table
         with self._failures("cannot remove", target=ids[0] if len(ids) == 1 else f"{len(ids)} objects"):
-            with self._transaction() as conn:
-                for start in range(0, len(ids), BATCH):
-                    chunk = ids[start : start + BATCH]
-                    numbers = [parse_id(oid)[1] for oid in chunk]
-                    conn.execute(
-                        sa.delete(table).where(table.c.id.in_(numbers), table.c.persistent_id.in_(chunk))
-                    )
+            for attempt in retries():
+                with attempt, self._transaction() as conn:
+                    for start in range(0, len(ids), BATCH):
+                        chunk = ids[start : start + BATCH]
+                        numbers = [parse_id(oid)[1] for oid in chunk]
+                        where = table.c.id.in_(numbers), table.c.persistent_id.in_(chunk)
+                        conn.execute(sa.delete(table).where(*where))
 
     def _list(self, filters: dict[str, Any]) -> list[str]:
         table = self.table
@@ -378,6 +393,48 @@ class SqlStore(Store):
     def close(self) -> None:
         """Close the pooled connections (the store reconnects if used again)."""
         self.engine.dispose()
+
+
+class _Attempt:
+    """One try of a transaction; swallows a transient conflict unless it is the last try."""
+
+    def __init__(self, last: bool) -> None:
+        self.last = last
+        self.failed = False
+
+    def __enter__(self) -> _Attempt:
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> bool:
+        if error is None or self.last or not is_transient(error):
+            return False
+        log.debug("transient database conflict, trying again: %s", error)
+        self.failed = True
+        time.sleep(random.uniform(0.01, 0.05))
+        return True
+
+
+def retries(tries: int = 8) -> Iterator[_Attempt]:
+    """Attempts at a transaction that deadlocks or meets a serialization failure, until one succeeds."""
+    for number in range(tries):
+        attempt = _Attempt(last=number == tries - 1)
+        yield attempt
+        if not attempt.failed:
+            return
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for a deadlock, a serialization failure or a lock timeout: the transaction may simply be retried."""
+    if not isinstance(error, sa.exc.DBAPIError):
+        return False
+    orig = error.orig
+    code = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "diag", None), "sqlstate", None)
+    if code in ("40001", "40P01"):
+        return True
+    args = getattr(orig, "args", ())
+    if args and args[0] in (1205, 1213):  # MySQL/MariaDB: lock wait timeout, deadlock
+        return True
+    return "database is locked" in str(orig)
 
 
 def _tune_sqlite(engine: Engine, fsync: bool) -> None:
