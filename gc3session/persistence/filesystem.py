@@ -58,6 +58,7 @@ class FilesystemStore(Store):
         super().__init__(str(self.directory), idfactory=idfactory, protocol=protocol, **store_options(options))
         self.fsync = fsync
         self._counter = FileCounter(self.directory / COUNTER_FILENAME, start=self._above_highest)
+        self._counter_checked = False
 
     def _path(self, oid: str) -> Path:
         return self.directory / oid
@@ -72,6 +73,10 @@ class FilesystemStore(Store):
                     yield entry.name
 
     def _reserve(self, n: int) -> range:
+        if not self._counter_checked:
+            # once per handle: a counter behind the records (restored, edited) would overwrite them
+            self._counter.advance(self._above_highest() - 1)
+            self._counter_checked = True
         return self._counter.reserve(n)
 
     def _bump(self, number: int) -> None:

@@ -1,0 +1,1041 @@
+"""Session and TemporarySession: every public member, the directory layout, the error paths.
+
+Tests that take ``store_url`` run once per kind of store.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+import helpers
+import pytest
+from helpers import NewTask, OldTask
+
+from gc3session import (
+    InvalidArgument,
+    LoadError,
+    Session,
+    SessionError,
+    State,
+    Task,
+    TaskCollection,
+    TemporarySession,
+)
+from gc3session import session as session_module
+from gc3session.exceptions import LoadWarning
+from gc3session.persistence import FilesystemStore, make_store
+from gc3session.persistence import store as store_module
+from gc3session.persistence.atomic import TEMP_PREFIX
+
+
+def index_lines(session_or_path) -> list[str]:
+    path = session_or_path.path if isinstance(session_or_path, Session) else session_or_path
+    return Path(path, Session.INDEX_FILENAME).read_text().splitlines()
+
+
+def mode_of(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture(autouse=True)
+def close_every_store(monkeypatch):
+    """Close the stores that sessions open, so no database connection outlives its test."""
+    opened = []
+
+    def recording_make_store(url, **kwargs):
+        store = make_store(url, **kwargs)
+        opened.append(store)
+        return store
+
+    monkeypatch.setattr(session_module, "make_store", recording_make_store)
+    yield
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def session(tmp_path):
+    """A new session with the default (filesystem) store."""
+    return Session(tmp_path / "s")
+
+
+@pytest.fixture
+def any_session(tmp_path, store_url):
+    """A new session over each kind of store in turn."""
+    s = Session(tmp_path / "s", store_or_url=store_url)
+    yield s
+    s.store.close()
+
+
+def reopen(session: Session, **kwargs) -> Session:
+    return Session(session.path, **kwargs)
+
+
+# -- constants, layout ------------------------------------------------------------
+
+
+def test_public_constants():
+    assert Session.INDEX_FILENAME == "index.txt"
+    assert Session.STORE_URL_FILENAME == "store.url"
+    assert Session.TIMESTAMP_FILES == {"start": "created", "end": "finished"}
+
+
+def test_a_new_session_creates_its_directory_and_files(tmp_path):
+    path = tmp_path / "runs" / "sweep1"
+    session = Session(path)
+    assert path.is_dir()
+    assert (path / "index.txt").read_text() == ""
+    assert (path / "store.url").read_text().strip() == "jobs"
+    assert (path / "created").exists()
+    assert not (path / "finished").exists()
+    assert isinstance(session.store, FilesystemStore)
+    assert session.store.directory == path / "jobs"
+    assert session.store_url == "jobs"
+    assert len(session) == 0
+    assert session.tasks == {}
+    assert session.load_errors == {}
+
+
+def test_path_and_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    session = Session("relative/name")
+    assert session.path == str(tmp_path / "relative" / "name")
+    assert os.path.isabs(session.path)
+    assert session.name == "name"
+
+
+def test_store_url_file_is_private(session):
+    assert mode_of(Path(session.path, "store.url")) == 0o600
+
+
+def test_store_url_keeps_an_explicit_path_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    session = Session("s", store_or_url="elsewhere/store")
+    expected = str(tmp_path / "elsewhere" / "store")
+    assert Path(session.path, "store.url").read_text().strip() == expected
+    assert session.store_url == expected
+    assert session.store.directory == Path(expected)
+    assert mode_of(Path(session.path, "store.url")) == 0o600
+
+
+def test_store_url_of_a_relative_sqlite_url_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    session = Session("s", store_or_url="sqlite:///data/tasks.db")
+    url = Path(session.path, "store.url").read_text().strip()
+    assert url == f"sqlite:///{tmp_path}/data/tasks.db"
+    session.store.close()
+
+
+def test_store_url_loses_no_information(tmp_path, monkeypatch):
+    """A password, a driver and a fragment survive in store.url, which is private."""
+    monkeypatch.setattr(store_module, "_registry", dict(store_module._registry))
+    store_module.register("gc3test", helpers.make_helper_store)
+    url = f"gc3test+driver://user:s3cr%40t@localhost{tmp_path}/custom?opt=1#table=t1"
+    session = Session(tmp_path / "s", store_or_url=url)
+    oid = session.add(Task(jobname="x"))
+    assert Path(session.path, "store.url").read_text() == url + "\n"
+    assert mode_of(Path(session.path, "store.url")) == 0o600
+    assert "s3cr" not in repr(session)
+    again = reopen(session)
+    assert again.store_url == url
+    assert again.tasks[oid].jobname == "x"
+
+
+def test_store_url_is_written_as_given(any_session, store_url):
+    assert Path(any_session.path, "store.url").read_text() == store_url + "\n"
+    assert any_session.store_url == store_url
+    assert mode_of(Path(any_session.path, "store.url")) == 0o600
+
+
+def test_store_url_of_a_store_object(tmp_path):
+    store = FilesystemStore(tmp_path / "shared")
+    session = Session(tmp_path / "s", store_or_url=store)
+    assert session.store is store
+    assert Path(session.path, "store.url").read_text().strip() == str(tmp_path / "shared")
+    oid = session.add(Task())
+    assert reopen(session).tasks[oid].persistent_id == oid
+
+
+def test_default_store_is_relative_so_the_session_can_move(tmp_path):
+    session = Session(tmp_path / "before")
+    oid = session.add(TaskCollection(jobname="grid", tasks=[Task(jobname="c")]))
+    os.rename(tmp_path / "before", tmp_path / "after")
+    moved = Session(tmp_path / "after")
+    assert moved.store.directory == tmp_path / "after" / "jobs"
+    assert moved.tasks[oid].tasks[0].jobname == "c"
+
+
+def test_store_url_variables_are_expanded_when_opening(tmp_path, monkeypatch):
+    monkeypatch.setenv("GC3SESSION_TEST_BASE", str(tmp_path / "base"))
+    session = Session(tmp_path / "s", store_or_url="${GC3SESSION_TEST_BASE}/store")
+    oid = session.add(Task())
+    assert (tmp_path / "base" / "store" / oid).is_file()
+    assert Path(session.path, "store.url").read_text().strip() == "${GC3SESSION_TEST_BASE}/store"
+    assert reopen(session).tasks[oid].persistent_id == oid
+
+
+def test_sqlite_url_variables_are_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("GC3SESSION_TEST_BASE", str(tmp_path))
+    session = Session(tmp_path / "s", store_or_url="sqlite:///${GC3SESSION_TEST_BASE}/tasks.db")
+    oid = session.add(Task())
+    session.store.close()
+    assert (tmp_path / "tasks.db").is_file()
+    assert Path(session.path, "store.url").read_text().strip() == "sqlite:///${GC3SESSION_TEST_BASE}/tasks.db"
+    again = reopen(session)
+    assert oid in again
+    again.store.close()
+
+
+# -- creating, opening ------------------------------------------------------------
+
+
+def test_create_false_on_a_missing_directory_raises_invalid_argument(tmp_path):
+    with pytest.raises(InvalidArgument) as excinfo:
+        Session(tmp_path / "missing", create=False)
+    assert "missing" in str(excinfo.value)
+    assert isinstance(excinfo.value, ValueError)
+    assert not (tmp_path / "missing").exists()
+
+
+def test_create_false_opens_an_existing_session(session):
+    oid = session.add(Task())
+    assert oid in Session(session.path, create=False)
+
+
+def test_an_existing_directory_without_session_files_is_completed(tmp_path):
+    path = tmp_path / "plain"
+    path.mkdir()
+    (path / "notes.txt").write_text("keep me")
+    session = Session(path)
+    assert (path / "index.txt").exists()
+    assert (path / "store.url").exists()
+    assert (path / "created").exists()
+    assert (path / "notes.txt").read_text() == "keep me"
+    oid = session.add(Task())
+    assert oid in reopen(session)
+
+
+def test_a_file_where_the_directory_should_be_is_an_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SessionError) as excinfo:
+        Session(tmp_path / "file")
+    assert excinfo.value.path == str(tmp_path / "file")
+
+
+def test_an_existing_session_is_loaded(any_session):
+    a = any_session.add(Task(jobname="a", alpha=1))
+    b = any_session.add(TaskCollection(jobname="b", tasks=[Task(jobname="b0")]))
+    any_session.store.close()
+    again = reopen(any_session)
+    assert again.list_ids() == [a, b]
+    assert again.tasks[a].alpha == 1
+    assert again.tasks[b].tasks[0].jobname == "b0"
+    assert again.store_url == any_session.store_url
+    again.store.close()
+
+
+def test_store_or_url_is_ignored_when_opening(tmp_path):
+    session = Session(tmp_path / "s")
+    oid = session.add(Task())
+    again = Session(tmp_path / "s", store_or_url=str(tmp_path / "other"))
+    assert again.store.directory == tmp_path / "s" / "jobs"
+    assert oid in again
+    assert not (tmp_path / "other").exists()
+
+
+def test_load_false_starts_a_new_session(session):
+    session.add(Task())
+    session.set_end_timestamp()
+    fresh = Session(session.path, load=False)
+    assert len(fresh) == 0
+    assert index_lines(fresh) == []
+    assert fresh.finished == -1
+    assert fresh.created > 0
+    assert len(reopen(session)) == 0
+
+
+def test_task_ids_loads_only_those(session):
+    ids = [session.add(Task(jobname=str(i))) for i in range(4)]
+    partial = Session(session.path, task_ids=ids[1:3])
+    assert partial.list_ids() == ids[1:3]
+    partial.add(Task(jobname="new"))
+    assert index_lines(partial)[:4] == ids, "tasks not loaded stay in the index"
+    assert len(index_lines(partial)) == 5
+
+
+def test_extra_args_reach_the_store_when_opening(session, monkeypatch):
+    oid = session.add(OldTask(jobname="moved"))
+    monkeypatch.delattr(helpers, "OldTask")
+    mapped = Session(session.path, class_map={"helpers.OldTask": "helpers.NewTask"})
+    assert type(mapped.tasks[oid]) is NewTask
+    assert mapped.load_errors == {}
+
+
+def test_extra_args_reach_a_new_default_store(tmp_path):
+    session = Session(tmp_path / "s", protocol=2)
+    assert session.store.serializer.protocol == 2
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "blank-lines", "directory"])
+def test_a_damaged_store_url_is_a_session_error_naming_the_file(session, problem):
+    url_file = Path(session.path, "store.url")
+    url_file.unlink()
+    if problem == "empty":
+        url_file.write_text("")
+    elif problem == "blank-lines":
+        url_file.write_text("\n  \n")
+    elif problem == "directory":
+        url_file.mkdir()
+    with pytest.raises(SessionError) as excinfo:
+        reopen(session)
+    assert excinfo.value.path == str(url_file)
+    assert "store.url" in str(excinfo.value)
+
+
+def test_a_missing_index_is_recreated(session):
+    oid = session.add(Task())
+    os.unlink(Path(session.path, "index.txt"))
+    again = reopen(session)
+    assert len(again) == 0
+    assert index_lines(again) == []
+    again.load(oid)
+    assert index_lines(again) == [oid]
+
+
+# -- the index ----------------------------------------------------------------------
+
+
+def test_index_has_one_id_a_line(session):
+    ids = [session.add(Task()) for _ in range(3)]
+    assert Path(session.path, "index.txt").read_text() == "".join(f"{oid}\n" for oid in ids)
+
+
+def test_index_blank_lines_and_duplicates_are_tolerated(session):
+    a, b = session.add(Task(jobname="a")), session.add(Task(jobname="b"))
+    Path(session.path, "index.txt").write_text(f"\n{a}\n\n  {b}  \n{a}\n\n{b}\n")
+    again = reopen(session)
+    assert again.list_ids() == [a, b]
+    assert again.list_names() == ["a", "b"]
+
+
+def test_index_with_a_torn_last_line_is_read_and_mended(session):
+    a = session.add(Task())
+    with open(Path(session.path, "index.txt"), "a") as f:
+        f.write("Task.")  # a write cut short
+    again = reopen(session)
+    assert again.list_ids() == [a]
+    b = again.add(Task())
+    assert index_lines(again) == [a, b]
+
+
+def test_index_with_a_last_line_missing_its_newline(session):
+    a = session.add(Task())
+    Path(session.path, "index.txt").write_text(a)
+    again = reopen(session)
+    assert again.list_ids() == [a]
+    b = again.add(Task())
+    assert index_lines(again) == [a, b]
+
+
+def test_index_with_a_line_that_is_not_an_id_is_a_session_error(session):
+    session.add(Task())
+    Path(session.path, "index.txt").write_text("Task.1\n../../etc/passwd\n")
+    with pytest.raises(SessionError) as excinfo:
+        reopen(session)
+    assert excinfo.value.path.endswith("index.txt")
+
+
+def test_index_that_is_a_directory_is_a_session_error(session):
+    os.unlink(Path(session.path, "index.txt"))
+    Path(session.path, "index.txt").mkdir()
+    with pytest.raises(SessionError):
+        reopen(session)
+
+
+def test_adding_appends_to_the_index_without_rewriting_it(session):
+    index = Path(session.path, "index.txt")
+    first = session.add(Task())
+    inode = index.stat().st_ino
+    before = index.read_bytes()
+    for _ in range(5):
+        session.add(Task())
+    after = index.read_bytes()
+    assert index.stat().st_ino == inode, "add must append in place, not replace the file"
+    assert after.startswith(before)
+    assert len(after.splitlines()) == 6
+    assert after.splitlines()[0].decode() == first
+
+
+def test_session_writes_leave_no_temporary_files(session):
+    ids = [session.add(Task()) for _ in range(5)]
+    session.remove(ids[0])
+    session.forget(ids[1])
+    session.save_all()
+    leftovers = [p for p in Path(session.path).rglob(f"{TEMP_PREFIX}*")]
+    assert leftovers == []
+
+
+def test_concurrent_processes_adding_to_one_session_lose_nothing(tmp_path, store_url):
+    path = tmp_path / "s"
+    Session(path, store_or_url=store_url).store.close()
+    results = helpers.run_in_processes(helpers.add_to_session, [(str(path), 50)] * 4, str(tmp_path / "gate"))
+    ids = [oid for result in results for oid in result]
+    assert len(set(ids)) == 200
+    lines = index_lines(path)
+    assert len(lines) == 200, "every add is in the index, once"
+    assert sorted(lines) == sorted(ids)
+    session = Session(path)  # any LoadWarning would fail the test (filterwarnings=error)
+    assert len(session) == 200
+    assert session.load_errors == {}
+    assert sorted(session.list_names()) == sorted(f"w{w}-{i}" for w in range(4) for i in range(50))
+    session.store.close()
+
+
+# -- add, save, flush -------------------------------------------------------------------
+
+
+def test_add_saves_and_returns_the_id(any_session, open_store):
+    task = Task(jobname="fit-1", alpha=0.1)
+    oid = any_session.add(task)
+    assert oid == task.persistent_id
+    assert any_session.tasks == {oid: task}
+    assert index_lines(any_session) == [oid]
+    assert task.changed is False
+    assert open_store().load(oid).alpha == 0.1
+
+
+def test_add_the_same_object_twice_gives_one_entry(any_session):
+    task = Task()
+    first = any_session.add(task)
+    second = any_session.add(task)
+    assert first == second
+    assert len(any_session) == 1
+    assert index_lines(any_session) == [first]
+
+
+def test_add_the_same_object_twice_without_flush(any_session):
+    task = Task()
+    first = any_session.add(task, flush=False)
+    second = any_session.add(task, flush=False)
+    assert first == second
+    any_session.flush()
+    assert index_lines(any_session) == [first]
+
+
+def test_add_again_after_a_change_saves_it(any_session, open_store):
+    task = Task(jobname="v1")
+    oid = any_session.add(task)
+    task.jobname = "v2"
+    assert any_session.add(task) == oid
+    assert open_store().load(oid).jobname == "v2"
+    assert index_lines(any_session) == [oid]
+
+
+def test_add_without_flush_waits_for_flush(any_session, open_store):
+    task = Task(jobname="later")
+    oid = any_session.add(task, flush=False)
+    assert oid == task.persistent_id
+    assert oid in any_session
+    assert index_lines(any_session) == []
+    assert open_store().list() == []
+    any_session.flush()
+    assert index_lines(any_session) == [oid]
+    assert open_store().load(oid).jobname == "later"
+
+
+def test_add_a_task_already_in_the_store(any_session):
+    task = Task()
+    oid = any_session.save(task)
+    assert any_session.add(task) == oid
+    assert index_lines(any_session) == [oid]
+    assert any_session.store.list() == [oid]
+
+
+def test_add_a_collection_saves_its_children(any_session, open_store):
+    children = [Task(jobname=f"p{i}") for i in range(3)]
+    oid = any_session.add(TaskCollection(jobname="grid", tasks=children))
+    assert index_lines(any_session) == [oid], "only the top-level task is in the index"
+    assert any_session.list_ids() == [oid]
+    other = open_store()
+    assert sorted(other.list()) == sorted([oid] + [c.persistent_id for c in children])
+    assert [c.jobname for c in other.load(oid).tasks] == ["p0", "p1", "p2"]
+
+
+def test_save_stores_without_adding(any_session, open_store):
+    task = Task(jobname="side")
+    oid = any_session.save(task)
+    assert oid == task.persistent_id
+    assert oid not in any_session
+    assert len(any_session) == 0
+    assert index_lines(any_session) == []
+    assert open_store().load(oid).jobname == "side"
+
+
+def test_save_all_saves_only_changed_tasks(any_session, open_store):
+    tasks = [Task(jobname=f"t{i}") for i in range(3)]
+    child = Task(jobname="child")
+    collection = TaskCollection(jobname="coll", tasks=[child])
+    for task in [*tasks, collection]:
+        any_session.add(task)
+    store = any_session.store
+    before = {t.persistent_id: store.metadata(t.persistent_id) for t in [*tasks, child, collection]}
+
+    tasks[1].state = State.RUNNING
+    child.state = State.TERMINATED
+    saved = []
+    real_save_many = store.save_many
+
+    def counting_save_many(objs):
+        objs = list(objs)
+        saved.extend(objs)
+        return real_save_many(objs)
+
+    store.save_many = counting_save_many
+    any_session.save_all()
+
+    assert {id(o) for o in saved} == {id(tasks[1]), id(child)}
+    after = {t.persistent_id: store.metadata(t.persistent_id) for t in [*tasks, child, collection]}
+    for unchanged in (tasks[0], tasks[2], collection):
+        assert after[unchanged.persistent_id]["modified"] == before[unchanged.persistent_id]["modified"]
+    assert after[tasks[1].persistent_id]["state"] == "RUNNING"
+    assert after[child.persistent_id]["state"] == "TERMINATED"
+    assert not any(t.changed for t in any_session.iter_workflow())
+    other = open_store()
+    assert other.load(tasks[1].persistent_id).state is State.RUNNING
+
+
+def test_save_all_also_writes_pending_adds(any_session):
+    oid = any_session.add(Task(), flush=False)
+    any_session.save_all()
+    assert index_lines(any_session) == [oid]
+    assert any_session.store.list() == [oid]
+
+
+def test_save_all_without_flush_saves_but_leaves_the_index(any_session):
+    task = Task()
+    oid = any_session.add(task, flush=False)
+    any_session.save_all(flush=False)
+    assert any_session.store.list() == [oid]
+    assert index_lines(any_session) == []
+    any_session.flush()
+    assert index_lines(any_session) == [oid]
+
+
+def test_flush_with_nothing_pending_changes_nothing(session):
+    session.add(Task())
+    index = Path(session.path, "index.txt")
+    before = (index.read_bytes(), index.stat().st_ino)
+    session.flush()
+    assert (index.read_bytes(), index.stat().st_ino) == before
+
+
+def test_context_manager_saves_and_flushes(tmp_path, store_url):
+    with Session(tmp_path / "s", store_or_url=store_url) as session:
+        pending = session.add(Task(jobname="pending"), flush=False)
+        task = Task(jobname="kept")
+        kept = session.add(task)
+        task.state = State.STOPPED
+    again = Session(tmp_path / "s")
+    assert again.list_ids() == [pending, kept]
+    assert again.tasks[kept].state is State.STOPPED
+    again.store.close()
+
+
+def test_context_manager_returns_the_session(tmp_path):
+    session = Session(tmp_path / "s")
+    with session as entered:
+        assert entered is session
+
+
+# -- load ---------------------------------------------------------------------------
+
+
+def test_load_adds_a_stored_task(any_session):
+    task = Task(jobname="side")
+    oid = any_session.save(task)
+    del task
+    loaded = any_session.load(oid)
+    assert loaded.jobname == "side"
+    assert any_session.tasks[oid] is loaded
+    assert index_lines(any_session) == [oid]
+
+
+def test_load_without_add(any_session):
+    oid = any_session.save(Task())
+    loaded = any_session.load(oid, add=False)
+    assert loaded.persistent_id == oid
+    assert oid not in any_session
+    assert index_lines(any_session) == []
+
+
+def test_load_without_flush(any_session):
+    oid = any_session.save(Task())
+    any_session.load(oid, flush=False)
+    assert oid in any_session
+    assert index_lines(any_session) == []
+    any_session.flush()
+    assert index_lines(any_session) == [oid]
+
+
+def test_load_a_missing_task_raises_load_error(any_session):
+    with pytest.raises(LoadError) as excinfo:
+        any_session.load("Task.4040")
+    assert excinfo.value.id == "Task.4040"
+    assert len(any_session) == 0
+    assert index_lines(any_session) == []
+
+
+def test_load_many(any_session):
+    ids = [any_session.save(Task(jobname=str(i))) for i in range(3)]
+    loaded = any_session.load_many(ids)
+    assert list(loaded) == ids
+    assert [t.jobname for t in loaded.values()] == ["0", "1", "2"]
+    assert any_session.list_ids() == ids
+    assert index_lines(any_session) == ids
+    with pytest.raises(LoadError):
+        any_session.load_many([ids[0], "Task.5050"])
+
+
+def test_load_of_a_task_already_in_the_session(any_session):
+    task = Task()
+    oid = any_session.add(task)
+    assert any_session.load(oid) is task
+    assert index_lines(any_session) == [oid]
+
+
+# -- forget, remove -----------------------------------------------------------------
+
+
+def test_forget_drops_from_the_session_but_keeps_in_the_store(any_session, open_store):
+    a, b = any_session.add(Task(jobname="a")), any_session.add(Task(jobname="b"))
+    any_session.forget(a)
+    assert any_session.list_ids() == [b]
+    assert index_lines(any_session) == [b]
+    assert open_store().load(a).jobname == "a"
+    assert reopen(any_session).list_ids() == [b]
+
+
+def test_forget_without_flush(any_session):
+    a = any_session.add(Task())
+    any_session.forget(a, flush=False)
+    assert a not in any_session
+    assert index_lines(any_session) == [a]
+    any_session.flush()
+    assert index_lines(any_session) == []
+
+
+def test_forget_a_task_added_without_flush_still_saves_it(any_session, open_store):
+    oid = any_session.add(Task(jobname="unsaved"), flush=False)
+    any_session.forget(oid)
+    assert index_lines(any_session) == []
+    assert open_store().load(oid).jobname == "unsaved"
+
+
+def test_forget_or_remove_an_unknown_id_is_an_error(any_session):
+    oid = any_session.save(Task())
+    for method in (any_session.forget, any_session.remove):
+        with pytest.raises(InvalidArgument):
+            method(oid)
+        with pytest.raises(InvalidArgument):
+            method("../../etc/passwd")
+    assert any_session.store.list() == [oid]
+
+
+def test_remove_deletes_from_session_and_store(any_session, open_store):
+    a, b = any_session.add(Task(jobname="a")), any_session.add(Task(jobname="b"))
+    any_session.remove(a)
+    assert any_session.list_ids() == [b]
+    assert index_lines(any_session) == [b]
+    other = open_store()
+    assert other.list() == [b]
+    with pytest.raises(LoadError):
+        other.load(a)
+    assert reopen(any_session).list_ids() == [b]
+
+
+def test_remove_goes_recursively_through_children(any_session, open_store):
+    leaf = Task(jobname="leaf")
+    inner = TaskCollection(jobname="inner", tasks=[leaf, Task(jobname="leaf2")])
+    outer = TaskCollection(jobname="outer", tasks=[inner, Task(jobname="sibling")])
+    other_collection = TaskCollection(jobname="other", tasks=[Task(jobname="other-child")])
+    doomed = any_session.add(outer)
+    kept = any_session.add(other_collection)
+    kept_task = any_session.add(Task(jobname="plain"))
+    store = open_store()
+    assert len(store.list()) == 8
+    any_session.remove(doomed)
+    remaining = store.list()
+    assert sorted(remaining) == sorted([kept, other_collection.tasks[0].persistent_id, kept_task])
+    assert any_session.list_ids() == [kept, kept_task]
+    assert index_lines(any_session) == [kept, kept_task]
+
+
+def test_remove_a_task_not_loaded_uses_the_stored_children(any_session, open_store):
+    child = Task(jobname="c")
+    doomed = any_session.add(TaskCollection(tasks=[child]))
+    kept = any_session.add(Task())
+    any_session.store.close()
+    partial = Session(any_session.path, task_ids=[kept])
+    assert doomed not in partial
+    partial.remove(doomed)
+    assert open_store().list() == [kept]
+    assert index_lines(partial) == [kept]
+    partial.store.close()
+
+
+def test_remove_without_flush_waits_for_flush(any_session, open_store):
+    child = Task()
+    doomed = any_session.add(TaskCollection(tasks=[child]))
+    kept = any_session.add(Task())
+    any_session.remove(doomed, flush=False)
+    assert doomed not in any_session
+    assert index_lines(any_session) == [doomed, kept]
+    assert len(open_store().list()) == 3
+    any_session.flush()
+    assert index_lines(any_session) == [kept]
+    assert open_store().list() == [kept]
+
+
+def test_remove_a_task_added_without_flush(any_session, open_store):
+    oid = any_session.add(Task(), flush=False)
+    any_session.remove(oid)
+    assert len(any_session) == 0
+    assert index_lines(any_session) == []
+    assert open_store().list() == []
+
+
+def test_remove_then_add_back(any_session):
+    task = Task()
+    oid = any_session.add(task)
+    any_session.forget(oid, flush=False)
+    assert any_session.add(task) == oid
+    assert index_lines(any_session) == [oid]
+
+
+def test_remove_keeps_what_another_process_appended(any_session):
+    a = any_session.add(Task())
+    other = reopen(any_session)
+    b = other.add(Task())
+    any_session.remove(a)
+    assert index_lines(any_session) == [b]
+    other.store.close()
+
+
+# -- destroy --------------------------------------------------------------------------
+
+
+def test_destroy_removes_the_directory_and_its_store(session):
+    session.add(TaskCollection(tasks=[Task()]))
+    session.destroy()
+    assert not os.path.exists(session.path)
+    assert len(session) == 0
+
+
+def test_destroy_of_sessions_sharing_a_store(tmp_path, store_url, open_store):
+    first = Session(tmp_path / "first", store_or_url=store_url)
+    second = Session(tmp_path / "second", store_or_url=store_url)
+    first_child = Task(jobname="first-child")
+    first.add(TaskCollection(jobname="first", tasks=[first_child]))
+    first.add(Task(jobname="first-plain"))
+    second_child = Task(jobname="second-child")
+    second_ids = [second.add(TaskCollection(jobname="second", tasks=[second_child])), second.add(Task())]
+    first.destroy()
+    assert not os.path.exists(first.path)
+    store = open_store()
+    assert sorted(store.list()) == sorted([*second_ids, second_child.persistent_id])
+    again = Session(second.path)
+    assert again.list_ids() == second_ids
+    assert again.tasks[second_ids[0]].tasks[0].jobname == "second-child"
+    again.store.close()
+    second.store.close()
+
+
+def test_destroy_removes_tasks_not_loaded_too(tmp_path, store_url, open_store):
+    session = Session(tmp_path / "s", store_or_url=store_url)
+    child = Task()
+    a = session.add(TaskCollection(tasks=[child]))
+    b = session.add(Task())
+    session.store.close()
+    partial = Session(tmp_path / "s", task_ids=[b])
+    assert a not in partial
+    partial.destroy()
+    assert open_store().list() == []
+
+
+# -- reading ----------------------------------------------------------------------------
+
+
+def test_list_ids_and_list_names(session):
+    ids = [session.add(Task(jobname=name)) for name in ("x", "y", "z")]
+    session.add(TaskCollection(jobname="grid", tasks=[Task(jobname="child")]))
+    assert session.list_ids()[:3] == ids
+    assert len(session.list_ids()) == 4
+    assert session.list_names() == ["x", "y", "z", "grid"]
+
+
+def test_len_iteration_and_membership(session):
+    tasks = [Task(jobname=str(i)) for i in range(3)]
+    collection = TaskCollection(tasks=[Task()])
+    for task in [*tasks, collection]:
+        session.add(task)
+    assert len(session) == 4
+    assert list(session) == [*tasks, collection], "iteration is over the top-level tasks"
+    assert tasks[0].persistent_id in session
+    assert collection.tasks[0].persistent_id not in session
+    # iterating while removing is safe
+    for task in session:
+        session.forget(task.persistent_id, flush=False)
+    assert len(session) == 0
+
+
+def test_iter_workflow_is_breadth_first(session):
+    b, c = Task(jobname="b"), Task(jobname="c")
+    inner = TaskCollection(jobname="inner", tasks=[b, c])
+    a, d = Task(jobname="a"), Task(jobname="d")
+    outer = TaskCollection(jobname="outer", tasks=[a, inner, d])
+    e = Task(jobname="e")
+    session.add(outer)
+    session.add(e)
+    assert [t.jobname for t in session.iter_workflow()] == ["outer", "e", "a", "inner", "d", "b", "c"]
+
+
+def test_iter_workflow_visits_a_shared_task_once(session):
+    shared = Task(jobname="shared")
+    session.add(TaskCollection(jobname="one", tasks=[shared]))
+    session.add(TaskCollection(jobname="two", tasks=[shared]))
+    assert [t.jobname for t in session.iter_workflow()] == ["one", "two", "shared"]
+
+
+def test_iter_workflow_after_reopening(session):
+    session.add(TaskCollection(jobname="top", tasks=[TaskCollection(jobname="mid", tasks=[Task(jobname="leaf")])]))
+    again = reopen(session)
+    assert [t.jobname for t in again.iter_workflow()] == ["top", "mid", "leaf"]
+
+
+def test_repr_names_the_session(session):
+    session.add(Task())
+    text = repr(session)
+    assert session.path in text
+    assert "1 tasks" in text
+
+
+# -- timestamps ------------------------------------------------------------------------
+
+
+def test_timestamps(session):
+    created = Path(session.path, "created")
+    assert session.created == created.stat().st_mtime > 0
+    assert session.finished == -1
+    session.set_end_timestamp(1_700_000_000)
+    assert session.finished == 1_700_000_000
+    assert Path(session.path, "finished").exists()
+    session.set_start_timestamp(1_600_000_000.5)
+    assert session.created == 1_600_000_000.5
+    again = reopen(session)
+    assert again.created == 1_600_000_000.5
+    assert again.finished == 1_700_000_000
+
+
+def test_timestamp_default_is_now(session):
+    session.set_start_timestamp(1)
+    session.set_end_timestamp(1)
+    session.set_start_timestamp()
+    session.set_end_timestamp()
+    assert session.created > 1_000_000
+    assert session.finished > 1_000_000
+
+
+def test_missing_timestamp_files_give_minus_one(session):
+    os.unlink(Path(session.path, "created"))
+    assert session.created == -1
+    assert reopen(session).created == -1
+
+
+# -- tasks that fail to load ------------------------------------------------------------
+
+
+def test_a_task_that_fails_to_load_is_reported_and_kept(tmp_path, store_url, monkeypatch):
+    session = Session(tmp_path / "s", store_or_url=store_url)
+    broken = session.add(OldTask(jobname="broken"))
+    good = session.add(Task(jobname="good"))
+    doomed = session.add(Task(jobname="doomed"))
+    session.store.close()
+    monkeypatch.delattr(helpers, "OldTask")
+
+    with pytest.warns(LoadWarning, match=broken):
+        again = Session(tmp_path / "s")
+    assert again.list_ids() == [good, doomed]
+    assert list(again.load_errors) == [broken]
+    assert isinstance(again.load_errors[broken], LoadError)
+    assert again.load_errors[broken].id == broken
+
+    added = again.add(Task(jobname="new"))  # appends
+    assert broken in index_lines(again)
+    again.remove(doomed)  # rewrites the index
+    again.save_all()
+    again.flush()
+    assert index_lines(again) == [broken, good, added]
+    again.store.close()
+
+    with pytest.warns(LoadWarning):
+        third = Session(tmp_path / "s")
+    assert list(third.load_errors) == [broken]
+    third.store.close()
+
+
+def test_a_corrupt_record_is_reported_and_kept(session):
+    broken = session.add(Task(jobname="broken"))
+    good = session.add(Task(jobname="good"))
+    Path(session.store.directory, broken).write_bytes(b"\x00garbage")
+    with pytest.warns(LoadWarning) as record:
+        again = reopen(session)
+    assert broken in str(record[0].message)
+    assert list(again) == [again.tasks[good]]
+    assert again.load_errors[broken].id == broken
+    again.add(Task())
+    again.forget(good)
+    assert index_lines(again)[0] == broken
+
+
+def test_a_task_that_failed_to_load_can_be_removed_or_forgotten(session):
+    first, second = session.add(Task()), session.add(Task())
+    for oid in (first, second):
+        Path(session.store.directory, oid).write_bytes(b"")
+    with pytest.warns(LoadWarning):
+        again = reopen(session)
+    again.forget(first)
+    assert first not in again.load_errors
+    again.remove(second)
+    assert second not in again.load_errors
+    assert index_lines(again) == []
+    assert not Path(session.store.directory, second).exists()
+
+
+def test_loading_a_task_that_failed_clears_its_error(session, monkeypatch):
+    oid = session.add(OldTask())
+    monkeypatch.delattr(helpers, "OldTask")
+    with pytest.warns(LoadWarning):
+        again = reopen(session)
+    assert oid in again.load_errors
+    monkeypatch.setattr(helpers, "OldTask", OldTask, raising=False)
+    again.load(oid)
+    assert again.load_errors == {}
+    assert oid in again
+
+
+def test_the_warning_sums_up_many_failures(session):
+    ids = [session.add(Task()) for _ in range(5)]
+    for oid in ids:
+        Path(session.store.directory, oid).write_bytes(b"junk")
+    with pytest.warns(LoadWarning, match="5 task") as record:
+        again = reopen(session)
+    assert "2 more" in str(record[0].message)
+    assert sorted(again.load_errors) == sorted(ids)
+
+
+# -- TemporarySession ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def temp_dir(tmp_path, monkeypatch):
+    """Keep TemporarySession's directories under tmp_path."""
+    directory = tmp_path / "tmp"
+    directory.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(directory))
+    return directory
+
+
+def test_temporary_session_holds_every_stored_object(temp_dir, store_url, store):
+    children = [Task(jobname="c0"), Task(jobname="c1")]
+    collection_id = store.save(TaskCollection(jobname="grid", tasks=children))
+    plain = store.save(Task(jobname="plain"))
+    with TemporarySession(store_url) as session:
+        path = session.path
+        assert os.path.isdir(path)
+        assert Path(path).parent == temp_dir
+        assert sorted(session.list_ids()) == sorted(store.list())
+        assert len(session) == 4
+        assert session.tasks[collection_id].tasks[0] is session.tasks[children[0].persistent_id]
+        assert session.tasks[plain].jobname == "plain"
+        assert sorted(index_lines(session)) == sorted(store.list())
+    assert not os.path.exists(path)
+
+
+def test_temporary_session_with_task_ids(temp_dir, store_url, store):
+    ids = [store.save(Task(jobname=str(i))) for i in range(4)]
+    with TemporarySession(store_url, task_ids=ids[1:3]) as session:
+        assert session.list_ids() == ids[1:3]
+    assert store.list() == ids
+
+
+def test_temporary_session_saves_changes_at_exit(temp_dir, store_url, store, open_store):
+    oid = store.save(Task(jobname="x"))
+    with TemporarySession(store_url) as session:
+        session.tasks[oid].state = State.RUNNING
+        added = session.add(Task(jobname="new"), flush=False)
+    other = open_store()
+    assert other.load(oid).state is State.RUNNING
+    assert other.load(added).jobname == "new"
+
+
+def test_temporary_session_over_a_store_object(temp_dir, tmp_path):
+    store = FilesystemStore(tmp_path / "store")
+    oid = store.save(Task())
+    with TemporarySession(store) as session:
+        assert session.store is store
+        assert session.list_ids() == [oid]
+
+
+def test_temporary_session_close_removes_the_directory(temp_dir, store_url, store):
+    store.save(Task())
+    session = TemporarySession(store_url)
+    path = session.path
+    session.close()
+    assert not os.path.exists(path)
+
+
+def test_temporary_session_directory_goes_when_the_session_is_collected(temp_dir, store_url):
+    session = TemporarySession(store_url)
+    path = session.path
+    session.store.close()
+    del session
+    gc.collect()
+    assert not os.path.exists(path)
+
+
+def test_temporary_session_with_delete_false_keeps_the_directory(temp_dir, store_url, store):
+    oid = store.save(Task())
+    with TemporarySession(store_url, delete=False) as session:
+        path = session.path
+    assert os.path.isdir(path)
+    assert index_lines(path) == [oid]
+
+
+def test_temporary_session_reports_objects_that_fail_to_load(temp_dir, tmp_path):
+    store = FilesystemStore(tmp_path / "store")
+    good, broken = store.save(Task()), store.save(Task())
+    Path(store.directory, broken).write_bytes(b"junk")
+    with pytest.warns(LoadWarning), TemporarySession(str(tmp_path / "store")) as session:
+        assert session.list_ids() == [good]
+        assert list(session.load_errors) == [broken]
+        assert sorted(index_lines(session)) == sorted([good, broken])
+
+
+def test_temporary_session_passes_extra_args_to_the_store(temp_dir, store_url, store, monkeypatch):
+    oid = store.save(OldTask())
+    monkeypatch.delattr(helpers, "OldTask")
+    with TemporarySession(store_url, class_map={"helpers.OldTask": "helpers.NewTask"}) as session:
+        assert type(session.tasks[oid]) is NewTask
+
+
+def test_make_store_and_session_agree_on_the_store(tmp_path, store_url):
+    session = Session(tmp_path / "s", store_or_url=store_url)
+    oid = session.add(Task(jobname="x"))
+    with make_store(Path(session.path, "store.url").read_text().strip()) as store:
+        assert store.load(oid).jobname == "x"
+    session.store.close()

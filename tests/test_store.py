@@ -1,0 +1,1086 @@
+"""Store behaviour shared by every kind of store, ``make_store``, and the filesystem store's own.
+
+The tests that take ``store``, ``open_store`` or ``store_url`` run once per
+store kind (file, sqlite, postgresql, mysql) and use only the public Store
+API, so a new kind of store gets the whole suite for free.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import importlib.metadata
+import json
+import os
+import pathlib
+import pickle
+import threading
+import zlib
+
+import helpers
+import pytest
+from helpers import Bare, FitTask, NewTask, OldTask, Point, make_helper_store
+
+import gc3session
+from gc3session import InvalidArgument, LoadError, SaveError, State, StoreError, Task, TaskCollection
+from gc3session.persistence import DEFAULT_PROTOCOL, FilesystemStore, Serializer, Store, make_store, register
+from gc3session.persistence import store as store_module
+from gc3session.persistence.atomic import TEMP_PREFIX
+from gc3session.persistence.filesystem import COUNTER_FILENAME
+from gc3session.persistence.idfactory import parse_id
+from gc3session.persistence.serialization import FORMAT_VERSION
+
+METADATA_FIELDS = {"format", "version", "id", "cls", "jobname", "state", "children", "created", "modified", "history"}
+
+
+def number(oid: str) -> int:
+    return parse_id(oid)[1]
+
+
+# -- ids --------------------------------------------------------------------------
+
+
+def test_ids_read_like_class_dot_number(store):
+    assert store.save(Task()).startswith("Task.")
+    assert store.save(TaskCollection()).startswith("TaskCollection.")
+    assert store.save(Bare(1)).startswith("Bare.")
+    oid = store.save(FitTask(alpha=1.0))
+    prefix, n = parse_id(oid)
+    assert prefix == "FitTask"
+    assert n >= 1
+
+
+def test_save_sets_persistent_id_and_keeps_it(store):
+    task = Task()
+    oid = store.save(task)
+    assert task.persistent_id == oid
+    task.alpha = 2
+    assert store.save(task) == oid
+    assert store.list() == [oid]
+
+
+def test_ids_are_unique_within_a_store(store):
+    ids = [store.save(Task()) for _ in range(10)]
+    ids += store.save_many([Task() for _ in range(10)])
+    ids += [store.save(Bare(i)) for i in range(5)]
+    assert len(set(ids)) == 25
+    assert len({number(oid) for oid in ids}) == 25, "numbers are unique across classes, too"
+    assert sorted(store.list()) == sorted(ids)
+
+
+def test_ids_are_not_reused_after_remove(store, open_store):
+    ids = [store.save(Task()) for _ in range(3)]
+    highest = max(number(oid) for oid in ids)
+    store.remove(ids[-1])
+    store.remove_many(ids[:2])
+    assert store.list() == []
+    again = store.save(Task())
+    assert number(again) > highest
+    fresh_handle = open_store()
+    later = fresh_handle.save(Task())
+    assert number(later) > number(again)
+    assert later not in ids
+
+
+def test_two_handles_never_hand_out_the_same_id(open_store):
+    first, second = open_store(), open_store()
+    ids = []
+    for _ in range(10):
+        ids.append(first.save(Task()))
+        ids.append(second.save(Task()))
+    ids += first.save_many([Task() for _ in range(5)]) + second.save_many([Task() for _ in range(5)])
+    assert len({number(oid) for oid in ids}) == len(ids) == 30
+    assert sorted(first.list()) == sorted(ids)
+
+
+def test_ids_are_unique_across_processes(store_url, store, tmp_path):
+    results = helpers.run_in_processes(helpers.save_to_store, [(store_url, 15)] * 3, str(tmp_path / "gate"))
+    ids = [oid for result in results for oid in result]
+    assert len(ids) == 45
+    assert len({number(oid) for oid in ids}) == 45
+    assert sorted(store.list(), key=number) == sorted(ids, key=number)
+    loaded = store.load_many(ids)
+    assert sorted(t.jobname for t in loaded.values()) == sorted(f"w{i}-{j}" for i in range(3) for j in range(15))
+
+
+def test_assign_id_gives_an_id_without_writing(store):
+    task = Task()
+    oid = store.assign_id(task)
+    assert task.persistent_id == oid
+    assert store.assign_id(task) == oid
+    assert store.list() == []
+    assert store.save(task) == oid
+    assert store.list() == [oid]
+
+
+def test_saving_an_object_that_takes_no_attributes_is_refused(store):
+    with pytest.raises(InvalidArgument):
+        store.save(42)
+
+
+def test_invalid_ids_are_refused(store):
+    for bad in ["../../etc/passwd", "", "Task.0", "Task.017", "Task", "Task.1; DROP TABLE x"]:
+        with pytest.raises(InvalidArgument):
+            store.load(bad)
+        with pytest.raises(InvalidArgument):
+            store.remove(bad)
+        with pytest.raises(InvalidArgument):
+            store.metadata(bad)
+
+
+# -- saving and loading -------------------------------------------------------------
+
+
+def test_round_trip_keeps_attributes_state_and_history(store, open_store):
+    task = FitTask(
+        jobname="fit-ü",
+        alpha=0.25,
+        numbers=[1, 2.5, None, True],
+        table={"a": (1, 2), "b": {"nested"}},
+        raw=b"\x00\xff",
+        when=datetime.datetime(2024, 5, 17, 12, 30),
+        path=pathlib.Path("/data/input.csv"),
+        amount=decimal.Decimal("1.10"),
+    )
+    task.state = State.SUBMITTED
+    task.state = State.RUNNING
+    task.execution.returncode = 7
+    task.execution.info = "exit status 7"
+    oid = store.save(task)
+
+    other = open_store()
+    loaded = other.load(oid)
+    assert loaded is not task
+    assert type(loaded) is FitTask
+    assert loaded.persistent_id == oid
+    assert loaded == task
+    for name in ("jobname", "alpha", "numbers", "table", "raw", "when", "path", "amount"):
+        assert getattr(loaded, name) == getattr(task, name), name
+    assert loaded.state is State.RUNNING
+    assert loaded.execution.history == task.execution.history
+    assert all(isinstance(s, State) for _, s in loaded.execution.history)
+    assert loaded.execution.returncode == 7
+    assert loaded.execution.info == "exit status 7"
+    assert loaded.changed is False
+
+
+def test_save_marks_the_object_unchanged(store):
+    task = Task()
+    assert task.changed
+    store.save(task)
+    assert task.changed is False
+    task.state = State.RUNNING
+    assert task.changed
+    store.save(task)
+    assert task.changed is False
+
+
+def test_save_many_returns_ids_in_order(store, open_store):
+    tasks = [Task(jobname=f"t{i}") for i in range(5)]
+    ids = store.save_many(tasks)
+    assert ids == [t.persistent_id for t in tasks]
+    assert store.save_many([tasks[0], tasks[0]]) == [ids[0], ids[0]]
+    assert store.save_many([]) == []
+    other = open_store()
+    assert [t.jobname for t in other.load_many(ids).values()] == [f"t{i}" for i in range(5)]
+    assert list(other.load_many(ids)) == ids
+
+
+def test_load_on_the_saving_handle_gives_the_saved_object(store):
+    task = Task()
+    oid = store.save(task)
+    assert store.load(oid) is task
+
+
+def test_loading_twice_gives_the_same_object(store, open_store):
+    oid = store.save(Task(jobname="x"))
+    other = open_store()
+    first = other.load(oid)
+    assert other.load(oid) is first
+    assert other.load_many([oid])[oid] is first
+
+
+def test_invalidate_cache_gives_a_fresh_object(store, open_store):
+    oid = store.save(Task(jobname="x"))
+    other = open_store()
+    first = other.load(oid)
+    other.invalidate_cache()
+    second = other.load(oid)
+    assert second is not first
+    assert second == first
+    assert second.jobname == "x"
+
+
+def test_a_second_handle_sees_saves_after_invalidate_cache(store, open_store):
+    task = Task(jobname="v1")
+    oid = store.save(task)
+    other = open_store()
+    seen = other.load(oid)
+    assert seen.jobname == "v1"
+
+    task.jobname = "v2"
+    task.state = State.TERMINATED
+    store.save(task)
+    assert other.load(oid) is seen, "without invalidate_cache the handle keeps its object"
+    other.invalidate_cache()
+    fresh = other.load(oid)
+    assert fresh.jobname == "v2"
+    assert fresh.state is State.TERMINATED
+
+
+def test_load_many_with_duplicate_ids(store):
+    oid = store.save(Task())
+    result = store.load_many([oid, oid, oid])
+    assert list(result) == [oid]
+
+
+def test_replace_overwrites_a_record(store, open_store):
+    oid = store.save(Task(jobname="old"))
+    newer = Task(jobname="new")
+    store.replace(oid, newer)
+    assert newer.persistent_id == oid
+    assert store.list() == [oid]
+    other = open_store()
+    assert other.load(oid).jobname == "new"
+    assert other.metadata(oid)["jobname"] == "new"
+
+
+def test_replace_refuses_an_invalid_id(store):
+    with pytest.raises(InvalidArgument):
+        store.replace("nonsense", Task())
+
+
+# -- children -----------------------------------------------------------------------
+
+
+def test_child_persistable_is_stored_as_its_own_record(store):
+    children = [Task(jobname="a"), Task(jobname="b")]
+    collection = TaskCollection(jobname="grid", tasks=children)
+    cid = store.save(collection)
+    child_ids = [c.persistent_id for c in children]
+    assert all(child_ids)
+    assert sorted(store.list()) == sorted([cid, *child_ids])
+    assert store.metadata(cid)["children"] == child_ids
+    assert store.metadata(child_ids[0])["jobname"] == "a"
+    assert store.metadata(child_ids[0])["cls"] == "gc3session.task.Task"
+    assert all(c.changed is False for c in children)
+
+
+def test_loading_container_then_child_gives_the_same_object(store, open_store):
+    children = [Task(jobname="a"), Task(jobname="b")]
+    cid = store.save(TaskCollection(tasks=children))
+    other = open_store()
+    collection = other.load(cid)
+    assert [c.jobname for c in collection.tasks] == ["a", "b"]
+    assert other.load(children[0].persistent_id) is collection.tasks[0]
+    assert other.load(children[1].persistent_id) is collection.tasks[1]
+
+
+def test_loading_child_then_container_gives_the_same_object(store, open_store):
+    child = Task(jobname="a")
+    cid = store.save(TaskCollection(tasks=[child]))
+    other = open_store()
+    loaded_child = other.load(child.persistent_id)
+    collection = other.load(cid)
+    assert collection.tasks[0] is loaded_child
+
+
+def test_loading_container_and_child_in_one_batch(store, open_store):
+    child = Task(jobname="a")
+    cid = store.save(TaskCollection(tasks=[child]))
+    other = open_store()
+    loaded = other.load_many([child.persistent_id, cid])
+    assert loaded[cid].tasks[0] is loaded[child.persistent_id]
+
+
+def test_a_child_shared_by_two_containers_is_one_record_and_one_object(store, open_store):
+    shared = Task(jobname="shared")
+    first = TaskCollection(jobname="first", tasks=[shared])
+    second = TaskCollection(jobname="second", tasks=[shared])
+    ids = store.save_many([first, second])
+    assert len(store.list()) == 3
+    other = open_store()
+    loaded = other.load_many(ids)
+    assert loaded[ids[0]].tasks[0] is loaded[ids[1]].tasks[0]
+
+
+def test_nested_collections(store, open_store):
+    leaf = Task(jobname="leaf")
+    inner = TaskCollection(jobname="inner", tasks=[leaf])
+    outer = TaskCollection(jobname="outer", tasks=[inner, Task(jobname="sibling")])
+    oid = store.save(outer)
+    assert len(store.list()) == 4
+    other = open_store()
+    loaded = other.load(oid)
+    assert loaded.tasks[0].tasks[0].jobname == "leaf"
+    assert other.load(leaf.persistent_id) is loaded.tasks[0].tasks[0]
+    assert other.metadata(inner.persistent_id)["children"] == [leaf.persistent_id]
+
+
+def test_persistable_inside_other_containers_is_a_reference(store, open_store):
+    child = Bare("inside")
+    holder = Task(by_name={"c": child}, pair=(child, 1))
+    oid = store.save(holder)
+    assert child.persistent_id is not None
+    other = open_store()
+    loaded = other.load(oid)
+    assert loaded.by_name["c"] is loaded.pair[0]
+    assert other.load(child.persistent_id) is loaded.by_name["c"]
+
+
+def test_a_changed_child_is_saved_with_its_container(store, open_store):
+    child = Task(jobname="a")
+    collection = TaskCollection(tasks=[child])
+    cid = store.save(collection)
+    child.state = State.RUNNING
+    store.save(collection)
+    other = open_store()
+    assert other.load(child.persistent_id).state is State.RUNNING
+    assert other.load(cid).tasks[0].state is State.RUNNING
+
+
+def test_an_unchanged_child_is_not_rewritten(store):
+    child, changed_child = Task(jobname="a"), Task(jobname="b")
+    collection = TaskCollection(tasks=[child, changed_child])
+    store.save(collection)
+    before = store.metadata(child.persistent_id)["modified"]
+    changed_before = store.metadata(changed_child.persistent_id)
+    changed_child.state = State.STOPPED
+    collection.jobname = "renamed"
+    store.save(collection)
+    assert store.metadata(child.persistent_id)["modified"] == before
+    changed_after = store.metadata(changed_child.persistent_id)
+    assert changed_after["state"] == "STOPPED"
+    assert changed_after["modified"] >= changed_before["modified"]
+
+
+def test_a_child_added_later_is_saved(store, open_store):
+    collection = TaskCollection()
+    cid = store.save(collection)
+    collection.add(Task(jobname="late"))
+    store.save(collection)
+    other = open_store()
+    assert [t.jobname for t in other.load(cid).tasks] == ["late"]
+    assert len(store.list()) == 2
+
+
+def test_a_self_reference_is_kept_inside_one_record(store, open_store):
+    task = Task()
+    task.me = task
+    oid = store.save(task)
+    assert store.list() == [oid]
+    loaded = open_store().load(oid)
+    assert loaded.me is loaded
+
+
+def test_a_reference_cycle_between_records_is_refused(store):
+    a, b = Task(jobname="a"), Task(jobname="b")
+    a.other = b
+    b.other = a
+    with pytest.raises(SaveError) as excinfo:
+        store.save(a)
+    assert "cycle" in str(excinfo.value)
+    assert excinfo.value.target in (a.persistent_id, b.persistent_id)
+    assert store.list() == []
+
+
+def test_a_longer_reference_cycle_is_refused(store):
+    a, b, c = TaskCollection(jobname="a"), TaskCollection(jobname="b"), TaskCollection(jobname="c")
+    a.add(b)
+    b.add(c)
+    c.add(a)
+    with pytest.raises(SaveError, match="cycle"):
+        store.save_many([a])
+    assert store.list() == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="store.py: the cycle check only sees objects encoded in the same batch, not stored references",
+)
+def test_a_cycle_through_an_already_saved_object_is_refused(store, open_store):
+    child = Task(jobname="child")
+    parent = TaskCollection(jobname="parent", tasks=[child])
+    pid = store.save(parent)
+    child.parent = parent  # the saved, unchanged parent now closes a cycle
+    try:
+        store.save(child)
+    except SaveError:
+        pass
+    # whatever happened, what is stored must still load
+    assert open_store().load(pid).jobname == "parent"
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+def test_an_unpicklable_attribute_raises_save_error(store):
+    kept = store.save(Task(jobname="kept"))
+    task = Task(callback=lambda: 1)
+    with pytest.raises(SaveError) as excinfo:
+        store.save(task)
+    assert excinfo.value.target == task.persistent_id
+    assert store.list() == [kept]
+    locked = Task(lock=threading.Lock())
+    with pytest.raises(SaveError):
+        store.save(locked)
+    assert store.list() == [kept]
+    assert store.load(kept).jobname == "kept"
+
+
+def test_an_unpicklable_child_fails_the_whole_batch(store):
+    collection = TaskCollection(tasks=[Task(jobname="fine"), Task(handle=threading.Lock())])
+    with pytest.raises(SaveError):
+        store.save(collection)
+    assert store.list() == []
+
+
+def test_loading_a_missing_id_raises_load_error_naming_it(store):
+    with pytest.raises(LoadError) as excinfo:
+        store.load("Task.999")
+    assert excinfo.value.id == "Task.999"
+    assert "Task.999" in str(excinfo.value)
+    assert isinstance(excinfo.value, gc3session.Error)
+
+
+def test_loading_a_removed_id_raises_load_error(store, open_store):
+    oid = store.save(Task())
+    store.remove(oid)
+    with pytest.raises(LoadError) as excinfo:
+        open_store().load(oid)
+    assert excinfo.value.id == oid
+
+
+def test_load_many_collects_errors_when_asked(store):
+    good = store.save(Task(jobname="good"))
+    errors: dict[str, LoadError] = {}
+    loaded = store.load_many([good, "Task.9999"], errors=errors)
+    assert list(loaded) == [good]
+    assert list(errors) == ["Task.9999"]
+    assert isinstance(errors["Task.9999"], LoadError)
+    assert errors["Task.9999"].id == "Task.9999"
+    with pytest.raises(LoadError) as excinfo:
+        store.load_many([good, "Task.9999"])
+    assert excinfo.value.id == "Task.9999"
+
+
+def test_a_record_whose_class_is_gone_fails_to_load_naming_its_id(store, open_store, monkeypatch):
+    oid = store.save(OldTask(jobname="old"))
+    good = store.save(Task(jobname="good"))
+    monkeypatch.delattr(helpers, "OldTask")
+    other = open_store()
+    with pytest.raises(LoadError) as excinfo:
+        other.load(oid)
+    assert excinfo.value.id == oid
+    assert oid in str(excinfo.value)
+    errors: dict[str, LoadError] = {}
+    loaded = other.load_many([oid, good], errors=errors)
+    assert list(loaded) == [good] and list(errors) == [oid]
+
+
+def test_class_map_loads_a_renamed_class(store, open_store, monkeypatch):
+    oid = store.save(OldTask(jobname="moved", alpha=3))
+    monkeypatch.delattr(helpers, "OldTask")
+    with pytest.raises(LoadError):
+        open_store().load(oid)
+    mapped = open_store(class_map={"helpers.OldTask": "helpers.NewTask"})
+    loaded = mapped.load(oid)
+    assert type(loaded) is NewTask
+    assert (loaded.jobname, loaded.alpha) == ("moved", 3)
+    assert loaded.persistent_id == oid
+
+
+def test_class_map_must_name_module_and_class(open_store):
+    with pytest.raises(InvalidArgument):
+        open_store(class_map={"OldTask": "helpers.NewTask"})
+
+
+def test_allowed_classes_refuse_other_globals(store, open_store):
+    plain = store.save(Task(jobname="plain", when=datetime.date(2024, 1, 1)))
+    with_point = store.save(Task(point=Point(1, 2)))
+    with_function = store.save(Task(join=os.path.join))
+    strict = open_store(allowed_classes=["gc3session"])
+    assert strict.load(plain).when == datetime.date(2024, 1, 1)
+    for oid, refused in ((with_point, "helpers.Point"), (with_function, "join")):
+        with pytest.raises(LoadError) as excinfo:
+            strict.load(oid)
+        assert excinfo.value.id == oid
+        assert refused in str(excinfo.value)
+
+
+def test_allowed_classes_accept_modules_and_classes(store, open_store):
+    oid = store.save(Task(point=Point(1, 2)))
+    assert open_store(allowed_classes=["helpers"]).load(oid).point.y == 2
+    assert open_store(allowed_classes=[Point]).load(oid).point.x == 1
+    assert open_store(allowed_classes="helpers.Point").load(oid).point.x == 1
+    with pytest.raises(LoadError):
+        open_store(allowed_classes=["help"]).load(oid)  # a prefix of a name is not its module
+
+
+def test_allowed_classes_must_list_user_task_classes(store, open_store):
+    oid = store.save(FitTask(alpha=1.0))
+    with pytest.raises(LoadError):
+        open_store(allowed_classes=[]).load(oid)
+    assert open_store(allowed_classes=[FitTask]).load(oid).alpha == 1.0
+
+
+# -- metadata -----------------------------------------------------------------------
+
+
+def test_metadata_has_every_field(store):
+    child = Task(jobname="child")
+    collection = TaskCollection(jobname="grid", tasks=[child])
+    collection.state = State.RUNNING
+    collection.execution.returncode = 0
+    oid = store.save(collection)
+    meta = store.metadata(oid)
+    assert METADATA_FIELDS <= set(meta)
+    assert meta["format"] == FORMAT_VERSION
+    assert meta["version"] == gc3session.__version__
+    assert meta["id"] == oid
+    assert meta["cls"] == "gc3session.task.TaskCollection"
+    assert meta["jobname"] == "grid"
+    assert meta["state"] == "RUNNING"
+    assert meta["children"] == [child.persistent_id]
+    assert isinstance(meta["created"], float) and isinstance(meta["modified"], float)
+    assert meta["created"] <= meta["modified"]
+    assert meta["history"] == [[t, str(s)] for t, s in collection.execution.history]
+    assert [s for _, s in meta["history"]] == ["NEW", "RUNNING"]
+    json.dumps(meta)  # plain JSON types only
+
+
+def test_metadata_of_a_plain_persistable(store):
+    oid = store.save(Bare(1))
+    meta = store.metadata(oid)
+    assert meta["cls"] == "helpers.Bare"
+    assert meta["jobname"] is None
+    assert meta["state"] is None
+    assert meta["children"] == []
+    assert meta["history"] == []
+
+
+def test_metadata_is_read_without_unpickling(store, open_store, monkeypatch):
+    oid = store.save(OldTask(jobname="gone"))
+    monkeypatch.delattr(helpers, "OldTask")
+    other = open_store()
+    meta = other.metadata(oid)
+    assert meta["cls"] == "helpers.OldTask"
+    assert meta["jobname"] == "gone"
+    assert meta["state"] == "NEW"
+    assert dict(other.iter_metadata())[oid]["jobname"] == "gone"
+    assert other.list(jobname="gone") == [oid]
+
+
+def test_metadata_created_stays_and_modified_moves_on(store, open_store):
+    task = Task()
+    oid = store.save(task)
+    first = store.metadata(oid)
+    task.state = State.TERMINATED
+    store.save(task)
+    second = store.metadata(oid)
+    assert second["created"] == first["created"]
+    assert second["modified"] >= first["modified"]
+    assert second["state"] == "TERMINATED"
+    # also after a reload in another handle
+    other = open_store()
+    loaded = other.load(oid)
+    loaded.jobname = "again"
+    other.save(loaded)
+    assert other.metadata(oid)["created"] == first["created"]
+
+
+def test_metadata_of_a_missing_id_raises_load_error(store):
+    with pytest.raises(LoadError) as excinfo:
+        store.metadata("Task.4242")
+    assert excinfo.value.id == "Task.4242"
+
+
+def test_iter_metadata(store):
+    ids = [store.save(Task(jobname=f"j{i}")) for i in range(3)]
+    everything = list(store.iter_metadata())
+    assert [oid for oid, _ in everything] == ids
+    assert [meta["jobname"] for _, meta in everything] == ["j0", "j1", "j2"]
+    some = dict(store.iter_metadata([ids[2], "Task.77777"]))
+    assert some[ids[2]]["jobname"] == "j2"
+    assert isinstance(some["Task.77777"], LoadError)
+    assert some["Task.77777"].id == "Task.77777"
+
+
+# -- list, remove ---------------------------------------------------------------------
+
+
+def test_list_is_oldest_first(store):
+    ids = [store.save(Task()) for _ in range(5)]
+    assert store.list() == sorted(ids, key=number)
+
+
+def test_list_of_an_empty_store(store):
+    assert store.list() == []
+
+
+def test_list_filters_on_metadata(store):
+    running = Task(jobname="r")
+    running.state = State.RUNNING
+    done = FitTask(jobname="d")
+    done.state = State.TERMINATED
+    new = Task(jobname="n")
+    ids = dict(zip("rdn", store.save_many([running, done, new]), strict=True))
+    assert store.list(state="RUNNING") == [ids["r"]]
+    assert store.list(state=State.TERMINATED) == [ids["d"]]
+    assert store.list(jobname="n") == [ids["n"]]
+    assert store.list(cls="helpers.FitTask") == [ids["d"]]
+    assert store.list(cls="gc3session.task.Task", state="NEW") == [ids["n"]]
+    assert store.list(state="STOPPED") == []
+    assert store.list(jobname="r", state="NEW") == []
+
+
+def test_list_filters_follow_later_saves(store):
+    task = Task()
+    oid = store.save(task)
+    assert store.list(state="NEW") == [oid]
+    task.state = State.RUNNING
+    store.save(task)
+    assert store.list(state="NEW") == []
+    assert store.list(state="RUNNING") == [oid]
+
+
+def test_remove_deletes_one_record(store, open_store):
+    a, b = store.save(Task()), store.save(Task())
+    store.remove(a)
+    assert store.list() == [b]
+    with pytest.raises(LoadError):
+        store.load(a)
+    other = open_store()
+    assert other.list() == [b]
+    with pytest.raises(LoadError):
+        other.load(a)
+
+
+def test_remove_of_a_missing_id_is_quiet(store):
+    store.remove("Task.31337")
+    store.remove_many(["Task.31337", "Task.31338"])
+    store.remove_many([])
+
+
+def test_remove_many(store):
+    ids = [store.save(Task()) for _ in range(6)]
+    store.remove_many([ids[0], ids[2], ids[2], ids[4], "Task.98765"])
+    assert store.list() == [ids[1], ids[3], ids[5]]
+
+
+def test_removing_a_container_keeps_its_children(store):
+    child = Task()
+    cid = store.save(TaskCollection(tasks=[child]))
+    store.remove(cid)
+    assert store.list() == [child.persistent_id]
+
+
+# -- pickle protocol, options, life cycle -------------------------------------------
+
+
+class RecordingSerializer(Serializer):
+    """Remembers the bytes of every record it writes."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.written: list[bytes] = []
+
+    def dumps(self, obj, reference):
+        data = super().dumps(obj, reference)
+        self.written.append(data)
+        return data
+
+
+def test_default_protocol_is_fixed_and_not_the_highest():
+    assert DEFAULT_PROTOCOL == 4
+    assert gc3session.persistence.serialization.DEFAULT_PROTOCOL == DEFAULT_PROTOCOL
+    assert Serializer().protocol == DEFAULT_PROTOCOL
+
+
+def test_records_use_the_default_protocol(store, open_store):
+    assert store.serializer.protocol == DEFAULT_PROTOCOL
+    recording = RecordingSerializer()
+    handle = open_store(serializer=recording)
+    handle.save(TaskCollection(tasks=[Task()]))
+    assert len(recording.written) == 2
+    for data in recording.written:
+        assert data[:2] == pickle.PROTO + bytes([DEFAULT_PROTOCOL])
+
+
+def test_protocol_can_be_chosen_and_bad_ones_are_refused(open_store):
+    assert open_store(protocol=2).serializer.protocol == 2
+    with pytest.raises(InvalidArgument):
+        open_store(protocol=99)
+
+
+def test_options_meant_for_other_stores_are_ignored(store, open_store):
+    oid = store.save(Task())
+    other = open_store(frobnicate=True, pool_recycle=30, some_future_option={"x": 1})
+    assert other.load(oid).persistent_id == oid
+
+
+def test_store_is_a_context_manager_and_close_is_idempotent(store_url):
+    with make_store(store_url) as store:
+        oid = store.save(Task())
+    store.close()
+    with make_store(store_url) as again:
+        assert again.load(oid).persistent_id == oid
+
+
+def test_post_fork_keeps_the_store_usable(store, open_store):
+    first = store.save(Task())
+    store.pre_fork()
+    store.post_fork()
+    second = store.save(Task())
+    assert number(second) > number(first)
+    assert sorted(open_store().list()) == sorted([first, second])
+
+
+def test_store_str_and_repr_hide_a_password(tmp_path, private_registry):
+    register("gc3test", make_helper_store)
+    store = make_store(f"gc3test://user:hunter2@localhost{tmp_path}/s")
+    assert isinstance(store, Store)
+    for text in (str(store), repr(store)):
+        assert "hunter2" not in text
+        assert "user:***@localhost" in text
+
+
+# -- the exceptions -------------------------------------------------------------------
+
+
+def test_every_error_is_a_gc3session_error():
+    from gc3session.exceptions import LoadWarning
+
+    errors = [
+        InvalidArgument("bad"),
+        LoadError("Task.1", "gone"),
+        SaveError("Task.2", "disk full"),
+        StoreError("sqlite:///x", "locked"),
+        gc3session.SessionError("/s/store.url", "missing"),
+    ]
+    for error in errors:
+        assert isinstance(error, gc3session.Error)
+    assert isinstance(InvalidArgument("x"), ValueError)
+    assert issubclass(LoadWarning, Warning)
+
+
+def test_errors_name_what_is_at_fault_and_pickle_cleanly():
+    cases = [
+        (LoadError("Task.1", "gone"), "id", "Task.1"),
+        (SaveError("Task.2", "disk full"), "target", "Task.2"),
+        (StoreError("sqlite:///x.db", "locked"), "url", "sqlite:///x.db"),
+        (gc3session.SessionError("/s/store.url", "missing"), "path", "/s/store.url"),
+    ]
+    for error, attribute, value in cases:
+        assert getattr(error, attribute) == value
+        assert value in str(error)
+        assert error.reason in str(error)
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error)
+        assert getattr(copy, attribute) == value
+        assert str(copy) == str(error)
+
+
+# -- make_store and register ------------------------------------------------------------
+
+
+def test_make_store_with_a_plain_path(tmp_path):
+    store = make_store(str(tmp_path / "a"))
+    assert isinstance(store, FilesystemStore)
+    assert store.directory == tmp_path / "a"
+    assert (tmp_path / "a").is_dir()
+    assert isinstance(make_store(tmp_path / "b"), FilesystemStore)
+
+
+def test_make_store_with_a_relative_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    store = make_store("rel")
+    assert isinstance(store, FilesystemStore)
+    assert store.directory == tmp_path / "rel"
+
+
+def test_make_store_with_a_file_url(tmp_path):
+    store = make_store(f"file://{tmp_path}/viaurl")
+    assert isinstance(store, FilesystemStore)
+    assert store.directory == tmp_path / "viaurl"
+    oid = store.save(Task())
+    assert (tmp_path / "viaurl" / oid).is_file()
+    assert isinstance(make_store(f"file://localhost{tmp_path}/local"), FilesystemStore)
+    assert (tmp_path / "local").is_dir()
+
+
+def test_make_store_refuses_a_relative_file_url():
+    with pytest.raises(InvalidArgument):
+        make_store("file://relative/path")
+
+
+def test_make_store_refuses_an_unknown_scheme_naming_it_and_the_known_ones():
+    with pytest.raises(InvalidArgument) as excinfo:
+        make_store("nosuchdb://host/db")
+    message = str(excinfo.value)
+    assert "nosuchdb" in message
+    for known in ("file", "sqlite", "postgresql", "mysql", "mariadb"):
+        assert known in message
+    assert isinstance(excinfo.value, ValueError)
+
+
+def test_make_store_hides_the_password_of_an_unknown_scheme():
+    with pytest.raises(InvalidArgument) as excinfo:
+        make_store("nosuchdb://user:hunter2@host/db")
+    assert "hunter2" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize("bad", ["", "   ", None, 42])
+def test_make_store_refuses_empty_or_odd_urls(bad):
+    with pytest.raises(InvalidArgument):
+        make_store(bad)
+
+
+def test_make_store_returns_a_store_as_it_is(tmp_path):
+    store = FilesystemStore(tmp_path / "s")
+    assert make_store(store) is store
+
+
+def test_make_store_passes_keywords_to_the_store(tmp_path):
+    store = make_store(str(tmp_path / "p"), protocol=3, class_map={"a.B": "c.D"})
+    assert store.serializer.protocol == 3
+    assert store.serializer.class_map == {"a.B": "c.D"}
+
+
+def test_filesystem_store_ignores_keywords_of_sql_stores(tmp_path):
+    store = make_store(str(tmp_path / "s"), table_name="jobs", extra_fields={}, pool_size=5, echo=True)
+    assert isinstance(store, FilesystemStore)
+    oid = store.save(Task())
+    assert store.list() == [oid]
+    direct = FilesystemStore(tmp_path / "t", None, DEFAULT_PROTOCOL, table_name="x", create=True)
+    assert direct.list() == []
+
+
+def test_make_store_expands_environment_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("GC3SESSION_TEST_BASE", str(tmp_path))
+    store = make_store("${GC3SESSION_TEST_BASE}/expanded")
+    assert store.directory == tmp_path / "expanded"
+    url_store = make_store("file://${GC3SESSION_TEST_BASE}/viaurl")
+    assert url_store.directory == tmp_path / "viaurl"
+
+
+def test_make_store_refuses_an_unset_variable(monkeypatch):
+    monkeypatch.delenv("GC3SESSION_TEST_UNSET", raising=False)
+    with pytest.raises(InvalidArgument, match="GC3SESSION_TEST_UNSET"):
+        make_store("${GC3SESSION_TEST_UNSET}/x")
+
+
+@pytest.fixture
+def private_registry(monkeypatch):
+    """Let a test register schemes without leaking them to the others."""
+    monkeypatch.setattr(store_module, "_registry", dict(store_module._registry))
+
+
+def test_register_adds_a_scheme(tmp_path, private_registry):
+    calls = []
+
+    def constructor(url, **kwargs):
+        calls.append((url, kwargs))
+        return make_helper_store(url, **kwargs)
+
+    register("gc3test", constructor)
+    store = make_store(f"gc3test://{tmp_path}/custom", protocol=3)
+    assert calls == [(f"gc3test://{tmp_path}/custom", {"protocol": 3})]
+    assert isinstance(store, Store)
+    oid = store.save(Task())
+    assert (tmp_path / "custom" / oid).is_file()
+    # a +driver suffix and upper case reach the same constructor
+    make_store(f"GC3TEST+fast://{tmp_path}/custom")
+    assert len(calls) == 2
+    with pytest.raises(InvalidArgument) as excinfo:
+        make_store("other://x")
+    assert "gc3test" in str(excinfo.value)
+
+
+def test_register_refuses_a_bad_scheme(private_registry):
+    for bad in ["", "1abc", "has space", "a+b", "x://"]:
+        with pytest.raises(InvalidArgument):
+            register(bad, make_helper_store)
+
+
+def test_a_scheme_from_an_entry_point(tmp_path, private_registry, monkeypatch):
+    entry = importlib.metadata.EntryPoint(name="epstore", value="helpers:make_helper_store", group="gc3session.stores")
+
+    def fake_entry_points(group=None, **_):
+        return [entry] if group == "gc3session.stores" else []
+
+    monkeypatch.setattr(store_module, "entry_points", fake_entry_points)
+    store = make_store(f"epstore://{tmp_path}/ep")
+    assert isinstance(store, FilesystemStore)
+    assert store.directory == tmp_path / "ep"
+    assert "epstore" in store_module._registry
+
+
+# -- the filesystem store ---------------------------------------------------------------
+
+
+def record_path(store: FilesystemStore, oid: str) -> pathlib.Path:
+    return store.directory / oid
+
+
+def test_filesystem_record_is_a_json_line_then_the_pickle(tmp_path):
+    store = FilesystemStore(tmp_path / "s")
+    oid = store.save(Task(jobname="x"))
+    content = record_path(store, oid).read_bytes()
+    line, _, data = content.partition(b"\n")
+    meta = json.loads(line)
+    assert meta["id"] == oid and meta["jobname"] == "x"
+    assert meta["size"] == len(data)
+    assert meta["crc32"] == zlib.crc32(data)
+    assert data[:2] == pickle.PROTO + bytes([DEFAULT_PROTOCOL])
+
+
+def test_filesystem_store_writes_the_chosen_protocol(tmp_path):
+    store = FilesystemStore(tmp_path / "s", protocol=2)
+    oid = store.save(Task())
+    data = record_path(store, oid).read_bytes().partition(b"\n")[2]
+    assert data[:2] == pickle.PROTO + bytes([2])
+    assert FilesystemStore(tmp_path / "s").load(oid).persistent_id == oid
+
+
+def test_filesystem_store_leaves_no_temporary_files(tmp_path):
+    store = FilesystemStore(tmp_path / "s")
+    tasks = [Task(jobname=str(i)) for i in range(20)]
+    store.save_many(tasks)
+    for task in tasks[:10]:
+        task.state = State.RUNNING
+        store.save(task)
+    store.remove_many([t.persistent_id for t in tasks[10:15]])
+    with pytest.raises(SaveError):
+        store.save(Task(lock=threading.Lock()))
+    names = os.listdir(store.directory)
+    assert not [n for n in names if n.startswith(TEMP_PREFIX)]
+    assert sorted(n for n in names if not n.startswith(".")) == sorted(t.persistent_id for t in tasks[:10] + tasks[15:])
+
+
+def test_filesystem_store_with_fsync(tmp_path):
+    store = FilesystemStore(tmp_path / "s", fsync=True)
+    oid = store.save(Task())
+    assert FilesystemStore(tmp_path / "s").load(oid).persistent_id == oid
+
+
+def test_filesystem_counter_lives_in_the_store_directory(tmp_path):
+    store = FilesystemStore(tmp_path / "s")
+    ids = [store.save(Task()) for _ in range(5)]
+    counter = store.directory / COUNTER_FILENAME
+    assert counter.is_file()
+    assert int(counter.read_text()) > max(number(oid) for oid in ids)
+
+
+def test_filesystem_counter_missing_or_damaged_restarts_above_the_highest_id(tmp_path):
+    store = FilesystemStore(tmp_path / "s")
+    ids = [store.save(Task()) for _ in range(4)]
+    highest = max(number(oid) for oid in ids)
+    counter = store.directory / COUNTER_FILENAME
+    counter.unlink()
+    assert number(FilesystemStore(tmp_path / "s").save(Task())) == highest + 1
+    counter.write_text("garbage\n")
+    assert number(FilesystemStore(tmp_path / "s").save(Task())) == highest + 2
+    counter.write_text("0\n")
+    assert number(FilesystemStore(tmp_path / "s").save(Task())) == highest + 3
+    counter.write_text("")
+    assert number(FilesystemStore(tmp_path / "s").save(Task())) == highest + 4
+
+
+def test_filesystem_store_lists_only_record_files(tmp_path):
+    store = FilesystemStore(tmp_path / "s")
+    oid = store.save(Task())
+    (store.directory / "notes.txt").write_text("hello")
+    (store.directory / f"{TEMP_PREFIX}Task.99-abcd").write_bytes(b"partial")
+    (store.directory / "Task.007").write_text("not an id")
+    assert store.list() == [oid]
+    assert [i for i, _ in store.iter_metadata()] == [oid]
+
+
+def test_filesystem_store_creates_its_directory_or_refuses(tmp_path):
+    FilesystemStore(tmp_path / "deep" / "er")
+    assert (tmp_path / "deep" / "er").is_dir()
+    with pytest.raises(StoreError):
+        FilesystemStore(tmp_path / "missing", create=False)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(StoreError):
+        FilesystemStore(tmp_path / "afile")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["empty", "truncated-metadata", "truncated-data", "garbage", "not-an-object", "flipped-byte", "bad-pickle"],
+)
+def test_filesystem_damaged_record_gives_load_error_naming_the_id(tmp_path, damage):
+    store = FilesystemStore(tmp_path / "s")
+    oid = store.save(Task(jobname="victim", payload=list(range(50))))
+    good = store.save(Task(jobname="good"))
+    path = record_path(store, oid)
+    content = path.read_bytes()
+    line, _, data = content.partition(b"\n")
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated-metadata":
+        path.write_bytes(line[: len(line) // 2])
+    elif damage == "truncated-data":
+        path.write_bytes(content[: len(line) + 1 + len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00\x01garbage\nmore garbage")
+    elif damage == "not-an-object":
+        path.write_bytes(b"[1, 2, 3]\n" + data)
+    elif damage == "flipped-byte":
+        middle = len(data) // 2
+        path.write_bytes(line + b"\n" + data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
+    elif damage == "bad-pickle":
+        junk = b"this is not a pickle"
+        meta = json.loads(line)
+        meta.update(size=len(junk), crc32=zlib.crc32(junk))
+        path.write_bytes(json.dumps(meta).encode() + b"\n" + junk)
+
+    fresh = FilesystemStore(tmp_path / "s")
+    with pytest.raises(LoadError) as excinfo:
+        fresh.load(oid)
+    assert excinfo.value.id == oid
+    assert oid in str(excinfo.value)
+    errors: dict[str, LoadError] = {}
+    assert list(fresh.load_many([oid, good], errors=errors)) == [good]
+    assert errors[oid].id == oid
+
+
+def test_filesystem_record_of_another_id_gives_load_error(tmp_path):
+    store = FilesystemStore(tmp_path / "s")
+    a = store.save(Task(jobname="a"))
+    impostor = f"Task.{number(a) + 100}"
+    (store.directory / impostor).write_bytes(record_path(store, a).read_bytes())
+    with pytest.raises(LoadError) as excinfo:
+        FilesystemStore(tmp_path / "s").load(impostor)
+    assert excinfo.value.id == impostor
+    assert a in str(excinfo.value)
+
+
+def test_filesystem_metadata_of_damaged_records(tmp_path):
+    store = FilesystemStore(tmp_path / "s")
+    oid = store.save(Task())
+    record_path(store, oid).write_bytes(b"")
+    with pytest.raises(LoadError) as excinfo:
+        store.metadata(oid)
+    assert excinfo.value.id == oid
+    assert isinstance(dict(store.iter_metadata())[oid], LoadError)
+
+
+def test_filesystem_damaged_child_fails_the_container(tmp_path):
+    store = FilesystemStore(tmp_path / "s")
+    child = Task()
+    cid = store.save(TaskCollection(tasks=[child]))
+    record_path(store, child.persistent_id).write_bytes(b"junk")
+    with pytest.raises(LoadError) as excinfo:
+        FilesystemStore(tmp_path / "s").load(cid)
+    assert child.persistent_id in str(excinfo.value)
+
+
+def test_filesystem_store_keeps_one_object_per_file_in_a_shared_directory(tmp_path):
+    first, second = FilesystemStore(tmp_path / "s"), FilesystemStore(tmp_path / "s")
+    a, b = first.save(Task()), second.save(Task())
+    assert a != b
+    assert sorted(first.list()) == sorted([a, b])
+    assert second.size() > 0
