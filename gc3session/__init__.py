@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from ._version import __version__
-from .exceptions import Error, InvalidArgument, LoadError, SaveError, SessionError, StoreError
+from .exceptions import (
+    Error,
+    InvalidArgument,
+    LoadError,
+    LoadWarning,
+    RepairWarning,
+    SaveError,
+    SessionError,
+    StoreError,
+)
 from .session import Session, TemporarySession
 from .task import Execution, Persistable, State, Task, TaskCollection
 
@@ -12,7 +21,9 @@ __all__ = [
     "Execution",
     "InvalidArgument",
     "LoadError",
+    "LoadWarning",
     "Persistable",
+    "RepairWarning",
     "SaveError",
     "Session",
     "SessionError",

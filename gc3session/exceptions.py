@@ -106,4 +106,8 @@ class LoadWarning(UserWarning):
     """Some tasks of a session could not be loaded; they stay in its index."""
 
 
-__all__ = ["Error", "InvalidArgument", "LoadError", "LoadWarning", "SaveError", "SessionError", "StoreError"]
+class RepairWarning(UserWarning):
+    """gc3session found something damaged (an id counter, a torn index line) and repaired it."""
+
+
+__all__ = ["Error", "InvalidArgument", "LoadError", "LoadWarning", "RepairWarning", "SaveError", "SessionError", "StoreError"]

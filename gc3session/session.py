@@ -73,6 +73,7 @@ class Session:
         self._doomed: dict[str, None] = {}
         self._mutex = threading.RLock()
         self._file_lock = FileLock(self._file(self.LOCK_FILENAME))
+        self._lock_pid = os.getpid()
 
         if os.path.lexists(self.path) and not os.path.isdir(self.path):
             raise SessionError(self.path, "exists and is not a directory")
@@ -149,6 +150,9 @@ class Session:
     # -- the index ------------------------------------------------------------
 
     def _locked(self) -> FileLock:
+        if self._lock_pid != os.getpid():  # a forked child needs a lock of its own
+            self._file_lock = FileLock(self._file(self.LOCK_FILENAME))
+            self._lock_pid = os.getpid()
         return self._file_lock
 
     def _append_to_index(self, ids: list[str]) -> None:

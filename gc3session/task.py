@@ -81,7 +81,7 @@ class Execution:
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
-        if name != "changed":
+        if name not in ("changed", "state"):  # the state setter marks real changes itself
             object.__setattr__(self, "changed", True)
 
     @property
@@ -115,7 +115,7 @@ class Task(Persistable):
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
-        if name != "changed":
+        if name not in ("changed", "state"):  # setting the state marks the execution when it changes
             object.__setattr__(self, "changed", True)
 
     @property  # type: ignore[override]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import helpers
 import pytest
 
+from gc3session.exceptions import RepairWarning
+
 from gc3session import InvalidArgument, Task, TaskCollection
 from gc3session.persistence import FilesystemStore, IdFactory
 from gc3session.persistence.filesystem import COUNTER_FILENAME
@@ -114,7 +116,8 @@ def test_a_damaged_counter_restarts_at_start(tmp_path, content):
     path = tmp_path / "counter"
     path.write_text(content)
     counter = FileCounter(path, start=lambda: 42)
-    assert list(counter.reserve(1)) == [42]
+    with pytest.warns(RepairWarning, match="damaged"):
+        assert list(counter.reserve(1)) == [42]
     assert path.read_text().strip() == "43"
 
 
@@ -124,7 +127,9 @@ def test_a_damaged_store_counter_restarts_above_the_highest_id(tmp_path):
     store.remove(ids[0])
     (tmp_path / "s" / COUNTER_FILENAME).write_text("not a number\n")
     fresh = FilesystemStore(tmp_path / "s")
-    assert parse_id(fresh.save(Task()))[1] == max(parse_id(oid)[1] for oid in ids) + 1
+    with pytest.warns(RepairWarning, match="damaged"):
+        new = fresh.save(Task())
+    assert parse_id(new)[1] == max(parse_id(oid)[1] for oid in ids) + 1
 
 
 def test_a_missing_store_counter_restarts_above_the_highest_id(tmp_path):
@@ -140,7 +145,8 @@ def test_a_counter_behind_the_records_does_not_overwrite_them(tmp_path):
     store = FilesystemStore(tmp_path / "s")
     ids = [store.save(Task(jobname=str(i))) for i in range(3)]
     (tmp_path / "s" / COUNTER_FILENAME).write_text("1\n")
-    new = FilesystemStore(tmp_path / "s").save(Task(jobname="new"))
+    with pytest.warns(RepairWarning, match="behind"):
+        new = FilesystemStore(tmp_path / "s").save(Task(jobname="new"))
     assert new not in ids
     assert parse_id(new)[1] > max(parse_id(oid)[1] for oid in ids)
     assert FilesystemStore(tmp_path / "s").metadata(ids[0])["jobname"] == "0"

@@ -1039,3 +1039,25 @@ def test_make_store_and_session_agree_on_the_store(tmp_path, store_url):
     with make_store(Path(session.path, "store.url").read_text().strip()) as store:
         assert store.load(oid).jobname == "x"
     session.store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_session_usable_in_a_forked_child(tmp_path):
+    session = Session(tmp_path / "s")
+    first = session.add(Task(jobname="parent"))
+    session.store.pre_fork()
+    pid = os.fork()
+    if pid == 0:  # child: add one task, never return into pytest
+        code = 1
+        try:
+            session.store.post_fork()
+            session.add(Task(jobname="child"))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    third = session.add(Task(jobname="parent again"))
+    reopened = Session(tmp_path / "s")
+    assert sorted(t.jobname for t in reopened) == ["child", "parent", "parent again"]
+    assert len(set(reopened.list_ids())) == 3 and {first, third} <= set(reopened.list_ids())

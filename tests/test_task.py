@@ -367,3 +367,15 @@ def test_persistable_class_defaults_are_not_shared_between_instances(tmp_path):
     assert b.changed is True
     assert Persistable.persistent_id is None
     assert Persistable.changed is True
+
+
+def test_setting_the_same_state_again_changes_nothing():
+    task = Task()
+    task.state = State.RUNNING
+    task.changed = False
+    task.state = State.RUNNING
+    task.execution.state = "RUNNING"
+    assert not task.changed
+    assert [s for _, s in task.execution.history] == [State.NEW, State.RUNNING]
+    task.state = State.TERMINATED
+    assert task.changed

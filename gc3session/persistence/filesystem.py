@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..exceptions import InvalidArgument, LoadError, SaveError, StoreError
+from ..exceptions import InvalidArgument, LoadError, RepairWarning, SaveError, StoreError
 from .atomic import write_atomically
 from .idfactory import FileCounter, IdFactory, is_id, parse_id
 from .serialization import DEFAULT_PROTOCOL
@@ -75,7 +76,10 @@ class FilesystemStore(Store):
     def _reserve(self, n: int) -> range:
         if not self._counter_checked:
             # once per handle: a counter behind the records (restored, edited) would overwrite them
-            self._counter.advance(self._above_highest() - 1)
+            counter_exists = self._counter.path.exists()
+            if self._counter.advance(self._above_highest() - 1) and counter_exists:
+                warnings.warn(f"id counter {self._counter.path} was behind the records; moved past them",
+                              RepairWarning, stacklevel=5)
             self._counter_checked = True
         return self._counter.reserve(n)
 

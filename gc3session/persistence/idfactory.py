@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import platformdirs
 from filelock import FileLock
 
-from ..exceptions import InvalidArgument, SaveError
+from ..exceptions import InvalidArgument, RepairWarning, SaveError
 from .atomic import write_atomically
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,15 @@ class FileCounter(Counter):
     def __init__(self, path: str | os.PathLike[str], start: Callable[[], int] | None = None) -> None:
         self.path = Path(path)
         self._start = start or (lambda: 1)
-        self._lock = FileLock(f"{self.path}.lock")
+        self._lock_pid = os.getpid()
+        self._file_lock = FileLock(f"{self.path}.lock")
+
+    @property
+    def _lock(self) -> FileLock:
+        if self._lock_pid != os.getpid():  # a forked child needs a lock of its own
+            self._file_lock = FileLock(f"{self.path}.lock")
+            self._lock_pid = os.getpid()
+        return self._file_lock
 
     def reserve(self, n: int) -> range:
         """Take ``n`` consecutive numbers and return them."""
@@ -97,14 +106,16 @@ class FileCounter(Counter):
             raise SaveError(str(self.path), f"cannot advance the id counter: {error}") from error
         return range(first, first + n)
 
-    def advance(self, number: int) -> None:
-        """Make sure ``number`` and everything below it is never handed out."""
+    def advance(self, number: int) -> bool:
+        """Make sure ``number`` and everything below it is never handed out; True if the counter moved."""
         try:
             with self._lock:
                 if self._read() <= number:
                     write_atomically(self.path, f"{number + 1}\n".encode())
+                    return True
         except OSError as error:
             raise SaveError(str(self.path), f"cannot advance the id counter: {error}") from error
+        return False
 
     def _read(self) -> int:
         try:
@@ -116,7 +127,11 @@ class FileCounter(Counter):
             if value < 1:
                 raise ValueError(value)
         except ValueError:
-            log.warning("id counter %s is damaged (%r); restarting above the highest id in use", self.path, text[:40])
+            warnings.warn(
+                f"id counter {self.path} is damaged ({text[:40]!r}); restarting above the highest id in use",
+                RepairWarning,
+                stacklevel=4,
+            )
             return self._start()
         return max(value, 1)
 

@@ -17,6 +17,7 @@ import os
 import random
 import re
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from sqlalchemy import event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
 
-from ..exceptions import InvalidArgument, LoadError, SaveError, StoreError
+from ..exceptions import InvalidArgument, LoadError, RepairWarning, SaveError, StoreError
 from .idfactory import IdFactory, parse_id
 from .serialization import DEFAULT_PROTOCOL
 from .store import Record, Store, mask_password, store_options
@@ -260,7 +261,8 @@ class SqlStore(Store):
                     if n and conn.execute(sa.select(sa.func.count()).where(taken)).scalar():
                         # the counter is behind the rows (edited or restored by hand): move it past them
                         highest = conn.execute(sa.select(sa.func.max(self.table.c.id))).scalar()
-                        log.warning("%s: id counter was behind the table; moving it past %s", self, highest)
+                        warnings.warn(f"{self}: id counter was behind the table; moved past {highest}",
+                                      RepairWarning, stacklevel=6)
                         conn.execute(sa.update(counters).where(where).values(next_id=highest + 1 + n))
                         after = highest + 1 + n
         return range(after - n, after)

@@ -47,6 +47,7 @@ class Record:
     meta: dict[str, Any]
     data: bytes
     obj: Any
+    refs: tuple[str, ...] = ()
 
 
 class Store(abc.ABC):
@@ -68,6 +69,8 @@ class Store(abc.ABC):
             protocol=protocol, class_map=class_map, allowed_classes=allowed_classes
         )
         self._cache: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+        # what each record seen by this handle refers to (only those that refer to something)
+        self._refs: dict[str, tuple[str, ...]] = {}
         self._lock = threading.RLock()
         self._numbers: list[int] = []
         self._block = 1
@@ -90,6 +93,7 @@ class Store(abc.ABC):
             for record in records:
                 record.obj.changed = False
                 self._cache[record.id] = record.obj
+                self._remember_refs(record.id, record.refs)
             return [obj.persistent_id for obj in objs]
 
     def replace(self, id: str, obj: Any) -> None:  # noqa: A002
@@ -144,11 +148,20 @@ class Store(abc.ABC):
                 "size": len(data),
                 "crc32": zlib.crc32(data),
             }
-            records.append(Record(oid, parse_id(oid)[1], meta, data, obj))
-        cycle = find_cycle(edges)
+            refs = tuple(meta["references"])
+            records.append(Record(oid, parse_id(oid)[1], meta, data, obj, refs))
+        batch = {r.id for r in records}
+        cycle = find_cycle(batch, lambda node: edges.get(node, ()) if node in batch else self._refs.get(node, ()))
         if cycle:
             raise SaveError(cycle[0], "reference cycle " + " -> ".join(cycle) + ": a stored object cannot refer back to itself")
         return records
+
+    def _remember_refs(self, oid: str, refs: Iterable[str]) -> None:
+        refs = tuple(r for r in refs if isinstance(r, str))
+        if refs:
+            self._refs[oid] = refs
+        else:
+            self._refs.pop(oid, None)
 
     def _set_id(self, obj: Any, oid: str) -> None:
         try:
@@ -231,6 +244,7 @@ class Store(abc.ABC):
             raise LoadError(oid, f"record holds object {getattr(obj, 'persistent_id', None)!r}")
         obj.changed = False
         self._cache[oid] = obj
+        self._remember_refs(oid, meta.get("references") or ())
         return obj
 
     # -- metadata, listing, removal ---------------------------------------------
@@ -273,6 +287,7 @@ class Store(abc.ABC):
                 self._delete(ids)
             for oid in ids:
                 self._cache.pop(oid, None)
+                self._refs.pop(oid, None)
 
     # -- raw records ----------------------------------------------------------
 
@@ -324,6 +339,7 @@ class Store(abc.ABC):
         """Forget the objects in memory: the next load reads the store again."""
         with self._lock:
             self._cache.clear()
+            self._refs.clear()
 
     def pre_fork(self) -> None:
         """Call before ``os.fork()``: release what a child must not share."""
@@ -401,26 +417,26 @@ def store_options(options: dict[str, Any]) -> dict[str, Any]:
     return {name: options[name] for name in ("class_map", "allowed_classes", "serializer") if name in options}
 
 
-def find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
-    """A path ``a -> ... -> a`` in the reference graph ``edges``, or None."""
+def find_cycle(roots: Iterable[str], refs: Callable[[str], Iterable[str]]) -> list[str] | None:
+    """A path ``a -> ... -> a`` through ``refs`` starting from one of ``roots``, or None."""
     done: set[str] = set()
-    for root in edges:
-        path: list[str] = []
-        on_path: set[str] = set()
-        stack: list[tuple[str, Iterator[str]]] = [(root, iter(edges.get(root, ())))]
-        path.append(root)
-        on_path.add(root)
+    for root in roots:
+        if root in done:
+            continue
+        path = [root]
+        on_path = {root}
+        stack: list[Iterator[str]] = [iter(refs(root))]
         while stack:
-            node, children = stack[-1]
-            child = next(children, None)
+            child = next(stack[-1], None)
             if child is None:
                 stack.pop()
-                on_path.discard(path.pop())
+                node = path.pop()
+                on_path.discard(node)
                 done.add(node)
             elif child in on_path:
                 return path[path.index(child) :] + [child]
             elif child not in done:
-                stack.append((child, iter(edges.get(child, ()))))
+                stack.append(iter(refs(child)))
                 path.append(child)
                 on_path.add(child)
     return None
