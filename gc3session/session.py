@@ -19,7 +19,7 @@ import time as _time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, ItemsView, Iterable, Iterator, MutableMapping, ValuesView
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,8 @@ class Session:
     the URL in its ``store.url``.  ``extra_args`` always reach
     :func:`~gc3session.persistence.make_store`, so ``class_map`` and
     ``allowed_classes`` work when reopening too.  ``task_ids`` loads only
-    those tasks.
+    those tasks.  ``lazy=True`` reads only the index: each task is loaded
+    when first touched (``session.tasks[id]``, iteration).
     """
 
     INDEX_FILENAME = "index.txt"
@@ -60,11 +61,13 @@ class Session:
         store_or_url: Store | str | os.PathLike[str] | None = None,
         load: bool = True,
         task_ids: Iterable[str] | None = None,
+        *,
+        lazy: bool = False,
         **extra_args: Any,
     ) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.name = os.path.basename(self.path)
-        self.tasks: dict[str, Any] = {}
+        self.tasks = TaskMap(self._load_lazily)
         self.load_errors: dict[str, LoadError] = {}
         self._index: dict[str, None] = {}
         self._added: dict[str, None] = {}
@@ -82,7 +85,7 @@ class Session:
                 raise InvalidArgument(f"session directory {self.path} does not exist (and create=False)")
             self._create(store_or_url, extra_args)
         elif load and self._has_session_files():
-            self._open(extra_args, task_ids)
+            self._open(extra_args, task_ids, lazy)
         else:
             self._create(store_or_url, extra_args)
 
@@ -116,7 +119,7 @@ class Session:
                     os.unlink(self._file(name))
         self.set_start_timestamp()
 
-    def _open(self, extra_args: dict[str, Any], task_ids: Iterable[str] | None) -> None:
+    def _open(self, extra_args: dict[str, Any], task_ids: Iterable[str] | None, lazy: bool) -> None:
         self.store_url = self._read_store_url()
         self.store = make_store(self._resolve(self.store_url), **extra_args)
         index = self._file(self.INDEX_FILENAME)
@@ -125,7 +128,10 @@ class Session:
                 write_atomically(index, b"")
         self._index = dict.fromkeys(read_index(index))
         ids = list(self._index) if task_ids is None else list(task_ids)
-        self._load_into_session(ids)
+        if lazy:
+            self.tasks.expect(ids)
+        else:
+            self._load_into_session(ids)
 
     def _read_store_url(self) -> str:
         return read_store_url(self.path)
@@ -133,9 +139,12 @@ class Session:
     def _resolve(self, url: str) -> str:
         return resolve_store_url(self.path, url)
 
-    def _load_into_session(self, ids: list[str]) -> None:
+    def _load_into_session(self, ids: list[str]) -> dict[str, Any]:
         errors: dict[str, LoadError] = {}
-        self.tasks.update(self.store.load_many(ids, errors=errors))
+        loaded = self.store.load_many(ids, errors=errors)
+        self.tasks.update(loaded)
+        for oid in errors:
+            self.tasks.pop(oid, None)
         if errors:
             self.load_errors.update(errors)
             shown = "; ".join(str(e) for e in list(errors.values())[:3])
@@ -146,6 +155,11 @@ class Session:
                 LoadWarning,
                 stacklevel=4,
             )
+        return loaded
+
+    def _load_lazily(self, ids: list[str]) -> None:
+        with self._mutex:
+            self._load_into_session(ids)
 
     # -- the index ------------------------------------------------------------
 
@@ -192,7 +206,7 @@ class Session:
         """
         with self._mutex:
             oid = getattr(task, "persistent_id", None)
-            if oid is not None and self.tasks.get(oid) is task:
+            if oid is not None and self.tasks.peek(oid) is task:
                 if flush and task.changed:
                     self.store.save(task)
                     self._unsaved.pop(oid, None)
@@ -224,7 +238,7 @@ class Session:
     def save_all(self, flush: bool = True) -> None:
         """Save every task (and child) whose ``changed`` flag is set, in one batch."""
         with self._mutex:
-            changed = [t for t in self.iter_workflow() if getattr(t, "changed", True)]
+            changed = [t for t in self._walk(self.tasks.loaded()) if getattr(t, "changed", True)]
             self.store.save_many(list(self._unsaved.values()) + changed)
             self._unsaved.clear()
             if flush:
@@ -305,7 +319,7 @@ class Session:
     def _descendants(self, ids: Iterable[str]) -> list[str]:
         """``ids`` and the ids of all their children, breadth first, from memory or else metadata."""
         found: dict[str, None] = {}
-        queue: deque[tuple[str, Any]] = deque((oid, self.tasks.get(oid)) for oid in ids)
+        queue: deque[tuple[str, Any]] = deque((oid, self.tasks.peek(oid)) for oid in ids)
         while queue:
             oid, task = queue.popleft()
             if oid in found:
@@ -345,8 +359,12 @@ class Session:
 
     def iter_workflow(self) -> Iterator[Any]:
         """Every task, breadth first through collections' ``tasks``."""
+        return self._walk(self.tasks.values())
+
+    @staticmethod
+    def _walk(tasks: Iterable[Any]) -> Iterator[Any]:
         seen: set[int] = set()
-        queue = deque(self.tasks.values())
+        queue = deque(tasks)
         while queue:
             task = queue.popleft()
             if id(task) in seen:
@@ -455,6 +473,82 @@ class TemporarySession(Session):
         super().destroy()
         if self._finalizer is not None:
             self._finalizer.detach()
+
+
+class TaskMap(MutableMapping[str, Any]):
+    """A session's top-level tasks by id, in index order.
+
+    In a lazy session, ids are known before their tasks are loaded: a task is
+    loaded when first looked up, and ``values()``/``items()`` load what is
+    missing in batches.  ``peek`` and ``loaded`` never load anything.
+    """
+
+    def __init__(self, load: Callable[[list[str]], Any]) -> None:
+        self._tasks: dict[str, Any] = {}
+        self._load = load
+
+    def expect(self, ids: Iterable[str]) -> None:
+        """Know these ids; load their tasks only when they are touched."""
+        for oid in ids:
+            self._tasks.setdefault(oid, _UNLOADED)
+
+    def peek(self, oid: str) -> Any:
+        """The task if it is loaded, else None."""
+        task = self._tasks.get(oid)
+        return None if task is _UNLOADED else task
+
+    def loaded(self) -> list[Any]:
+        """The tasks loaded so far."""
+        return [task for task in self._tasks.values() if task is not _UNLOADED]
+
+    def _load_missing(self) -> None:
+        missing = [oid for oid, task in self._tasks.items() if task is _UNLOADED]
+        if missing:
+            self._load(missing)
+
+    def __getitem__(self, oid: str) -> Any:
+        task = self._tasks[oid]
+        if task is _UNLOADED:
+            self._load([oid])
+            task = self._tasks.get(oid, _UNLOADED)
+            if task is _UNLOADED:
+                raise LoadError(oid, "it could not be loaded (see Session.load_errors)")
+        return task
+
+    def __setitem__(self, oid: str, task: Any) -> None:
+        self._tasks[oid] = task
+
+    def __delitem__(self, oid: str) -> None:
+        del self._tasks[oid]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._tasks))
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __contains__(self, oid: object) -> bool:
+        return oid in self._tasks
+
+    def pop(self, oid: str, default: Any = None) -> Any:  # type: ignore[override]
+        """Remove ``oid``; return its task if it was loaded (never loads it)."""
+        task = self._tasks.pop(oid, default)
+        return None if task is _UNLOADED else task
+
+    def values(self) -> ValuesView[Any]:  # type: ignore[override]
+        self._load_missing()
+        return self._tasks.values()
+
+    def items(self) -> ItemsView[str, Any]:  # type: ignore[override]
+        self._load_missing()
+        return self._tasks.items()
+
+    def __repr__(self) -> str:
+        loaded = sum(1 for task in self._tasks.values() if task is not _UNLOADED)
+        return f"<TaskMap of {len(self._tasks)} tasks, {loaded} loaded>"
+
+
+_UNLOADED = object()
 
 
 def is_session(path: str | os.PathLike[str]) -> bool:

@@ -1061,3 +1061,33 @@ def test_session_usable_in_a_forked_child(tmp_path):
     reopened = Session(tmp_path / "s")
     assert sorted(t.jobname for t in reopened) == ["child", "parent", "parent again"]
     assert len(set(reopened.list_ids())) == 3 and {first, third} <= set(reopened.list_ids())
+
+
+def test_lazy_open_reads_only_the_index(tmp_path):
+    session = Session(tmp_path / "s")
+    ids = [session.add(Task(jobname=f"t{i}")) for i in range(5)]
+    lazy = Session(tmp_path / "s", lazy=True)
+    assert lazy.tasks.loaded() == []
+    assert len(lazy) == 5 and lazy.list_ids() == ids and ids[2] in lazy
+    assert lazy.tasks[ids[2]].jobname == "t2"
+    assert [t.jobname for t in lazy.tasks.loaded()] == ["t2"]
+    lazy.save_all()  # only what is loaded can have changed: nothing else gets loaded
+    assert len(lazy.tasks.loaded()) == 1
+    extra = lazy.add(Task(jobname="new"))
+    lazy.remove(ids[0])
+    assert len(lazy.tasks.loaded()) == 2
+    assert [t.jobname for t in lazy] == ["t1", "t2", "t3", "t4", "new"]
+    assert Session(tmp_path / "s").list_ids() == [*ids[1:], extra]
+
+
+def test_lazy_task_that_fails_to_load_is_reported_and_kept(tmp_path):
+    session = Session(tmp_path / "s")
+    ids = [session.add(Task(jobname=f"t{i}")) for i in range(3)]
+    (tmp_path / "s" / "jobs" / ids[1]).write_bytes(b"junk")
+    lazy = Session(tmp_path / "s", lazy=True)
+    assert lazy.tasks[ids[0]].jobname == "t0"
+    with pytest.warns(LoadWarning), pytest.raises(LoadError) as info:
+        lazy.tasks[ids[1]]
+    assert info.value.id == ids[1] and ids[1] in lazy.load_errors
+    lazy.add(Task(jobname="more"))
+    assert ids[1] in (tmp_path / "s" / "index.txt").read_text().split()
