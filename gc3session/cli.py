@@ -58,15 +58,15 @@ class SessionView:
         return self.store.iter_metadata(ids)
 
     def walk(self, recursive: bool) -> Iterator[tuple[int, str | None, str, dict[str, Any] | LoadError]]:
-        """``(depth, parent, id, metadata)`` of the tasks, children right under their parent when recursive."""
-        for oid, meta in self.metadata(self.ids):
+        """``(depth, parent, id, summary)`` of the tasks, children right under their parent when recursive."""
+        for oid, meta in self.store.iter_summaries(self.ids):
             yield 0, None, oid, meta
             if recursive and isinstance(meta, dict):
                 yield from self._children(oid, meta, 1, {oid})
 
     def _children(self, parent: str, meta: dict[str, Any], depth: int, seen: set[str]) -> Iterator[Any]:
         children = [c for c in meta.get("children") or [] if isinstance(c, str) and is_id(c) and c not in seen]
-        for oid, child in self.metadata(children):
+        for oid, child in self.store.iter_summaries(children):
             yield depth, parent, oid, child
             if isinstance(child, dict):
                 yield from self._children(oid, child, depth + 1, seen | {oid})

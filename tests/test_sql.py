@@ -150,7 +150,7 @@ def test_sql_text_in_values_is_just_text(opened: Any) -> None:
 
 
 def test_extra_fields_with_get_accessor(opened: Any, sql_url: str) -> None:
-    column = sa.Column("returncode", sa.Integer)
+    column = sa.Column("exit_code", sa.Integer)
     store = opened(extra_fields={column: GET.execution.returncode, sa.Column("alpha", sa.Float): GET.params["alpha"]})
     task = Task(params={"alpha": 0.5})
     task.execution.returncode = 3
@@ -158,12 +158,12 @@ def test_extra_fields_with_get_accessor(opened: Any, sql_url: str) -> None:
     broken = store.save(Task())  # no params: the accessor fails, NULL is stored
     with store.engine.connect() as conn:
         rows = {r.persistent_id: r for r in conn.execute(sa.select(store.table))}
-    assert rows[oid].returncode == 3 and rows[oid].alpha == 0.5
+    assert rows[oid].exit_code == 3 and rows[oid].alpha == 0.5
     assert rows[broken].alpha is None
-    assert store.list(returncode=3) == [oid]
+    assert store.list(exit_code=3) == [oid]
     # the same mapping can serve a second store handle (columns are copied)
     again = opened(extra_fields={column: GET.execution.returncode})
-    assert again.list(returncode=3) == [oid]
+    assert again.list(exit_code=3) == [oid]
 
 
 def test_missing_extra_column_is_added_to_existing_table(opened: Any) -> None:

@@ -131,8 +131,7 @@ class FilesystemStore(Store):
         for oid in ids:
             path = self._path(oid)
             try:
-                with open(path, "rb") as f:
-                    line = f.readline()
+                line = read_first_line(path)
             except FileNotFoundError:
                 yield oid, LoadError(oid, f"no such object in {self}")
                 continue
@@ -150,6 +149,25 @@ class FilesystemStore(Store):
             except OSError:
                 pass
         return total
+
+
+def read_first_line(path: Path) -> bytes:
+    """The first line of a file, newline included (without one if the file has none)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 8192)
+            end = chunk.find(b"\n")
+            if end >= 0:
+                chunks.append(chunk[: end + 1])
+                break
+            chunks.append(chunk)
+            if not chunk:
+                break
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def encode_record(meta: dict[str, Any], data: bytes) -> bytes:

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 #: Largest block of ids a store reserves at once from its counter.
 MAX_ID_BLOCK = 1024
+#: The metadata fields of :meth:`Store.iter_summaries`.
+SUMMARY_FIELDS = ("id", "jobname", "state", "cls", "returncode", "modified", "children")
 #: How many records ``load_many`` reads at a time (bounds the raw bytes held in memory).
 LOAD_BATCH = 1000
 
@@ -271,6 +273,14 @@ class Store(abc.ABC):
                 parse_id(oid)
         self._check_pid()
         return self._read_metadata(ids)
+
+    def iter_summaries(self, ids: Iterable[str] | None = None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
+        """Like :meth:`iter_metadata`, with only the fields a listing shows (faster on some stores).
+
+        The fields: ``id``, ``jobname``, ``state``, ``cls``, ``returncode``, ``modified``, ``children``.
+        """
+        for oid, meta in self.iter_metadata(ids):
+            yield oid, meta if isinstance(meta, LoadError) else {k: meta.get(k) for k in SUMMARY_FIELDS}
 
     def remove(self, id: str) -> None:  # noqa: A002
         """Delete ``id`` from the store (nothing happens if it is not there)."""
