@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import datetime
 import fnmatch
+import functools
 import json
 import os
 import shutil
@@ -183,20 +184,21 @@ def write_json(rows: Iterable[dict[str, Any]]) -> None:
 
 
 def write_csv(rows: Iterable[dict[str, Any]]) -> None:
-    writer = csv.DictWriter(sys.stdout, fieldnames=[*COLUMNS, "depth", "parent"], extrasaction="ignore")
-    writer.writeheader()
+    fields = [*COLUMNS, "depth", "parent"]
+    writer = csv.writer(sys.stdout)
+    writer.writerow(fields)
     for row in rows:
-        writer.writerow(row)
+        writer.writerow([row[name] for name in fields])
 
 
 def write_table(rows: Iterable[dict[str, Any]], terminal: bool) -> None:
     """Aligned columns cut to the terminal's width on a terminal; tab-separated, uncut, when piped."""
     headers = ("ID", "JOBNAME", "STATE", "CLASS", "LAST CHANGE")
     if not terminal:
-        click.echo("\t".join(headers))
+        out = sys.stdout
+        out.write("\t".join(headers) + "\n")
         for row in rows:
-            cells = table_cells(row)
-            click.echo("\t".join(cells))
+            out.write("\t".join(table_cells(row)) + "\n")
         return
     width = shutil.get_terminal_size((100, 24)).columns
     fixed = {"id": 20, "state": 11, "class": 18, "modified": 19}
@@ -220,9 +222,16 @@ def cut(text: str, width: int) -> str:
 
 
 def iso_time(value: Any) -> str | None:
+    """``value`` (Unix time) as local ISO 8601 with its offset, to the second."""
     if not isinstance(value, (int, float)):
         return None
-    return datetime.datetime.fromtimestamp(value).astimezone().isoformat(timespec="seconds")
+    return _iso_second(int(value))
+
+
+@functools.lru_cache(maxsize=4096)
+def _iso_second(second: int) -> str:
+    # tasks saved in one batch share their second: the cache spares most of the formatting
+    return datetime.datetime.fromtimestamp(second).astimezone().isoformat(timespec="seconds")
 
 
 def local_time(value: Any) -> str:

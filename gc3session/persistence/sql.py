@@ -378,7 +378,7 @@ class SqlStore(Store):
         def summary(row: Any) -> dict[str, Any]:
             oid, jobname, state, cls, returncode, modified, children = row
             try:
-                child_ids = json.loads(children) if children else []
+                child_ids = json.loads(children) if children and children != "[]" else []
             except ValueError:
                 child_ids = []
             return {"id": oid, "jobname": jobname, "state": state, "cls": cls, "returncode": returncode,

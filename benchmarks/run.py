@@ -1,0 +1,395 @@
+"""Benchmark gc3session against the floor the hardware and the serializer force.
+
+Runs each workload on the filesystem store, SQLite and, where reachable,
+PostgreSQL, each in a fresh process (so peak memory is the workload's own),
+and prints a table of time, throughput, peak memory and the ratio to the
+floor measured in the same run:
+
+    python benchmarks/run.py              # N = 10,000
+    python benchmarks/run.py --n 100000 --json results.json
+
+Workloads:
+  1  add 2N tasks, flushing after each; per-add cost of the last 1,000 vs the first 1,000
+  2  add N tasks with flush=False, then one flush()
+  3  reopen a session of N tasks (and lazily, with lazy=True)
+  4  change every task's state and save_all()
+  5  session-tool ls of the session
+  6  remove half the tasks in one batch, then destroy() the rest; vs one-by-one removal
+  floor: pickle.dumps each task, then one executemany transaction into a bare
+         two-column SQLite table, or one file per object with os.replace
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import pickle
+import resource
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+POSTGRES_URL = os.environ.get("GC3SESSION_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def make_tasks(n: int, start: int = 0) -> list[Any]:
+    """Tasks shaped like a grid-computing job: command line, files, environment, resources (~1 KiB pickled)."""
+    from gc3session import Task
+
+    return [
+        Task(
+            jobname=f"job-{i:07d}",
+            arguments=["./simulate", "--seed", str(i), "--alpha", f"{i * 0.001:.3f}", "--steps", "10000"],
+            inputs={f"/data/sweep/input-{k}.dat": f"input-{k}.dat" for k in range(5)},
+            outputs=[f"result-{i}.h5", "simulate.log"],
+            environment={"OMP_NUM_THREADS": "4", "LANG": "C", "SWEEP": "fine", "SEED": str(i)},
+            requested_cores=4,
+            requested_memory=8 * 2**30,
+            requested_walltime=3600,
+            output_dir=f"/scratch/sweep/job-{i:07d}",
+            stdout="stdout.txt",
+            stderr="stderr.txt",
+            tags=["sweep", "fine-grid"],
+            params={"alpha": i * 0.001, "seed": i},
+        )
+        for i in range(start, start + n)
+    ]
+
+
+def store_url(kind: str, workdir: Path, table: str) -> str | None:
+    if kind == "file":
+        return None
+    if kind == "sqlite":
+        return f"sqlite:///{workdir}/{table}.db"
+    return f"{POSTGRES_URL}#table={table}"
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- workloads (each runs in its own process; returns a dict of measurements) ------
+
+
+def w_floor(n: int, workdir: Path, kind: str) -> dict[str, Any]:
+    tasks = make_tasks(n)
+    out: dict[str, Any] = {}
+    start = time.perf_counter()
+    blobs = [pickle.dumps(t, protocol=4) for t in tasks]
+    db = sqlite3.connect(workdir / "floor.db")
+    db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, data BLOB)")
+    with db:
+        db.executemany("INSERT INTO t VALUES (?, ?)", enumerate(blobs))
+    db.close()
+    out["sqlite_write"] = time.perf_counter() - start
+    folder = workdir / "floor-files"
+    folder.mkdir()
+    start = time.perf_counter()
+    for i, t in enumerate(tasks):
+        temp = folder / f".tmp{i}"
+        with open(temp, "wb") as f:
+            f.write(pickle.dumps(t, protocol=4))
+        os.replace(temp, folder / f"T.{i}")
+    out["file_write"] = time.perf_counter() - start
+    start = time.perf_counter()
+    objs = []
+    for i in range(n):
+        with open(folder / f"T.{i}", "rb") as f:
+            objs.append(pickle.loads(f.read()))
+    out["file_read"] = time.perf_counter() - start
+    db = sqlite3.connect(workdir / "floor.db")
+    start = time.perf_counter()
+    objs = [pickle.loads(data) for (data,) in db.execute("SELECT data FROM t")]
+    out["sqlite_read"] = time.perf_counter() - start
+    db.close()
+    del objs
+    tracemalloc.start()
+    with open(workdir / "floor.db", "rb"):
+        db = sqlite3.connect(workdir / "floor.db")
+        objs = [pickle.loads(data) for (data,) in db.execute("SELECT data FROM t")]
+        out["objects_mib"] = tracemalloc.get_traced_memory()[0] / 2**20
+    tracemalloc.stop()
+    return out
+
+
+def w_add_flush(n: int, workdir: Path, kind: str) -> dict[str, Any]:
+    from gc3session import Session
+
+    session = Session(workdir / "w1", store_or_url=store_url(kind, workdir, "w1"))
+    tasks = make_tasks(2 * n)
+    times = []
+    start = time.perf_counter()
+    for task in tasks:
+        t0 = time.perf_counter()
+        session.add(task)
+        times.append(time.perf_counter() - t0)
+    total = time.perf_counter() - start
+    session.destroy()
+    first, last = sum(times[:1000]), sum(times[-1000:])
+    return {"time": total, "count": 2 * n, "first_1000": first, "last_1000": last, "growth": last / first}
+
+
+def w_add_batch(n: int, workdir: Path, kind: str) -> dict[str, Any]:
+    from gc3session import Session
+
+    session = Session(workdir / "s", store_or_url=store_url(kind, workdir, "s"))
+    tasks = make_tasks(n)
+    start = time.perf_counter()
+    for task in tasks:
+        session.add(task, flush=False)
+    session.flush()
+    return {"time": time.perf_counter() - start, "count": n}
+
+
+def w_reopen(n: int, workdir: Path, kind: str) -> dict[str, Any]:
+    from gc3session import Session
+
+    start = time.perf_counter()
+    session = Session(workdir / "s")
+    elapsed = time.perf_counter() - start
+    assert len(session) == n, len(session)
+    out = {"time": elapsed, "count": n}
+    del session
+    start = time.perf_counter()
+    try:
+        lazy = Session(workdir / "s", lazy=True)
+        out["lazy_time"] = time.perf_counter() - start
+        del lazy
+    except TypeError:
+        out["lazy_time"] = None
+    return out
+
+
+def w_reopen_memory(n: int, workdir: Path, kind: str) -> dict[str, Any]:
+    from gc3session import Session
+
+    tracemalloc.start()
+    session = Session(workdir / "s")
+    current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(session) == n
+    return {"mib": current / 2**20, "peak_mib": peak / 2**20}
+
+
+def w_save_all(n: int, workdir: Path, kind: str) -> dict[str, Any]:
+    from gc3session import Session, State
+
+    session = Session(workdir / "s")
+    start = time.perf_counter()
+    for task in session:
+        task.state = State.RUNNING
+    session.save_all()
+    return {"time": time.perf_counter() - start, "count": n}
+
+
+def w_ls(n: int, workdir: Path, kind: str) -> dict[str, Any]:
+    from gc3session.cli import main
+
+    sink = io.StringIO()
+    tracemalloc.start()
+    start = time.perf_counter()
+    with redirect_stdout(sink):
+        try:
+            main(["ls", str(workdir / "s"), "--format", "csv"], standalone_mode=False)
+        finally:
+            elapsed = time.perf_counter() - start
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    lines = sink.getvalue().count("\n") - 1
+    assert lines == n, lines
+    return {"time": elapsed, "count": n, "peak_mib": peak / 2**20}
+
+
+def w_remove(n: int, workdir: Path, kind: str) -> dict[str, Any]:
+    from gc3session import Session
+
+    session = Session(workdir / "s")
+    ids = session.list_ids()
+    start = time.perf_counter()
+    for oid in ids[: n // 2]:
+        session.remove(oid, flush=False)
+    session.flush()
+    removed = time.perf_counter() - start
+    start = time.perf_counter()
+    session.destroy()
+    destroyed = time.perf_counter() - start
+    # one by one, on a smaller session, for the per-task cost
+    single = Session(workdir / "one", store_or_url=store_url(kind, workdir, "one"))
+    sample = min(1000, n)
+    for task in make_tasks(sample):
+        single.add(task, flush=False)
+    single.flush()
+    start = time.perf_counter()
+    for oid in single.list_ids():
+        single.remove(oid)
+    one_by_one = (time.perf_counter() - start) / sample
+    single.destroy()
+    return {
+        "time": removed + destroyed,
+        "count": n,
+        "remove_half": removed,
+        "destroy_rest": destroyed,
+        "one_by_one_per_task": one_by_one,
+        "speedup": one_by_one * n / (removed + destroyed),
+    }
+
+
+WORKLOADS = {
+    "floor": w_floor,
+    "1-add-flush": w_add_flush,
+    "2-add-batch": w_add_batch,
+    "3-reopen": w_reopen,
+    "3-reopen-memory": w_reopen_memory,
+    "4-save-all": w_save_all,
+    "5-ls": w_ls,
+    "6-remove": w_remove,
+}
+
+
+def run_worker(name: str, n: int, workdir: str, kind: str) -> None:
+    import gc3session.cli
+    import gc3session.persistence.sql  # noqa: F401 - imported before timing: import time is not the workload's
+
+    result = WORKLOADS[name](n, Path(workdir), kind)
+    result["peak_rss_mib"] = peak_rss_mib()
+    print(json.dumps(result))
+
+
+def in_process(name: str, n: int, workdir: Path, kind: str) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--worker", name, "--n", str(n), "--dir", str(workdir), "--kind", kind]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"workload {name} on {kind} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def postgres_reachable() -> bool:
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(POSTGRES_URL)
+        with engine.connect():
+            pass
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+def drop_tables(tables: list[str]) -> None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(POSTGRES_URL)
+    with engine.begin() as conn:
+        for table in tables:
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+            conn.exec_driver_sql("DELETE FROM gc3session_counters WHERE name = %(n)s", {"n": table})
+    engine.dispose()
+
+
+def benchmark(n: int, kinds: list[str]) -> dict[str, Any]:
+    results: dict[str, Any] = {"n": n, "stores": {}}
+    with tempfile.TemporaryDirectory(prefix="gc3bench-") as tmp:
+        floor_dir = Path(tmp) / "floor"
+        floor_dir.mkdir()
+        floor = in_process("floor", n, floor_dir, "file")
+        results["floor"] = floor
+        for kind in kinds:
+            workdir = Path(tmp) / kind
+            workdir.mkdir()
+            if kind == "postgresql":
+                drop_tables(["w1", "s", "one"])
+            store_results = {}
+            for name in WORKLOADS:
+                if name == "floor":
+                    continue
+                print(f"  {kind:<10} {name} ...", file=sys.stderr)
+                store_results[name] = in_process(name, n, workdir, kind)
+            results["stores"][kind] = store_results
+            if kind == "postgresql":
+                drop_tables(["w1", "s", "one"])
+            shutil.rmtree(workdir)
+    return results
+
+
+def ratios(results: dict[str, Any]) -> list[tuple[str, str, float, float, float | None, str]]:
+    """(store, workload, seconds, items per second, peak MiB, ratio to floor text)."""
+    floor = results["floor"]
+    n = results["n"]
+    rows = []
+    for kind, res in results["stores"].items():
+        write_floor = floor["file_write"] if kind == "file" else floor["sqlite_write"]
+        read_floor = floor["file_read"] if kind == "file" else floor["sqlite_read"]
+        w1 = res["1-add-flush"]
+        rows.append((kind, "1 add, flush each", w1["time"], w1["count"] / w1["time"], w1["peak_rss_mib"],
+                     f"last/first 1000 = {w1['growth']:.2f}x; {w1['time'] / 2 / write_floor:.1f}x floor"))
+        w2 = res["2-add-batch"]
+        rows.append((kind, "2 add flush=False + flush", w2["time"], n / w2["time"], w2["peak_rss_mib"],
+                     f"{w2['time'] / write_floor:.2f}x write floor"))
+        w3 = res["3-reopen"]
+        memory = res["3-reopen-memory"]
+        lazy = w3.get("lazy_time")
+        lazy_text = f"; lazy {lazy / w3['time']:.3f}x full" if lazy else "; lazy: n/a"
+        rows.append((kind, "3 reopen", w3["time"], n / w3["time"], w3["peak_rss_mib"],
+                     f"{w3['time'] / read_floor:.2f}x read floor; memory {memory['mib'] / floor['objects_mib']:.2f}x "
+                     f"objects{lazy_text}"))
+        w4 = res["4-save-all"]
+        rows.append((kind, "4 change state + save_all", w4["time"], n / w4["time"], w4["peak_rss_mib"],
+                     f"{w4['time'] / write_floor:.2f}x write floor"))
+        w5 = res["5-ls"]
+        rows.append((kind, "5 session-tool ls", w5["time"], n / w5["time"], w5["peak_rss_mib"],
+                     f"{w3['time'] / w5['time']:.1f}x faster than reopen; traced peak {w5['peak_mib']:.1f} MiB"))
+        w6 = res["6-remove"]
+        rows.append((kind, "6 remove half + destroy", w6["time"], n / w6["time"], w6["peak_rss_mib"],
+                     f"{w6['speedup']:.0f}x faster than one by one"))
+    return rows
+
+
+def print_table(results: dict[str, Any]) -> None:
+    floor = results["floor"]
+    n = results["n"]
+    print(f"N = {n:,}; floor: write {floor['file_write']:.2f} s (files), {floor['sqlite_write']:.2f} s (SQLite); "
+          f"read+unpickle {floor['file_read']:.2f} s (files), {floor['sqlite_read']:.2f} s (SQLite); "
+          f"objects {floor['objects_mib']:.1f} MiB")
+    print(f"{'store':<11}{'workload':<28}{'time s':>9}{'items/s':>11}{'peak MiB':>10}  vs floor")
+    for kind, name, seconds, rate, peak, text in ratios(results):
+        print(f"{kind:<11}{name:<28}{seconds:>9.2f}{rate:>11,.0f}{peak:>10.0f}  {text}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=10_000, help="tasks per workload (default 10,000)")
+    parser.add_argument("--stores", default="file,sqlite,postgresql", help="comma-separated: file, sqlite, postgresql")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-' for stdout)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    parser.add_argument("--kind", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        run_worker(args.worker, args.n, args.dir, args.kind)
+        return
+    kinds = [k.strip() for k in args.stores.split(",") if k.strip()]
+    if "postgresql" in kinds and not postgres_reachable():
+        print(f"PostgreSQL not reachable at {POSTGRES_URL}: skipped", file=sys.stderr)
+        kinds.remove("postgresql")
+    results = benchmark(args.n, kinds)
+    print_table(results)
+    if args.json:
+        text = json.dumps(results, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
