@@ -25,6 +25,8 @@ import click
 
 from ._version import __version__
 from .exceptions import Error, LoadError, SessionError
+from .persistence.atomic import TEMP_PREFIX
+from .persistence.filesystem import FilesystemStore
 from .persistence.idfactory import is_id
 from .persistence.store import Store, make_store, mask_password
 from .session import Session, is_session, read_index, read_store_url, resolve_store_url
@@ -433,6 +435,12 @@ def verify(session: str, allowed: tuple[str, ...]) -> None:
     for error in errors.values():
         click.echo(str(error))
     problems += len(errors)
+    folders = [view.path] + ([str(store.directory)] if isinstance(store, FilesystemStore) else [])
+    for folder in folders:
+        for name in sorted(os.listdir(folder)):
+            if name.startswith(TEMP_PREFIX):
+                click.echo(f"note: {os.path.join(folder, name)} is a temporary file left by an interrupted write "
+                           "(never taken for a task; safe to delete when no process uses the session)")
     store.close()
     click.echo(f"{len(ids) - len(errors)} of {len(ids)} task(s) load" + (f"; {problems} problem(s)" if problems else ""))
     if problems:

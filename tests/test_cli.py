@@ -364,3 +364,12 @@ def test_installed_script_runs(tmp_path: Path, sample: Path) -> None:
     assert missing.returncode == 1
     assert missing.stderr.startswith("Error:") and "Traceback" not in missing.stderr
     assert missing.stdout == ""
+
+
+def test_verify_notes_leftover_temporary_files(tmp_path: Path) -> None:
+    session = Session(tmp_path / "s")
+    session.add(Task())
+    (tmp_path / "s" / "jobs" / ".tmp-Task.9-deadbeef").write_bytes(b"half")
+    result = run("verify", tmp_path / "s")
+    assert result.exit_code == 0
+    assert ".tmp-Task.9-deadbeef" in result.output and "safe to delete" in result.output
