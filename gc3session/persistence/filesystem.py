@@ -19,7 +19,7 @@ from typing import Any
 from ..exceptions import InvalidArgument, LoadError, RepairWarning, SaveError, StoreError
 from .atomic import write_atomically
 from .idfactory import FileCounter, IdFactory, is_id, parse_id
-from .serialization import DEFAULT_PROTOCOL
+from .serialization import DEFAULT_PROTOCOL, encode_json
 from .store import Record, Store, matches, store_options
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def read_first_line(path: Path) -> bytes:
 
 def encode_record(meta: dict[str, Any], data: bytes) -> bytes:
     """A record file: one line of JSON metadata, then the pickle."""
-    return json.dumps(meta, separators=(",", ":")).encode("ascii") + b"\n" + data
+    return encode_json(meta).encode("ascii") + b"\n" + data
 
 
 def decode_record(oid: str, path: Path, content: bytes) -> tuple[dict[str, Any], bytes] | LoadError:

@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 
 from ..exceptions import InvalidArgument, LoadError, RepairWarning, SaveError, StoreError
 from .idfactory import IdFactory, parse_id
-from .serialization import DEFAULT_PROTOCOL
+from .serialization import DEFAULT_PROTOCOL, encode_json
 from .store import Record, Store, mask_password, store_options
 
 log = logging.getLogger(__name__)
@@ -296,10 +296,10 @@ class SqlStore(Store):
             "jobname": meta.get("jobname"),
             "cls": meta.get("cls"),
             "returncode": meta.get("returncode"),
-            "children": json.dumps(meta.get("children", [])),
+            "children": encode_json(meta.get("children", [])),
             "created": meta.get("created"),
             "modified": meta.get("modified"),
-            "meta": json.dumps(meta, separators=(",", ":")),
+            "meta": encode_json(meta),
         }
         for column, getter in self._extra.items():
             try:
