@@ -19,6 +19,7 @@ import time as _time
 import warnings
 import weakref
 from collections import deque
+from contextlib import contextmanager
 from collections.abc import Callable, ItemsView, Iterable, Iterator, MutableMapping, ValuesView
 from pathlib import Path
 from typing import Any
@@ -112,20 +113,35 @@ class Session:
             self.store = make_store(url, **extra_args)
         self.store_url = url
         with self._locked():
-            write_atomically(self._file(self.STORE_URL_FILENAME), f"{url}\n".encode(), mode=0o600)
-            write_atomically(self._file(self.INDEX_FILENAME), b"")
-            for name in self.TIMESTAMP_FILES.values():
-                if os.path.lexists(self._file(name)):
-                    os.unlink(self._file(name))
+            target = self._file(self.STORE_URL_FILENAME)
+            try:
+                write_atomically(target, f"{url}\n".encode(), mode=0o600)
+                target = self._file(self.INDEX_FILENAME)
+                write_atomically(target, b"")
+                for name in self.TIMESTAMP_FILES.values():
+                    target = self._file(name)
+                    if os.path.lexists(target):
+                        os.unlink(target)
+            except OSError as error:
+                raise SaveError(target, f"cannot create the session file: {error.strerror or error}") from error
         self.set_start_timestamp()
 
     def _open(self, extra_args: dict[str, Any], task_ids: Iterable[str] | None, lazy: bool) -> None:
         self.store_url = self._read_store_url()
-        self.store = make_store(self._resolve(self.store_url), **extra_args)
+        try:
+            self.store = make_store(self._resolve(self.store_url), **extra_args)
+        except (ValueError, OSError) as error:  # InvalidArgument is a ValueError
+            kind = InvalidArgument if isinstance(error, InvalidArgument) else SessionError
+            where = self._file(self.STORE_URL_FILENAME)
+            reason = f"names a store that cannot be used: {shorten(str(error))}"
+            raise (kind(f"{where}: {reason}") if kind is InvalidArgument else SessionError(where, reason)) from error
         index = self._file(self.INDEX_FILENAME)
         if not os.path.lexists(index):
             with self._locked():
-                write_atomically(index, b"")
+                try:
+                    write_atomically(index, b"")
+                except OSError as error:
+                    raise SaveError(index, f"cannot create the index: {error.strerror or error}") from error
         self._index = dict.fromkeys(read_index(index))
         ids = list(self._index) if task_ids is None else list(task_ids)
         if lazy:
@@ -163,11 +179,20 @@ class Session:
 
     # -- the index ------------------------------------------------------------
 
-    def _locked(self) -> FileLock:
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the session's file lock; failing to take it is a SaveError naming the lock file."""
         if self._lock_pid != os.getpid():  # a forked child needs a lock of its own
             self._file_lock = FileLock(self._file(self.LOCK_FILENAME))
             self._lock_pid = os.getpid()
-        return self._file_lock
+        try:
+            self._file_lock.acquire()
+        except OSError as error:
+            raise SaveError(self._file(self.LOCK_FILENAME), f"cannot take the session lock: {error.strerror or error}") from error
+        try:
+            yield
+        finally:
+            self._file_lock.release()
 
     def _append_to_index(self, ids: list[str]) -> None:
         path = self._file(self.INDEX_FILENAME)
@@ -177,7 +202,14 @@ class Session:
                 fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
                 try:
                     _mend_last_line(fd)
-                    os.write(fd, data)
+                    size = os.fstat(fd).st_size
+                    try:
+                        view = memoryview(data)
+                        while view:
+                            view = view[os.write(fd, view) :]
+                    except OSError:
+                        os.ftruncate(fd, size)  # no torn line: the ids were not acknowledged
+                        raise
                 finally:
                     os.close(fd)
         except OSError as error:
@@ -187,11 +219,11 @@ class Session:
         path = self._file(self.INDEX_FILENAME)
         try:
             with self._locked():
-                lines = read_index(path, strict=False)
-                kept = [line for line in lines if line not in self._removed]
-                present = set(kept)
-                kept += [oid for oid in self._added if oid not in present]
-                write_atomically(path, "".join(f"{line}\n" for line in kept).encode())
+                removed = {oid.encode() for oid in self._removed}
+                kept = [line for line in read_index_lines(path) if line.strip() not in removed]
+                present = {line.strip() for line in kept}
+                kept += [oid.encode() for oid in self._added if oid.encode() not in present]
+                write_atomically(path, b"".join(line + b"\n" for line in kept))
         except OSError as error:
             raise SaveError(path, f"cannot rewrite the index: {error.strerror or error}") from error
 
@@ -207,9 +239,10 @@ class Session:
         with self._mutex:
             oid = getattr(task, "persistent_id", None)
             if oid is not None and self.tasks.peek(oid) is task:
-                if flush and task.changed:
-                    self.store.save(task)
-                    self._unsaved.pop(oid, None)
+                if flush:
+                    if task.changed and oid not in self._unsaved:
+                        self.store.save(task)
+                    self.flush()
                 return oid
             if flush:
                 oid = self.store.save(task)
@@ -218,18 +251,21 @@ class Session:
                 self._unsaved[oid] = task
             self.tasks[oid] = task
             self.load_errors.pop(oid, None)
-            self._register(oid)
+            self._register(oid, task)
             if flush:
                 self.flush()
             return oid
 
-    def _register(self, oid: str) -> None:
+    def _register(self, oid: str, task: Any = None) -> None:
         if oid in self._removed:
             self._removed.discard(oid)
-            self._doomed.pop(oid, None)
         elif oid not in self._index:
             self._added[oid] = None
         self._index[oid] = None
+        if self._doomed:  # added back before the flush that would have deleted it (and its children)
+            self._doomed.pop(oid, None)
+            for child in self._walk([task] if task is not None else []):
+                self._doomed.pop(getattr(child, "persistent_id", None), None)
 
     def save(self, obj: Any) -> str:
         """Save ``obj`` to the store without adding it to the session; return its id."""
@@ -272,7 +308,7 @@ class Session:
                 for oid, task in loaded.items():
                     self.tasks[oid] = task
                     self.load_errors.pop(oid, None)
-                    self._register(oid)
+                    self._register(oid, task)
                 if flush:
                     self.flush()
             return loaded
@@ -331,8 +367,9 @@ class Session:
                     queue.extend((c.persistent_id, c) for c in children if getattr(c, "persistent_id", None))
                 continue
             meta = next(iter(self.store.iter_metadata([oid])))[1]
-            if isinstance(meta, dict):
-                queue.extend((c, None) for c in meta.get("children") or [] if isinstance(c, str) and is_id(c))
+            children = meta.get("children") if isinstance(meta, dict) else None
+            if isinstance(children, list):
+                queue.extend((c, None) for c in children if isinstance(c, str) and is_id(c))
         return list(found)
 
     def destroy(self) -> None:
@@ -340,7 +377,7 @@ class Session:
         with self._mutex:
             store_inside = isinstance(self.store, FilesystemStore) and is_inside(self.store.directory, self.path)
             if not store_inside:
-                self.store.remove_many(self._descendants(list(self._index) + list(self.tasks)))
+                self.store.remove_many(self._descendants([*self._index, *self.tasks, *self._doomed]))
             self.store.close()
             shutil.rmtree(self.path)
             self.tasks.clear()
@@ -530,6 +567,9 @@ class TaskMap(MutableMapping[str, Any]):
     def __contains__(self, oid: object) -> bool:
         return oid in self._tasks
 
+    def clear(self) -> None:
+        self._tasks.clear()
+
     def pop(self, oid: str, default: Any = None) -> Any:  # type: ignore[override]
         """Remove ``oid``; return its task if it was loaded (never loads it)."""
         task = self._tasks.pop(oid, default)
@@ -618,19 +658,50 @@ def read_index(path: str, strict: bool = True) -> list[str]:
     return list(ids)
 
 
+def shorten(text: str, limit: int = 300) -> str:
+    """``text`` cut to ``limit`` characters, for messages that quote what a file holds."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def read_index_lines(path: str) -> list[bytes]:
+    """The complete, non-blank lines of an index file as they are (for rewriting it without loss)."""
+    try:
+        with open(path, "rb") as f:
+            content = f.read()
+    except FileNotFoundError:
+        return []
+    lines = content.split(b"\n")
+    tail = lines.pop()
+    if tail.strip() and is_id(tail.strip().decode("utf-8", "replace")):
+        lines.append(tail)
+    seen: set[bytes] = set()
+    kept = []
+    for line in lines:
+        key = line.strip()
+        if key and key not in seen:
+            seen.add(key)
+            kept.append(line)
+    return kept
+
+
 def _mend_last_line(fd: int) -> None:
     """Before appending: end the file with a newline, dropping a torn last line that is no id."""
     size = os.fstat(fd).st_size
     if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
         return
-    start = max(0, size - 4096)
-    chunk = os.pread(fd, size - start, start)
-    cut = chunk.rfind(b"\n")
-    tail = chunk[cut + 1 :]
-    if is_id(tail.strip().decode("utf-8", "replace")):
+    line_start = size
+    while line_start > 0:  # back to the newline before the torn line, however long it is
+        start = max(0, line_start - 4096)
+        cut = os.pread(fd, line_start - start, start).rfind(b"\n")
+        if cut >= 0:
+            line_start = start + cut + 1
+            break
+        line_start = start
+    tail = os.pread(fd, min(size - line_start, 4096), line_start)
+    if size - line_start < 4096 and is_id(tail.strip().decode("utf-8", "replace")):
         os.write(fd, b"\n")
     else:
-        os.ftruncate(fd, start + cut + 1)
+        os.ftruncate(fd, line_start)
 
 
 def absolute_url(url: str) -> str:

@@ -46,6 +46,8 @@ class FilesystemStore(Store):
         **options: Any,
     ) -> None:
         directory = _path_of(directory)
+        if "\0" in str(directory):
+            raise InvalidArgument(f"store directory {str(directory)[:80]!r} contains a NUL byte")
         self.directory = directory.absolute()
         if self.directory.exists() and not self.directory.is_dir():
             raise StoreError(str(self.directory), "is not a directory")

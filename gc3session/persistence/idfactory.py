@@ -24,8 +24,9 @@ from .atomic import write_atomically
 
 log = logging.getLogger(__name__)
 
-#: A valid id: a prefix that could be a Python name, a dot, a positive number without leading zeros.
-ID_PATTERN = re.compile(r"([^\W\d]\w*)\.([1-9][0-9]*)")
+#: A valid id: a prefix that could be a Python name (at most 200 characters), a dot, a positive number
+#: without leading zeros of at most 18 digits (it must fit a 64-bit database column).
+ID_PATTERN = re.compile(r"([^\W\d]\w{0,199})\.([1-9][0-9]{0,17})")
 #: Environment variable that moves the per-user data directory (for the global counter).
 DATA_DIR_VARIABLE = "GC3SESSION_DATA_DIR"
 

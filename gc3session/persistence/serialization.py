@@ -160,7 +160,13 @@ class _Unpickler(pickle.Unpickler):
         if (module, name) == _REFERENCE:
             return self._reference
         module, name = self._serializer.find_class(module, name)
-        return super().find_class(module, name)
+        found = super().find_class(module, name)
+        if self._serializer.allowed is not None:
+            # "allowed.module" + "os.system" must not reach os.system: check what the name really is
+            real = f"{getattr(found, '__module__', None)}.{getattr(found, '__qualname__', None)}"
+            if not isinstance(found, type) or not self._serializer._is_allowed(real):
+                raise RefusedGlobal(f"{module}.{name} (which is {real}) is not in allowed_classes")
+        return found
 
     def _reference(self, oid: Any) -> Any:
         if not isinstance(oid, str):

@@ -102,7 +102,7 @@ class SqlStore(Store):
         if not isinstance(self.table_name, str) or not _TABLE_NAME.fullmatch(self.table_name):
             raise InvalidArgument(f"table name {self.table_name!r} is not a plain SQL identifier (letters, digits, _)")
         self._address = _with_default_driver(address)
-        self._password = self._address.password
+        self._secrets = [str(p) for p in (self._address.password, self._address.query.get("password")) if p]
         self.fsync = fsync
         self.engine = self._make_engine()
         self._extra = {_fresh(column): getter for column, getter in (extra_fields or {}).items()}
@@ -242,8 +242,8 @@ class SqlStore(Store):
         return mask_password(self.url)
 
     def _scrub(self, text: str) -> str:
-        if self._password:
-            text = text.replace(str(self._password), "***")
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
         return text
 
     # -- storage primitives ---------------------------------------------------
@@ -293,8 +293,8 @@ class SqlStore(Store):
             "persistent_id": record.id,
             "data": record.data,
             "state": meta.get("state"),
-            "jobname": meta.get("jobname"),
-            "cls": meta.get("cls"),
+            "jobname": _text(meta.get("jobname")),
+            "cls": _text(meta.get("cls")),
             "returncode": meta.get("returncode"),
             "children": encode_json(meta.get("children", [])),
             "created": meta.get("created"),
@@ -522,6 +522,19 @@ def _fresh(column: sa.Column[Any]) -> sa.Column[Any]:
     if getattr(column, "table", None) is None:
         return column
     return sa.Column(column.name, column.type, nullable=column.nullable, index=column.index)
+
+
+def _text(value: Any) -> Any:
+    """``value`` fit for a text column: lone surrogates (which UTF-8 cannot hold) become U+FFFD.
+
+    The pickle keeps the exact string; only the column shows the replacement.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "replace").decode("utf-8")
+    return value
 
 
 def _parse_meta(oid: str, text: Any) -> dict[str, Any] | LoadError:

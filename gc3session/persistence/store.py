@@ -158,8 +158,8 @@ class Store(abc.ABC):
             raise SaveError(cycle[0], "reference cycle " + " -> ".join(cycle) + ": a stored object cannot refer back to itself")
         return records
 
-    def _remember_refs(self, oid: str, refs: Iterable[str]) -> None:
-        refs = tuple(r for r in refs if isinstance(r, str))
+    def _remember_refs(self, oid: str, refs: Any) -> None:
+        refs = tuple(r for r in refs if isinstance(r, str)) if isinstance(refs, (list, tuple)) else ()
         if refs:
             self._refs[oid] = refs
         else:
@@ -296,7 +296,9 @@ class Store(abc.ABC):
             if ids:
                 self._delete(ids)
             for oid in ids:
-                self._cache.pop(oid, None)
+                obj = self._cache.pop(oid, None)
+                if obj is not None:
+                    obj.changed = True  # no longer stored: saving it (or a parent) again must write it
                 self._refs.pop(oid, None)
 
     # -- raw records ----------------------------------------------------------
@@ -461,13 +463,14 @@ def matches(meta: dict[str, Any], filters: dict[str, Any]) -> bool:
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _PASSWORD = re.compile(r"(://[^:/@]*):[^@/]*@")
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pwd)=)[^&#]*", re.IGNORECASE)
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _registry: dict[str, Callable[..., Store]] = {}
 
 
 def mask_password(url: str) -> str:
     """``url`` with any password replaced by ``***``."""
-    return _PASSWORD.sub(r"\1:***@", str(url))
+    return _QUERY_PASSWORD.sub(r"\1***", _PASSWORD.sub(r"\1:***@", str(url)))
 
 
 def expand_variables(url: str) -> str:
@@ -509,13 +512,17 @@ def make_store(url: str | os.PathLike[str] | Store, **kwargs: Any) -> Store:
         url = os.fspath(url)
     if not isinstance(url, str) or not url.strip():
         raise InvalidArgument(f"a store URL must be a non-empty string or path, not {url!r}")
-    url = expand_variables(url.strip())
+    written = url.strip()
+    url = expand_variables(written)
     scheme = url_scheme(url) or "file"
     constructor = _registry.get(scheme) or _from_entry_point(scheme)
     if constructor is None:
         known = ", ".join(sorted(_registry))
         raise InvalidArgument(f"unknown store URL scheme {scheme!r} in {mask_password(url)} (known schemes: {known})")
-    return constructor(url, **kwargs)
+    store = constructor(url, **kwargs)
+    if written != url:
+        store.url = written  # what a session writes to store.url: the variables, not their values
+    return store
 
 
 def _from_entry_point(scheme: str) -> Callable[..., Store] | None:
