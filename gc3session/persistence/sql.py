@@ -151,14 +151,16 @@ class SqlStore(Store):
         )
         wanted = sa.Table(self.table_name, metadata, *_core_columns(), *self._extra, **_table_options())
         with self._failures("cannot open the store table"):
-            inspector = sa.inspect(self.engine)
-            if not inspector.has_table(self.table_name):
-                if not create:
-                    raise StoreError(self._masked(), f"no table {self.table_name!r} (and create=False)")
-                self._create_tables(metadata)
-            elif not inspector.has_table(COUNTERS_TABLE):
-                self._create_tables(metadata)
-            table = self._adopt(wanted)
+            for attempt in retries():  # several processes may be creating the same database at once
+                with attempt:
+                    inspector = sa.inspect(self.engine)
+                    if not inspector.has_table(self.table_name):
+                        if not create:
+                            raise StoreError(self._masked(), f"no table {self.table_name!r} (and create=False)")
+                        self._create_tables(metadata)
+                    elif not inspector.has_table(COUNTERS_TABLE):
+                        self._create_tables(metadata)
+                    table = self._adopt(wanted)
         if create:
             self.table, self.counters = table, counters
             self._reserve(0)  # creates this table's counter row now, before writers race for it
@@ -166,8 +168,11 @@ class SqlStore(Store):
 
     def _create_tables(self, metadata: sa.MetaData) -> None:
         try:
-            metadata.create_all(self.engine, checkfirst=True)
-        except sa.exc.SQLAlchemyError:
+            with self._transaction() as conn:  # BEGIN IMMEDIATE on SQLite: no lock upgrade to fail
+                metadata.create_all(conn, checkfirst=True)
+        except sa.exc.SQLAlchemyError as error:
+            if is_transient(error):
+                raise
             # another process created them at the same moment: fine if they exist now
             inspector = sa.inspect(self.engine)
             if not (inspector.has_table(self.table_name) and inspector.has_table(COUNTERS_TABLE)):
@@ -188,9 +193,11 @@ class SqlStore(Store):
                 kind = column.type.compile(dialect=self.engine.dialect)
                 ddl = f"ALTER TABLE {preparer.quote(self.table_name)} ADD COLUMN {preparer.quote(column.name)} {kind}"
                 try:
-                    with self.engine.begin() as conn:
+                    with self._transaction() as conn:
                         conn.exec_driver_sql(ddl)
-                except sa.exc.SQLAlchemyError:
+                except sa.exc.SQLAlchemyError as error:
+                    if is_transient(error):
+                        raise
                     names = {c["name"] for c in sa.inspect(self.engine).get_columns(self.table_name)}
                     if column.name not in names:
                         raise

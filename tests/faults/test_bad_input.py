@@ -853,7 +853,31 @@ def test_ids_that_are_no_ids_are_refused_before_any_file_is_touched(tmp_path, st
     assert Session(path).tasks[good].jobname == "good"
 
 
-def test_a_reference_inside_a_record_cannot_lead_outside_the_store(tmp_path):
+def referring_record(session: Session, oid: str, target: str, form: str) -> bytes:
+    """A record of a task whose ``child`` attribute refers to the stored object ``target``."""
+    import io
+    import pickle
+
+    planted = Task(jobname="planted", child=Task(jobname="stand-in"))
+    planted.persistent_id = oid
+    if form == "as-the-store-writes-it":
+        data = session.store.serializer.dumps(planted, lambda child: target)
+    else:  # the persistent-id form of pickle's own protocol
+        planted.child = "REFERENCE"
+
+        class Referring(pickle.Pickler):
+            def persistent_id(self, obj: Any) -> str | None:
+                return target if isinstance(obj, str) and obj == "REFERENCE" else None
+
+        buffer = io.BytesIO()
+        Referring(buffer, protocol=4).dump(planted)
+        data = buffer.getvalue()
+    meta = with_checks({"id": oid, "references": [target], "children": [target]}, data)
+    return encode_record(meta, data)
+
+
+@pytest.mark.parametrize("form", ["as-the-store-writes-it", "pickle-persistent-id"])
+def test_a_reference_inside_a_record_cannot_lead_outside_the_store(tmp_path, form):
     """A planted record refers to ``../../victim``: loading it must not read that file."""
     root = tmp_path / "a" / "b"
     path = root / "s"
@@ -861,21 +885,7 @@ def test_a_reference_inside_a_record_cannot_lead_outside_the_store(tmp_path):
     good = session.add(Task(jobname="good"))
     victims = plant_victims(session)
     before = tree(tmp_path, skip=path)
-
-    import io
-    import pickle
-
-    class Referring(pickle.Pickler):
-        def persistent_id(self, obj: Any) -> str | None:
-            return "../../victim" if isinstance(obj, str) and obj == "REFERENCE" else None
-
-    planted = Task(jobname="planted", child="REFERENCE")
-    planted.persistent_id = "Task.99"
-    buffer = io.BytesIO()
-    Referring(buffer, protocol=4).dump(planted)
-    data = buffer.getvalue()
-    meta = with_checks({"id": "Task.99", "references": ["../../victim"], "children": ["../../victim"]}, data)
-    Path(session.store.directory, "Task.99").write_bytes(encode_record(meta, data))
+    Path(session.store.directory, "Task.99").write_bytes(referring_record(session, "Task.99", "../../victim", form))
     with open(Path(path, "index.txt"), "a") as f:
         f.write("Task.99\n")
 
@@ -897,6 +907,18 @@ def test_a_reference_inside_a_record_cannot_lead_outside_the_store(tmp_path):
     assert list(again.load_errors) == ["Task.99"]
     assert [str(w.message) for w in caught if "Task.99" in str(w.message)]
     assert again.tasks[good].jobname == "good"
+
+
+def test_a_planted_reference_to_a_valid_id_loads(tmp_path):
+    """Control for the test above: the planted record is a real reference, so refusing it means something."""
+    session = Session(tmp_path / "s")
+    good = session.add(Task(jobname="good"))
+    Path(session.store.directory, "Task.99").write_bytes(
+        referring_record(session, "Task.99", good, "as-the-store-writes-it")
+    )
+    loaded = make_store(session.store.directory).load("Task.99")
+    assert loaded.child.jobname == "good"
+    assert loaded.child.persistent_id == good
 
 
 # -- values the stores must take, or refuse clearly ----------------------------------
