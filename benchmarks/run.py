@@ -112,12 +112,12 @@ def w_floor(n: int, workdir: Path, kind: str) -> dict[str, Any]:
     objs = [pickle.loads(data) for (data,) in db.execute("SELECT data FROM t")]
     out["sqlite_read"] = time.perf_counter() - start
     db.close()
-    del objs
     tracemalloc.start()
     with open(workdir / "floor.db", "rb"):
         db = sqlite3.connect(workdir / "floor.db")
         objs = [pickle.loads(data) for (data,) in db.execute("SELECT data FROM t")]
         out["objects_mib"] = tracemalloc.get_traced_memory()[0] / 2**20
+        assert len(objs) == n
     tracemalloc.stop()
     return out
 

@@ -206,9 +206,9 @@ def write_table(rows: Iterable[dict[str, Any]], terminal: bool) -> None:
     fixed = {"id": 20, "state": 11, "class": 18, "modified": 19}
     name_width = max(10, width - sum(fixed.values()) - 8)
     widths = (fixed["id"], name_width, fixed["state"], fixed["class"], fixed["modified"])
-    click.echo("  ".join(cut(h, w).ljust(w) for h, w in zip(headers, widths)).rstrip())
+    click.echo("  ".join(cut(h, w).ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     for row in rows:
-        click.echo("  ".join(cut(c, w).ljust(w) for c, w in zip(table_cells(row), widths)).rstrip())
+        click.echo("  ".join(cut(c, w).ljust(w) for c, w in zip(table_cells(row), widths, strict=True)).rstrip())
 
 
 def table_cells(row: dict[str, Any]) -> tuple[str, ...]:
@@ -442,7 +442,8 @@ def verify(session: str, allowed: tuple[str, ...]) -> None:
                 click.echo(f"note: {os.path.join(folder, name)} is a temporary file left by an interrupted write "
                            "(never taken for a task; safe to delete when no process uses the session)")
     store.close()
-    click.echo(f"{len(ids) - len(errors)} of {len(ids)} task(s) load" + (f"; {problems} problem(s)" if problems else ""))
+    summary = f"{len(ids) - len(errors)} of {len(ids)} task(s) load"
+    click.echo(summary + (f"; {problems} problem(s)" if problems else ""))
     if problems:
         sys.exit(1)
 

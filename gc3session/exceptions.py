@@ -110,4 +110,6 @@ class RepairWarning(UserWarning):
     """gc3session found something damaged (an id counter, a torn index line) and repaired it."""
 
 
-__all__ = ["Error", "InvalidArgument", "LoadError", "LoadWarning", "RepairWarning", "SaveError", "SessionError", "StoreError"]
+__all__ = [
+    "Error", "InvalidArgument", "LoadError", "LoadWarning", "RepairWarning", "SaveError", "SessionError", "StoreError",
+]

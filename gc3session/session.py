@@ -19,8 +19,8 @@ import time as _time
 import warnings
 import weakref
 from collections import deque
-from contextlib import contextmanager
 from collections.abc import Callable, ItemsView, Iterable, Iterator, MutableMapping, ValuesView
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +188,8 @@ class Session:
         try:
             self._file_lock.acquire()
         except OSError as error:
-            raise SaveError(self._file(self.LOCK_FILENAME), f"cannot take the session lock: {error.strerror or error}") from error
+            reason = f"cannot take the session lock: {error.strerror or error}"
+            raise SaveError(self._file(self.LOCK_FILENAME), reason) from error
         try:
             yield
         finally:
@@ -488,7 +489,9 @@ class TemporarySession(Session):
         **extra_args: Any,
     ) -> None:
         path = tempfile.mkdtemp(prefix="gc3session-")
-        store = make_store(store_or_url if isinstance(store_or_url, Store) else absolute_url(os.fspath(store_or_url)), **extra_args)
+        if not isinstance(store_or_url, Store):
+            store_or_url = absolute_url(os.fspath(store_or_url))
+        store = make_store(store_or_url, **extra_args)
         super().__init__(path, store_or_url=store)
         self.delete = delete
         self._finalizer = weakref.finalize(self, shutil.rmtree, path, True) if delete else None

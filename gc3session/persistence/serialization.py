@@ -19,7 +19,6 @@ import pickle
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .._version import __version__
 from ..exceptions import InvalidArgument
 from ..task import Persistable
 

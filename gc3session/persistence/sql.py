@@ -499,7 +499,8 @@ def _tune_sqlite(engine: Engine, fsync: bool) -> None:
 
 
 def _table_options() -> dict[str, Any]:
-    return {"mysql_charset": "utf8mb4", "mariadb_charset": "utf8mb4", "mysql_engine": "InnoDB", "mariadb_engine": "InnoDB"}
+    options = {"charset": "utf8mb4", "engine": "InnoDB"}
+    return {f"{dialect}_{name}": value for dialect in ("mysql", "mariadb") for name, value in options.items()}
 
 
 def _split_fragment(url: str) -> tuple[str, str | None]:

@@ -155,7 +155,8 @@ class Store(abc.ABC):
         batch = {r.id for r in records}
         cycle = find_cycle(batch, lambda node: edges.get(node, ()) if node in batch else self._refs.get(node, ()))
         if cycle:
-            raise SaveError(cycle[0], "reference cycle " + " -> ".join(cycle) + ": a stored object cannot refer back to itself")
+            path = " -> ".join(cycle)
+            raise SaveError(cycle[0], f"reference cycle {path}: a stored object cannot refer back to itself")
         return records
 
     def _remember_refs(self, oid: str, refs: Any) -> None:
@@ -229,7 +230,9 @@ class Store(abc.ABC):
                     raise
                 errors[oid] = error
 
-    def _decode(self, oid: str, entry: tuple[dict[str, Any], bytes] | LoadError | None, resolve: Callable[[str], Any]) -> Any:
+    def _decode(
+        self, oid: str, entry: tuple[dict[str, Any], bytes] | LoadError | None, resolve: Callable[[str], Any]
+    ) -> Any:
         if entry is None:
             raise LoadError(oid, f"no such object in {self}")
         if isinstance(entry, LoadError):
@@ -446,7 +449,7 @@ def find_cycle(roots: Iterable[str], refs: Callable[[str], Iterable[str]]) -> li
                 on_path.discard(node)
                 done.add(node)
             elif child in on_path:
-                return path[path.index(child) :] + [child]
+                return [*path[path.index(child) :], child]
             elif child not in done:
                 stack.append(iter(refs(child)))
                 path.append(child)
@@ -479,7 +482,8 @@ def expand_variables(url: str) -> str:
     def value(match: re.Match[str]) -> str:
         name = match[1]
         if name not in os.environ:
-            raise InvalidArgument(f"store URL {mask_password(url)} names ${{{name}}}, which is not set in the environment")
+            shown = mask_password(url)
+            raise InvalidArgument(f"store URL {shown} names ${{{name}}}, which is not set in the environment")
         return os.environ[name]
 
     return _VARIABLE.sub(value, url)
