@@ -303,7 +303,7 @@ class SqlStore(Store):
             "jobname": _text(meta.get("jobname")),
             "cls": _text(meta.get("cls")),
             "returncode": meta.get("returncode"),
-            "children": encode_json(meta.get("children", [])),
+            "children": encode_json(meta["children"]) if meta.get("children") else "[]",
             "created": meta.get("created"),
             "modified": meta.get("modified"),
             "meta": encode_json(meta),

@@ -17,6 +17,7 @@ import threading
 import time
 import weakref
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -114,7 +115,7 @@ class Store(abc.ABC):
 
     def _encode(self, objs: list[Any]) -> list[Record]:
         queued = {id(obj) for obj in objs}
-        pending = list(objs)
+        pending = deque(objs)
         records: list[Record] = []
         edges: dict[str, list[str]] = {}
 
@@ -122,13 +123,13 @@ class Store(abc.ABC):
             if id(child) not in queued and (child.persistent_id is None or child.changed):
                 queued.add(id(child))
                 pending.append(child)
-            child_id = self.assign_id(child)
+            child_id = child.persistent_id or self.assign_id(child)
             edges.setdefault(oid, []).append(child_id)
             return child_id
 
         while pending:
-            obj = pending.pop(0)
-            oid = self.assign_id(obj)
+            obj = pending.popleft()
+            oid = getattr(obj, "persistent_id", None) or self.assign_id(obj)
             now = time.time()
             created = getattr(obj, "_persistent_created", None)
             if created is None:
