@@ -68,7 +68,7 @@ class SessionView:
                 yield from self._children(oid, meta, 1, {oid})
 
     def _children(self, parent: str, meta: dict[str, Any], depth: int, seen: set[str]) -> Iterator[Any]:
-        children = [c for c in meta.get("children") or [] if isinstance(c, str) and is_id(c) and c not in seen]
+        children = [c for c in id_list(meta.get("children")) if c not in seen]
         for oid, child in self.store.iter_summaries(children):
             yield depth, parent, oid, child
             if isinstance(child, dict):
@@ -84,8 +84,25 @@ class SessionView:
             seen.update(batch)
             for oid, meta in self.metadata(batch):
                 if isinstance(meta, dict):
-                    queue.extend(c for f in follow for c in meta.get(f) or [] if isinstance(c, str) and is_id(c))
+                    queue.extend(c for f in follow for c in id_list(meta.get(f)))
                 yield oid, meta
+
+
+def id_list(value: Any) -> list[str]:
+    """The valid ids in a metadata field that should be a list of ids (anything else counts as none)."""
+    return [v for v in value if isinstance(v, str) and is_id(v)] if isinstance(value, list) else []
+
+
+def history_of(meta: dict[str, Any]) -> list[tuple[float, str]]:
+    """The well-formed ``[time, state]`` entries of a metadata record's history."""
+    history = meta.get("history")
+    if not isinstance(history, list):
+        return []
+    return [
+        (float(entry[0]), str(entry[1]))
+        for entry in history
+        if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], (int, float))
+    ]
 
 
 class Tool(click.Group):
@@ -265,8 +282,8 @@ def show(session: str, task_id: str) -> None:
         ("returncode", meta.get("returncode")),
         ("created", local_time(meta.get("created"))),
         ("modified", local_time(meta.get("modified"))),
-        ("children", " ".join(meta.get("children") or []) or "-"),
-        ("references", " ".join(meta.get("references") or []) or "-"),
+        ("children", " ".join(id_list(meta.get("children"))) or "-"),
+        ("references", " ".join(id_list(meta.get("references"))) or "-"),
         ("in index", "yes" if task_id in view.ids else "no (a child, or not in this session)"),
         ("size", f"{meta.get('size')} bytes"),
         ("format", f"{meta.get('format')} (written by gc3session {meta.get('version')})"),
@@ -274,7 +291,7 @@ def show(session: str, task_id: str) -> None:
     for name, value in fields:
         click.echo(f"{name + ':':<12}{'-' if value is None else value}")
     click.echo("history:")
-    for when, state in meta.get("history") or []:
+    for when, state in history_of(meta):
         click.echo(f"  {local_time(when)}  {state}")
 
 
@@ -291,7 +308,7 @@ def log(session: str) -> None:
     events = []
     for oid, meta in view.all_metadata():
         if isinstance(meta, dict):
-            events.extend((when, oid, meta.get("jobname") or "", state) for when, state in meta.get("history") or [])
+            events.extend((when, oid, str(meta.get("jobname") or ""), state) for when, state in history_of(meta))
         else:
             click.echo(f"warning: {meta}", err=True)
     events.sort(key=lambda e: (e[0], e[1]))
@@ -502,8 +519,7 @@ def copy_records(view: SessionView, target: Session) -> list[LoadError]:
                     continue
                 meta, data = entry
                 records.append((oid, meta, data))
-                queue.extend(r for r in {*(meta.get("references") or []), *(meta.get("children") or [])}
-                             if isinstance(r, str) and is_id(r))
+                queue.extend({*id_list(meta.get("references")), *id_list(meta.get("children"))})
             copied = {oid: meta for oid, meta, _ in records}
             clashes = [
                 oid

@@ -200,7 +200,7 @@ class Session:
         data = "".join(f"{oid}\n" for oid in ids).encode()
         try:
             with self._locked():
-                fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
                 try:
                     _mend_last_line(fd)
                     size = os.fstat(fd).st_size
@@ -444,9 +444,8 @@ class Session:
         path = self._file(self.TIMESTAMP_FILES[key])
         when = _time.time() if time is None else float(time)
         try:
-            with open(path, "a"):
-                pass
-            os.utime(path, (when, when))
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
+            os.utime(path, (when, when), follow_symlinks=False)
         except OSError as error:
             raise SaveError(path, f"cannot set timestamp: {error.strerror}") from error
 
@@ -488,10 +487,10 @@ class TemporarySession(Session):
         delete: bool = True,
         **extra_args: Any,
     ) -> None:
-        path = tempfile.mkdtemp(prefix="gc3session-")
         if not isinstance(store_or_url, Store):
             store_or_url = absolute_url(os.fspath(store_or_url))
         store = make_store(store_or_url, **extra_args)
+        path = tempfile.mkdtemp(prefix="gc3session-")
         super().__init__(path, store_or_url=store)
         self.delete = delete
         self._finalizer = weakref.finalize(self, shutil.rmtree, path, True) if delete else None

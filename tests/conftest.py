@@ -65,6 +65,24 @@ def drop_table(url: str, table: str) -> None:
     engine.dispose()
 
 
+@pytest.fixture(autouse=True)
+def close_every_store(monkeypatch: Any) -> Iterator[None]:
+    """Close the stores that sessions open, so no database connection outlives its test."""
+    from gc3session import session as session_module
+
+    opened: list[Store] = []
+
+    def recording_make_store(url: Any, **kwargs: Any) -> Store:
+        store = make_store(url, **kwargs)
+        opened.append(store)
+        return store
+
+    monkeypatch.setattr(session_module, "make_store", recording_make_store)
+    yield
+    for store in opened:
+        store.close()
+
+
 @pytest.fixture
 def store_url_of(tmp_path: Any) -> Iterator[Callable[[str], str]]:
     """A function giving a fresh store URL of a kind; server tables are dropped afterwards."""

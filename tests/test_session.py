@@ -25,7 +25,6 @@ from gc3session import (
     TaskCollection,
     TemporarySession,
 )
-from gc3session import session as session_module
 from gc3session.exceptions import LoadWarning
 from gc3session.persistence import FilesystemStore, make_store
 from gc3session.persistence import store as store_module
@@ -39,22 +38,6 @@ def index_lines(session_or_path) -> list[str]:
 
 def mode_of(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
-
-
-@pytest.fixture(autouse=True)
-def close_every_store(monkeypatch):
-    """Close the stores that sessions open, so no database connection outlives its test."""
-    opened = []
-
-    def recording_make_store(url, **kwargs):
-        store = make_store(url, **kwargs)
-        opened.append(store)
-        return store
-
-    monkeypatch.setattr(session_module, "make_store", recording_make_store)
-    yield
-    for store in opened:
-        store.close()
 
 
 @pytest.fixture

@@ -39,6 +39,8 @@ SAFE_GLOBALS = frozenset(
         "datetime.timezone", "decimal.Decimal", "fractions.Fraction", "uuid.UUID",
         "pathlib.Path", "pathlib.PosixPath", "pathlib.PurePath", "pathlib.PurePosixPath",
         "pathlib.PureWindowsPath", "pathlib.WindowsPath",
+        "pathlib._local.Path", "pathlib._local.PosixPath", "pathlib._local.PurePath",  # where Python 3.13 keeps them
+        "pathlib._local.PurePosixPath", "pathlib._local.PureWindowsPath", "pathlib._local.WindowsPath",
         "gc3session.task.Execution", "gc3session.task.State", "gc3session.task.Task",
         "gc3session.task.TaskCollection",
     }

@@ -98,7 +98,7 @@ class SqlStore(Store):
     ) -> None:
         super().__init__(url, idfactory=idfactory, protocol=protocol, **store_options(options))
         address, fragment_table = _split_fragment(url)
-        self.table_name = table_name or fragment_table or "store"
+        self.table_name = next((t for t in (table_name, fragment_table) if t is not None), "store")
         if not isinstance(self.table_name, str) or not _TABLE_NAME.fullmatch(self.table_name):
             raise InvalidArgument(f"table name {self.table_name!r} is not a plain SQL identifier (letters, digits, _)")
         self._address = _with_default_driver(address)

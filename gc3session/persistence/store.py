@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..exceptions import Error, InvalidArgument, LoadError, SaveError
-from .idfactory import IdFactory, parse_id
+from .idfactory import IdFactory, is_id, parse_id
 from .serialization import DEFAULT_PROTOCOL, FORMAT_VERSION, Serializer
 
 if TYPE_CHECKING:
@@ -208,20 +208,23 @@ class Store(abc.ABC):
     def _load_chunk(self, ids: list[str], loaded: dict[str, Any], errors: dict[str, LoadError] | None) -> None:
         wanted = [oid for oid in ids if oid not in self._cache]
         raw = self._read(wanted) if wanted else {}
-        loading: set[str] = set()
+        loading: dict[str, None] = {}  # the records being unpickled, innermost last
 
         def resolve(ref: str) -> Any:
             obj = self._cache.get(ref)
             if obj is not None:
                 return obj
+            if not (isinstance(ref, str) and is_id(ref)):  # never let a record name a path
+                holder = next(reversed(loading), "a record")
+                raise LoadError(holder, f"holds a reference to {str(ref)[:80]!r}, which is not an id")
             if ref in loading:
                 raise LoadError(ref, "reference cycle between stored objects")
-            loading.add(ref)
+            loading[ref] = None
             try:
                 entry = raw.pop(ref) if ref in raw else self._read([ref]).get(ref)
                 return self._decode(ref, entry, resolve)
             finally:
-                loading.discard(ref)
+                loading.pop(ref, None)
 
         for oid in ids:
             try:

@@ -6,9 +6,12 @@ UnpicklingError, JSONDecodeError, UnicodeDecodeError, OSError...), and must
 never cost any other data: the session's other tasks still load, and a later
 flush keeps a damaged id in ``index.txt`` for a person to repair.
 
-Ids are never paths: an id such as ``../../etc/passwd`` is refused before it
-reaches the filesystem, which an audit hook proves by recording every file
-the library opens, creates, renames or removes.
+Ids are never paths: an id such as ``../../etc/passwd`` (in a call, in the
+index, or as a reference inside a record) is refused before it reaches the
+filesystem, which an audit hook proves by recording every file the library
+opens, creates, renames or removes; and a session file that is a symlink
+leading outside the session is never written through.  ``session-tool``
+reads the same damaged metadata without a traceback.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
 
 from gc3session import Session, Task, TaskCollection
-from gc3session import session as session_module
+from gc3session.cli import main as session_tool
 from gc3session.exceptions import Error, InvalidArgument, LoadError, LoadWarning, SaveError, SessionError
 from gc3session.persistence import FilesystemStore, Store, make_store
 from gc3session.persistence.filesystem import encode_record
@@ -39,22 +43,6 @@ KINDS = ["file", "sqlite", "postgresql", "mysql"]
 
 
 # -- fixtures and helpers ----------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def close_every_store(monkeypatch):
-    """Close the stores that sessions open, so no database connection outlives its test."""
-    opened: list[Store] = []
-
-    def recording_make_store(url, **kwargs):
-        store = make_store(url, **kwargs)
-        opened.append(store)
-        return store
-
-    monkeypatch.setattr(session_module, "make_store", recording_make_store)
-    yield
-    for store in opened:
-        store.close()
 
 
 @pytest.fixture
@@ -75,7 +63,8 @@ def new_session(tmp_path, store_url_of) -> Callable[[str], Session]:
 
 def index_of(session_path: str | Path) -> list[str]:
     """The non-blank lines of a session's index, as text."""
-    return [line.strip() for line in Path(session_path, "index.txt").read_text("utf-8", "replace").splitlines() if line.strip()]
+    text = Path(session_path, "index.txt").read_text("utf-8", "replace")
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def reopen(path: str | Path, **kwargs: Any) -> Session:
@@ -356,7 +345,8 @@ def test_a_damaged_record_is_reported_by_id_and_costs_nothing_else(new_session, 
         again.store.load_many([ids["first"], victim])
     assert excinfo.value.id == victim
     errors: dict[str, LoadError] = {}
-    assert list(again.store.load_many([ids["first"], victim, ids["third"]], errors=errors)) == [ids["first"], ids["third"]]
+    loaded = again.store.load_many([ids["first"], victim, ids["third"]], errors=errors)
+    assert list(loaded) == [ids["first"], ids["third"]]
     assert list(errors) == [victim]
 
     # reading metadata never raises anything but LoadError
@@ -431,6 +421,15 @@ def test_metadata_fields_of_the_wrong_type_never_raise_a_bare_error(new_session,
     again.add(Task(jobname="new"))
     again.save_all()
     assert victim in index_of(again.path)
+
+    # session-tool reads the same metadata: one clear line at worst, never a traceback
+    for args in (["ls", "--recursive"], ["ls", "--format", "json"], ["ls", "--format", "csv"], ["show", None],
+                 ["log"], ["stats"], ["verify"], ["rm", "--dry-run", None]):
+        argv = [args[0], again.path, *[victim if a is None else a for a in args[1:]]]
+        result = CliRunner().invoke(session_tool, argv)
+        assert result.exit_code in (0, 1), (argv, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit), (argv, repr(result.exception))
+        assert "Traceback" not in result.output
 
     # removing it without loading it reads its metadata for children: a bad field must not break that
     lazy = reopen(session.path, task_ids=[])
@@ -596,6 +595,7 @@ STORE_URLS: dict[str, bytes | None] = {
     "invalid-utf8": b"\xff\xfejobs\n",
     "nul-byte": b"jobs\x00evil\n",
     "unknown-scheme": b"gopher://example.org/store\n",
+    "malformed-port": b"postgresql+psycopg://user@127.0.0.1:notaport/db\n",
     "a-100k-line": b"x" * 100_000 + b"\n",
 }
 
@@ -715,6 +715,43 @@ def test_a_timestamp_file_that_is_a_directory_gives_a_gc3session_error(new_sessi
     with pytest.raises(Error) as excinfo:
         Session(session.path, load=False)
     assert_names(excinfo.value, name)
+
+
+@pytest.mark.parametrize("target", ["missing", "empty", "holding-an-id"])
+@pytest.mark.parametrize("name", ["index.txt", "created", "finished", "store.url"])
+def test_a_session_file_that_is_a_symlink_leading_outside_is_never_written_through(tmp_path, name, target):
+    """A session someone else made may hold symlinks: using it must not create or change files elsewhere."""
+    session = Session(tmp_path / "s")
+    ids = [session.add(Task(jobname=f"t{i}")) for i in range(3)]
+    session.store.close()
+    outside = tmp_path / "elsewhere" / f"{name}-target"
+    outside.parent.mkdir()
+    content = {"missing": None, "empty": b"", "holding-an-id": f"{ids[0]}\n".encode()}[target]
+    if name == "store.url" and content is not None:
+        content = b"jobs\n"
+    if content is not None:
+        outside.write_bytes(content)
+        os.utime(outside, (1_000_000, 1_000_000))
+    link = tmp_path / "s" / name
+    link.unlink(missing_ok=True)  # a new session has no "finished" yet
+    link.symlink_to(outside)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LoadWarning)  # the index may now name fewer tasks
+            again = Session(tmp_path / "s")
+            again.add(Task(jobname="new"))
+            again.remove(again.list_ids()[0]) if again.list_ids() else None
+            again.set_start_timestamp()
+            again.set_end_timestamp()
+            again.close()
+    except Error:
+        pass  # refusing is fine
+    if content is None:
+        assert not outside.exists(), f"{outside} was created through the symlink {name}"
+    else:
+        assert outside.read_bytes() == content, f"{outside} was written through the symlink {name}"
+        assert os.stat(outside).st_mtime == 1_000_000, f"{outside} was touched through the symlink {name}"
 
 
 # -- ids are never paths ----------------------------------------------------------
@@ -848,6 +885,12 @@ def test_ids_that_are_no_ids_are_refused_before_any_file_is_touched(tmp_path, st
                 with pytest.raises(Error) as excinfo:
                     call(oid)
                 assert isinstance(excinfo.value, (InvalidArgument, LoadError, SessionError)), (name, oid)
+            if "\x00" in oid:
+                continue  # not something a shell can pass
+            for command in (["show", str(path), oid], ["rm", str(path), oid], ["rm", "--dry-run", str(path), oid]):
+                result = CliRunner().invoke(session_tool, command)
+                assert result.exit_code == 1, (command, result.output)
+                assert result.exception is None or isinstance(result.exception, SystemExit), (command, result.exception)
     assert_stayed_inside(accesses, root, allowed, victims)
     assert tree(tmp_path, skip=path) == before, "a file outside the session was created or changed"
     assert Session(path).tasks[good].jobname == "good"
@@ -905,7 +948,7 @@ def test_a_reference_inside_a_record_cannot_lead_outside_the_store(tmp_path, for
     assert all(v.exists() for v in victims)
     assert refused is not None, "a record referring to ../../victim loaded"
     assert list(again.load_errors) == ["Task.99"]
-    assert [str(w.message) for w in caught if "Task.99" in str(w.message)]
+    assert [w for w in caught if "Task.99" in str(w.message) or "../../victim" in str(w.message)]
     assert again.tasks[good].jobname == "good"
 
 

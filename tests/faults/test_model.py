@@ -214,7 +214,8 @@ def make_machine(kind: str, root: Path, url_of: Any) -> type[RuleBasedStateMachi
         @rule(jobname=jobnames, children=st.integers(0, 2), flush=flushes)
         def add_new(self, jobname: str, children: int, flush: bool) -> None:
             if children:
-                task: Any = TaskCollection(jobname=jobname, tasks=[Task(jobname=f"{jobname}/{i}") for i in range(children)])
+                kids = [Task(jobname=f"{jobname}/{i}") for i in range(children)]
+                task: Any = TaskCollection(jobname=jobname, tasks=kids)
             else:
                 task = Task(jobname=jobname)
             oid = self.session.add(task, flush=flush)

@@ -37,29 +37,12 @@ from click.testing import CliRunner
 from helpers import FitTask, Point
 
 from gc3session import Session, State, Task, TaskCollection, TemporarySession
-from gc3session import session as session_module
 from gc3session.cli import main as session_tool
 from gc3session.exceptions import Error, InvalidArgument, LoadError, LoadWarning
 from gc3session.persistence import Store, make_store
 
 KINDS = ["file", "sqlite", "postgresql", "mysql"]
 SQL_KINDS = ["sqlite", "postgresql", "mysql"]
-
-
-@pytest.fixture(autouse=True)
-def close_every_store(monkeypatch):
-    """Close the stores that sessions open, so no database connection outlives its test."""
-    opened: list[Store] = []
-
-    def recording_make_store(url, **kwargs):
-        store = make_store(url, **kwargs)
-        opened.append(store)
-        return store
-
-    monkeypatch.setattr(session_module, "make_store", recording_make_store)
-    yield
-    for store in opened:
-        store.close()
 
 
 @pytest.fixture(autouse=True)
@@ -338,7 +321,10 @@ def url_with_variables(kind: str, tmp_path: Path, store_url_of: Any, monkeypatch
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_store_url_variables_are_expanded_on_open_and_never_written_back(tmp_path, store_url_of, monkeypatch, kind):
+def test_store_url_variables_are_expanded_on_open_and_never_written_back(
+    tmp_path, store_url_of, monkeypatch, caplog, kind
+):
+    caplog.set_level(logging.DEBUG)
     url, values = url_with_variables(kind, tmp_path, store_url_of, monkeypatch)
     path = tmp_path / "s"
     url_file = path / "store.url"
@@ -362,6 +348,13 @@ def test_store_url_variables_are_expanded_on_open_and_never_written_back(tmp_pat
     assert content == url + "\n"
     for value in values.values():
         assert value not in content
+    shown = [repr(again), repr(again.store), str(again.store)]
+    for command in ("stats", "ls", "verify"):
+        result = CliRunner().invoke(session_tool, [command, str(path)])
+        assert result.exit_code == 0, result.output
+        shown += [result.output, result.stderr]
+    if "GC3_TEST_DB_PASSWORD" in values:  # a password from a variable shows nowhere, like any other
+        assert_hidden(values["GC3_TEST_DB_PASSWORD"], caplog.text, *shown)
     if kind == "file":
         assert Path(values["GC3_TEST_STORE_DIR"], "jobs", ids[1]).exists()
 
@@ -729,7 +722,8 @@ def test_an_extra_field_named_with_sql_text_harms_nothing(sql_base, table_name):
     evil = f'x"; DROP TABLE {sql_base.canary}; --'
     SqlStore(sql_base.url, table_name=table_name).close()  # the table exists first: the column comes by ALTER TABLE
     try:
-        store = SqlStore(sql_base.url, table_name=table_name, extra_fields={sa.Column(evil, sa.Text): lambda t: t.jobname})
+        extra = {sa.Column(evil, sa.Text): lambda t: t.jobname}
+        store = SqlStore(sql_base.url, table_name=table_name, extra_fields=extra)
     except Error:
         pass  # refusing the name is fine too
     else:
