@@ -223,20 +223,7 @@ def test_kill_during_remove_save_all_and_flush_of_a_big_session(kind, tmp_path, 
     for run in range(BULK_KILLS + 1):
         child = runner.next("save_all")
         gen = runner.count
-        child.wait_for("start")
-        started = time.monotonic()
-        if duration is None:
-            child.wait_for("done")
-            duration = time.monotonic() - started
-            child.finish()
-            child.assert_quiet("(complete run)")
-            context = f"after a complete save_all ({kind}) {seed_note}"
-        else:
-            delay = rng.uniform(0, duration)
-            time.sleep(delay)
-            child.kill()
-            child.assert_quiet(f"(run {run})")
-            context = f"after kill {run} during save_all ({kind}, {delay:.3f}s of ~{duration:.3f}s) {seed_note}"
+        duration, context = complete_or_kill(child, duration, rng, f"save_all ({kind})", run, seed_note)
         done = bool(parse(child.lines(), "done"))
         reopened = check(context)
         try:
@@ -255,20 +242,7 @@ def test_kill_during_remove_save_all_and_flush_of_a_big_session(kind, tmp_path, 
     duration = None
     for run in range(BULK_KILLS + 1):
         child = runner.next("flush", FLUSH_COUNT)
-        child.wait_for("start")
-        started = time.monotonic()
-        if duration is None:
-            child.wait_for("done")
-            duration = time.monotonic() - started
-            child.finish()
-            child.assert_quiet("(complete run)")
-            context = f"after a complete flush ({kind}) {seed_note}"
-        else:
-            delay = rng.uniform(0, duration)
-            time.sleep(delay)
-            child.kill()
-            child.assert_quiet(f"(run {run})")
-            context = f"after kill {run} during flush ({kind}, {delay:.3f}s of ~{duration:.3f}s) {seed_note}"
+        duration, context = complete_or_kill(child, duration, rng, f"flush ({kind})", run, seed_note)
         pending = {oid: name for oid, name in parse(child.lines(), "pending")}
         assert len(pending) == FLUSH_COUNT
         reused = set(pending) & set(names)
@@ -287,3 +261,23 @@ def test_kill_during_remove_save_all_and_flush_of_a_big_session(kind, tmp_path, 
             current = now
         finally:
             reopened.store.close()
+
+
+def complete_or_kill(child, duration, rng, what, run, seed_note):
+    """The first time, let the child finish and time it; later, kill it at a random moment within that time.
+
+    Returns the duration and a context line for assertion messages.
+    """
+    child.wait_for("start")
+    started = time.monotonic()
+    if duration is None:
+        child.wait_for("done")
+        duration = time.monotonic() - started
+        child.finish()
+        child.assert_quiet("(complete run)")
+        return duration, f"after a complete {what} {seed_note}"
+    delay = rng.uniform(0, duration)
+    time.sleep(delay)
+    child.kill()
+    child.assert_quiet(f"(run {run})")
+    return duration, f"after kill {run} during {what} ({delay:.3f}s of ~{duration:.3f}s) {seed_note}"
