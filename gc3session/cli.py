@@ -29,6 +29,7 @@ from .persistence.atomic import TEMP_PREFIX
 from .persistence.filesystem import FilesystemStore
 from .persistence.idfactory import is_id
 from .persistence.store import Store, make_store, mask_password
+from .runs import read_runs
 from .session import Session, is_session, read_index, read_store_url, resolve_store_url
 
 FORMATS = ("table", "json", "csv")
@@ -290,6 +291,9 @@ def show(session: str, task_id: str) -> None:
     ]
     for name, value in fields:
         click.echo(f"{name + ':':<12}{'-' if value is None else value}")
+    runs = read_runs(view.path)["runs"]
+    last = f"; last {run_line(runs[-1])}" if runs else ""
+    click.echo(f"session runs: {len(runs)}{last}")
     click.echo("history:")
     for when, state in history_of(meta):
         click.echo(f"  {local_time(when)}  {state}")
@@ -346,6 +350,25 @@ def stats(session: str) -> None:
     click.echo("states (top-level / all):")
     for state in sorted(every):
         click.echo(f"  {state:<12}{top[state]:>8} {every[state]:>8}")
+    runs = read_runs(view.path)["runs"]
+    click.echo(f"runs:      {len(runs)}")
+    for run in runs:
+        click.echo(f"  {run_line(run)}")
+
+
+def run_line(run: Any) -> str:
+    """One run record on one line: start, end, outcome, who, where, what."""
+    if not isinstance(run, dict):
+        return f"<unreadable run record {run!r}>"
+    error = run.get("error")
+    outcome = "open" if run.get("end") is None else ("ok" if not error else f"failed: {error.get('type')}")
+    who = f"{run.get('user')}@{run.get('host')} pid {run.get('pid')}"
+    git = run.get("git") or {}
+    commit = f" git {str(git.get('commit'))[:10]}{'+dirty' if git.get('dirty') else ''}" if git else ""
+    params = f" params {json.dumps(run.get('params'))}" if run.get("params") else ""
+    command = " ".join(str(a) for a in run.get("argv") or [])
+    return (f"{local_time(run.get('start'))} - {local_time(run.get('end'))}  {outcome}  {who}  "
+            f"{command}{commit}{params}")
 
 
 def mtime(path: str) -> float:

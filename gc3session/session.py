@@ -31,6 +31,7 @@ from .persistence.atomic import write_atomically
 from .persistence.filesystem import FilesystemStore
 from .persistence.idfactory import is_id, parse_id
 from .persistence.store import Store, expand_variables, make_store, mask_password, url_scheme
+from .runs import error_record, new_run, read_runs, update_runs
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class Session:
         task_ids: Iterable[str] | None = None,
         *,
         lazy: bool = False,
+        params: dict[str, Any] | None = None,
         **extra_args: Any,
     ) -> None:
         self.path = os.path.abspath(os.fspath(path))
@@ -89,6 +91,9 @@ class Session:
             self._open(extra_args, task_ids, lazy)
         else:
             self._create(store_or_url, extra_args)
+        self._run = new_run(params)
+        with self._locked():
+            self.session_id = update_runs(self.path, self._run)
 
     # -- opening and creating ---------------------------------------------------
 
@@ -459,16 +464,33 @@ class Session:
 
     # -- life cycle -----------------------------------------------------------
 
+    @property
+    def runs(self) -> list[dict[str, Any]]:
+        """The run records in ``session.json``: one per open in a writing process, oldest first."""
+        return read_runs(self.path)["runs"]
+
     def close(self) -> None:
-        """Save changed tasks, flush, and release the store."""
-        self.save_all()
-        self.store.close()
+        """Save changed tasks, flush, record the end of this run, and release the store."""
+        self._finish(None)
+
+    def _finish(self, error: BaseException | None) -> None:
+        try:
+            self.save_all()
+        finally:
+            if os.path.isdir(self.path):  # not after destroy()
+                self._run["end"] = _time.time()
+                if error is not None:
+                    self._run["error"] = error_record(error)
+                with self._locked():
+                    update_runs(self.path, self._run)
+            self.store.close()
 
     def __enter__(self) -> Session:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
+        """Close: save, flush, record the end (and the exception, which goes on)."""
+        self._finish(error)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path!r}: {len(self.tasks)} tasks in {mask_password(self.store_url)}>"
@@ -500,10 +522,10 @@ class TemporarySession(Session):
             self._register(oid)
         self.flush()
 
-    def close(self) -> None:
-        """Save changed tasks and remove the temporary directory (when ``delete``)."""
+    def _finish(self, error: BaseException | None) -> None:
+        """Close as a session does, then remove the temporary directory (when ``delete``)."""
         try:
-            super().close()
+            super()._finish(error)
         finally:
             if self._finalizer is not None:
                 self._finalizer()

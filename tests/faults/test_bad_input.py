@@ -693,8 +693,8 @@ def test_a_lock_file_that_is_a_directory_fails_add_with_an_error_naming_it(new_s
     session = new_session("file")
     ids = sample(session)
     _swap_to_directory(Path(session.path, ".lock"))
-    again = reopen(session.path)
-    with pytest.raises(Error) as excinfo:
+    with pytest.raises(Error) as excinfo:  # opening records the run, under the lock: it fails there
+        again = reopen(session.path)
         again.add(Task(jobname="new"))
     assert_names(excinfo.value, ".lock")
     assert sorted(index_of(session.path)) == sorted([ids["first"], ids["victim"], ids["third"], ids["grid"]])

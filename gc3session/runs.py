@@ -1,0 +1,119 @@
+"""Run records: who opened a session, from where, with what, and how it ended.
+
+Each session keeps ``session.json`` in its directory: a session id and one
+record per open in a writing process.  The file is rewritten atomically under
+the session's lock, merging with records other processes added meanwhile.
+"""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+from typing import Any
+
+from ._version import __version__
+from .exceptions import SaveError, SessionError
+from .persistence.atomic import write_atomically
+
+#: The file of run records in a session directory.
+RUNS_FILENAME = "session.json"
+
+
+def read_runs(session_path: str) -> dict[str, Any]:
+    """The content of ``session.json`` (``{"session_id": ..., "runs": [...]}``); empty when missing."""
+    path = os.path.join(session_path, RUNS_FILENAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+    except FileNotFoundError:
+        return {"session_id": None, "runs": []}
+    except (OSError, ValueError) as error:
+        raise SessionError(path, f"cannot read the run records: {error}") from error
+    if not isinstance(content, dict) or not isinstance(content.get("runs"), list):
+        raise SessionError(path, "is not a run record file (expected an object with a list of runs)")
+    return content
+
+
+def new_run(params: dict[str, Any] | None) -> dict[str, Any]:
+    """A record of this process opening a session now."""
+    cwd = os.getcwd()
+    return {
+        "run_id": uuid.uuid4().hex,
+        "start": time.time(),
+        "end": None,
+        "user": _user(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "argv": list(sys.argv),
+        "cwd": cwd,
+        "python": platform.python_version(),
+        "gc3session": __version__,
+        "git": _git_state(cwd),
+        "params": params or {},
+        "error": None,
+    }
+
+
+def update_runs(session_path: str, run: dict[str, Any]) -> str:
+    """Add or replace ``run`` (by its ``run_id``) in ``session.json``; return the session id.
+
+    The caller holds the session's lock.
+    """
+    content = read_runs(session_path)
+    session_id = content.get("session_id") or uuid.uuid4().hex
+    runs = [r for r in content["runs"] if not (isinstance(r, dict) and r.get("run_id") == run["run_id"])]
+    runs.append(run)
+    runs.sort(key=lambda r: r.get("start") or 0 if isinstance(r, dict) else 0)
+    path = os.path.join(session_path, RUNS_FILENAME)
+    data = json.dumps({"session_id": session_id, "runs": runs}, indent=1, default=repr).encode()
+    try:
+        write_atomically(path, data)
+    except OSError as error:
+        raise SaveError(path, f"cannot write the run records: {error.strerror or error}") from error
+    return session_id
+
+
+def error_record(error: BaseException) -> dict[str, Any]:
+    """How a run ended with an exception: its type, message and traceback."""
+    return {
+        "type": f"{type(error).__module__}.{type(error).__qualname__}",
+        "message": str(error),
+        "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)),
+    }
+
+
+def _user() -> str | None:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def _git_state(cwd: str) -> dict[str, Any] | None:
+    """The commit and dirty flag of the git checkout at ``cwd``, or None."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=False
+        )
+        if commit.returncode != 0:
+            return None
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd, capture_output=True, text=True, timeout=5, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+__all__ = ["RUNS_FILENAME", "error_record", "new_run", "read_runs", "update_runs"]

@@ -1,0 +1,81 @@
+"""Run records in session.json: one per open, with how the run ended."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from gc3session import Session, Task, __version__
+from gc3session.cli import main
+from gc3session.exceptions import SessionError
+from gc3session.runs import RUNS_FILENAME
+
+
+def test_creation_and_every_open_are_recorded(tmp_path):
+    first = Session(tmp_path / "s", params={"alpha": 0.1})
+    first.add(Task())
+    first.close()
+    with Session(tmp_path / "s", params={"alpha": 0.2}) as second:
+        assert second.session_id == first.session_id
+    runs = Session(tmp_path / "s").runs
+    assert len(runs) == 3
+    record = runs[0]
+    assert record["params"] == {"alpha": 0.1} and runs[1]["params"] == {"alpha": 0.2}
+    assert record["pid"] == os.getpid() and record["argv"] == sys.argv and record["cwd"] == os.getcwd()
+    assert record["gc3session"] == __version__ and record["python"]
+    assert record["host"] and record["start"] <= record["end"]
+    assert record["error"] is None and runs[2]["end"] is None  # the last one is still open
+    assert json.loads((tmp_path / "s" / RUNS_FILENAME).read_text())["session_id"] == first.session_id
+
+
+def test_git_commit_and_dirty_flag_are_recorded(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    (repo / "f.txt").write_text("one")
+    subprocess.run([*git, "add", "f.txt"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], cwd=repo, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    monkeypatch.chdir(repo)
+    assert Session(tmp_path / "s").runs[0]["git"] == {"commit": head, "dirty": False}
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    monkeypatch.chdir(plain)
+    assert Session(tmp_path / "t").runs[0]["git"] is None
+
+
+def test_an_exception_in_the_block_is_recorded_and_goes_on(tmp_path):
+    with pytest.raises(ZeroDivisionError):
+        with Session(tmp_path / "s") as session:
+            task = Task(jobname="saved anyway")
+            session.add(task, flush=False)
+            1 / 0  # noqa: B018 - the failure under test
+    run = Session(tmp_path / "s").runs[0]
+    assert run["error"]["type"] == "builtins.ZeroDivisionError"
+    assert run["error"]["message"] == "division by zero"
+    assert "1 / 0" in run["error"]["traceback"] and run["end"] is not None
+    assert [t.jobname for t in Session(tmp_path / "s")] == ["saved anyway"]
+
+
+def test_damaged_run_file_is_a_session_error(tmp_path):
+    Session(tmp_path / "s")
+    (tmp_path / "s" / RUNS_FILENAME).write_text("{not json")
+    with pytest.raises(SessionError, match=RUNS_FILENAME):
+        Session(tmp_path / "s")
+
+
+def test_session_tool_prints_run_records(tmp_path):
+    session = Session(tmp_path / "s", params={"grid": "fine"})
+    oid = session.add(Task())
+    session.close()
+    stats = CliRunner().invoke(main, ["stats", str(tmp_path / "s")])
+    assert stats.exit_code == 0, stats.output
+    assert "runs:" in stats.output and "grid" in stats.output and "ok" in stats.output
+    show = CliRunner().invoke(main, ["show", str(tmp_path / "s"), oid])
+    assert show.exit_code == 0 and "session runs:" in show.output
