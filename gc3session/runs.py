@@ -76,7 +76,7 @@ def update_runs(session_path: str, run: dict[str, Any]) -> str:
     path = os.path.join(session_path, RUNS_FILENAME)
     data = json.dumps({"session_id": session_id, "runs": runs}, indent=1, default=repr).encode()
     try:
-        write_atomically(path, data)
+        write_atomically(path, data, mode=0o600)  # command lines may hold secrets
     except OSError as error:
         raise SaveError(path, f"cannot write the run records: {error.strerror or error}") from error
     return session_id

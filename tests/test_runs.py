@@ -31,6 +31,7 @@ def test_creation_and_every_open_are_recorded(tmp_path):
     assert record["host"] and record["start"] <= record["end"]
     assert record["error"] is None and runs[2]["end"] is None  # the last one is still open
     assert json.loads((tmp_path / "s" / RUNS_FILENAME).read_text())["session_id"] == first.session_id
+    assert (tmp_path / "s" / RUNS_FILENAME).stat().st_mode & 0o777 == 0o600  # argv may hold a secret
 
 
 def test_git_commit_and_dirty_flag_are_recorded(tmp_path, monkeypatch):
