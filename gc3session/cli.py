@@ -27,7 +27,7 @@ from ._version import __version__
 from .exceptions import Error, LoadError, SessionError
 from .persistence.atomic import TEMP_PREFIX
 from .persistence.filesystem import FilesystemStore
-from .persistence.idfactory import is_id
+from .persistence.idfactory import id_list, is_id
 from .persistence.store import Store, make_store, mask_password
 from .runs import read_runs
 from .session import Session, is_session, read_index, read_store_url, resolve_store_url
@@ -87,11 +87,6 @@ class SessionView:
                 if isinstance(meta, dict):
                     queue.extend(c for f in follow for c in id_list(meta.get(f)))
                 yield oid, meta
-
-
-def id_list(value: Any) -> list[str]:
-    """The valid ids in a metadata field that should be a list of ids (anything else counts as none)."""
-    return [v for v in value if isinstance(v, str) and is_id(v)] if isinstance(value, list) else []
 
 
 def history_of(meta: dict[str, Any]) -> list[tuple[float, str]]:

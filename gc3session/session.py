@@ -29,7 +29,7 @@ from filelock import FileLock
 from .exceptions import InvalidArgument, LoadError, LoadWarning, SaveError, SessionError
 from .persistence.atomic import write_atomically
 from .persistence.filesystem import FilesystemStore
-from .persistence.idfactory import is_id, parse_id
+from .persistence.idfactory import id_list, is_id, parse_id
 from .persistence.store import Store, expand_variables, make_store, mask_password, url_scheme
 from .runs import error_record, new_run, read_runs, update_runs
 
@@ -132,9 +132,9 @@ class Session:
         self.set_start_timestamp()
 
     def _open(self, extra_args: dict[str, Any], task_ids: Iterable[str] | None, lazy: bool) -> None:
-        self.store_url = self._read_store_url()
+        self.store_url = read_store_url(self.path)
         try:
-            self.store = make_store(self._resolve(self.store_url), **extra_args)
+            self.store = make_store(resolve_store_url(self.path, self.store_url), **extra_args)
         except (ValueError, OSError) as error:  # InvalidArgument is a ValueError
             kind = InvalidArgument if isinstance(error, InvalidArgument) else SessionError
             where = self._file(self.STORE_URL_FILENAME)
@@ -153,12 +153,6 @@ class Session:
             self.tasks.expect(ids)
         else:
             self._load_into_session(ids)
-
-    def _read_store_url(self) -> str:
-        return read_store_url(self.path)
-
-    def _resolve(self, url: str) -> str:
-        return resolve_store_url(self.path, url)
 
     def _load_into_session(self, ids: list[str]) -> dict[str, Any]:
         errors: dict[str, LoadError] = {}
@@ -373,9 +367,8 @@ class Session:
                     queue.extend((c.persistent_id, c) for c in children if getattr(c, "persistent_id", None))
                 continue
             meta = next(iter(self.store.iter_metadata([oid])))[1]
-            children = meta.get("children") if isinstance(meta, dict) else None
-            if isinstance(children, list):
-                queue.extend((c, None) for c in children if isinstance(c, str) and is_id(c))
+            if isinstance(meta, dict):
+                queue.extend((c, None) for c in id_list(meta.get("children")))
         return list(found)
 
     def destroy(self) -> None:

@@ -44,6 +44,11 @@ def is_id(text: str) -> bool:
     return ID_PATTERN.fullmatch(text) is not None
 
 
+def id_list(value: Any) -> list[str]:
+    """The valid ids in a metadata field that should be a list of ids (anything else counts as none)."""
+    return [v for v in value if isinstance(v, str) and is_id(v)] if isinstance(value, list) else []
+
+
 class IdFactory:
     """Formats ids from numbers: ``prefix.N``, the prefix being the object's class name unless given."""
 
@@ -145,4 +150,4 @@ def user_data_dir() -> Path:
     return path
 
 
-__all__ = ["ID_PATTERN", "Counter", "FileCounter", "IdFactory", "is_id", "parse_id", "user_data_dir"]
+__all__ = ["ID_PATTERN", "Counter", "FileCounter", "IdFactory", "id_list", "is_id", "parse_id", "user_data_dir"]
