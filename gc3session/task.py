@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .exceptions import InvalidArgument
@@ -91,12 +92,33 @@ class Execution:
     @state.setter
     def state(self, value: State | str) -> None:
         value = State.of(value)
-        if value != self._state:
+        old = self._state
+        if value != old:
             self._state = value
             self.history.append((time.time(), value))
+            if _observers:
+                observer = _observers.get(self)
+                if observer is not None:
+                    observer(old, value)
 
     def __repr__(self) -> str:
         return f"<Execution {self._state} returncode={self.returncode!r}>"
+
+
+#: Executions whose state changes are reported, and to whom (see :func:`observe`).
+_observers: weakref.WeakKeyDictionary[Execution, Callable[[State, State], None]] = weakref.WeakKeyDictionary()
+
+
+def observe(execution: Execution, observer: Callable[[State, State], None] | None) -> None:
+    """Call ``observer(old, new)`` after each change of ``execution.state`` (``None`` stops it).
+
+    One observer per execution: the session's plugins use this for their
+    ``state_changed`` hook.
+    """
+    if observer is None:
+        _observers.pop(execution, None)
+    else:
+        _observers[execution] = observer
 
 
 class Task(Persistable):

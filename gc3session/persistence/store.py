@@ -29,6 +29,7 @@ from .idfactory import IdFactory, is_id, parse_id
 from .serialization import DEFAULT_PROTOCOL, FORMAT_VERSION, Serializer
 
 if TYPE_CHECKING:
+    from ..plugins import Hooks
     from ..task import Persistable
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ class Store(abc.ABC):
         self._numbers: list[int] = []
         self._block = 1
         self._pid = os.getpid()
+        #: The plugins told of saves (``task_saved``), set by the session that uses this store.
+        self.hooks: Hooks | None = None
 
     # -- saving ---------------------------------------------------------------
 
@@ -97,7 +100,9 @@ class Store(abc.ABC):
                 record.obj.changed = False
                 self._cache[record.id] = record.obj
                 self._remember_refs(record.id, record.refs)
-            return [obj.persistent_id for obj in objs]
+        if self.hooks is not None and records:
+            self.hooks.saved(self, [record.obj for record in records])
+        return [obj.persistent_id for obj in objs]
 
     def replace(self, id: str, obj: Any) -> None:  # noqa: A002
         """Save ``obj`` under ``id``, overwriting what is stored there."""
@@ -254,6 +259,8 @@ class Store(abc.ABC):
         obj.changed = False
         self._cache[oid] = obj
         self._remember_refs(oid, meta.get("references") or ())
+        if self.hooks is not None:
+            self.hooks.watch((obj,))
         return obj
 
     # -- metadata, listing, removal ---------------------------------------------
