@@ -16,7 +16,17 @@ from .exceptions import (
 from .session import Session, TemporarySession
 from .task import Execution, Persistable, State, Task, TaskCollection
 
+
+def __getattr__(name: str) -> object:
+    # the asyncio layer is imported on first use: plain scripts and session-tool never pay for asyncio
+    if name in ("AsyncSession", "async_session"):
+        from . import aio
+
+        return getattr(aio, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
+    "AsyncSession",
     "Error",
     "Execution",
     "InvalidArgument",
@@ -33,4 +43,5 @@ __all__ = [
     "TaskCollection",
     "TemporarySession",
     "__version__",
+    "async_session",
 ]

@@ -31,6 +31,7 @@ from .persistence.atomic import write_atomically
 from .persistence.filesystem import FilesystemStore
 from .persistence.idfactory import id_list, is_id, parse_id
 from .persistence.store import Store, expand_variables, make_store, mask_password, url_scheme
+from .plugins import Hooks
 from .runs import error_record, new_run, read_runs, update_runs
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,10 @@ class Session:
     :func:`~gc3session.persistence.make_store`, so ``class_map`` and
     ``allowed_classes`` work when reopening too.  ``task_ids`` loads only
     those tasks.  ``lazy=True`` reads only the index: each task is loaded
-    when first touched (``session.tasks[id]``, iteration).
+    when first touched (``session.tasks[id]``, iteration).  ``params`` are
+    kept in this open's run record (:attr:`runs`).  ``plugins`` are added to
+    those of the ``gc3session.plugins`` entry points, which
+    ``autoload_plugins=False`` leaves out (see :mod:`gc3session.plugins`).
     """
 
     INDEX_FILENAME = "index.txt"
@@ -66,9 +70,13 @@ class Session:
         *,
         lazy: bool = False,
         params: dict[str, Any] | None = None,
+        plugins: Iterable[object] = (),
+        autoload_plugins: bool | None = None,
         **extra_args: Any,
     ) -> None:
         self.path = os.path.abspath(os.fspath(path))
+        #: The session's plugins (see :mod:`gc3session.plugins`).
+        self.hooks = Hooks(plugins, autoload=autoload_plugins)
         self.name = os.path.basename(self.path)
         self.tasks = TaskMap(self._load_lazily)
         self.load_errors: dict[str, LoadError] = {}
@@ -94,6 +102,7 @@ class Session:
         self._run = new_run(params)
         with self._locked():
             self.session_id = update_runs(self.path, self._run)
+        self.hooks.call("session_opened", session=self)
 
     # -- opening and creating ---------------------------------------------------
 
@@ -116,6 +125,7 @@ class Session:
         else:
             url = absolute_url(os.fspath(store_or_url))
             self.store = make_store(url, **extra_args)
+        self.store.hooks = self.hooks
         self.store_url = url
         with self._locked():
             target = self._file(self.STORE_URL_FILENAME)
@@ -140,6 +150,7 @@ class Session:
             where = self._file(self.STORE_URL_FILENAME)
             reason = f"names a store that cannot be used: {shorten(str(error))}"
             raise (kind(f"{where}: {reason}") if kind is InvalidArgument else SessionError(where, reason)) from error
+        self.store.hooks = self.hooks
         index = self._file(self.INDEX_FILENAME)
         if not os.path.lexists(index):
             with self._locked():
@@ -249,11 +260,13 @@ class Session:
             else:
                 oid = self.store.assign_id(task)
                 self._unsaved[oid] = task
+                self.hooks.watch((task,))
             self.tasks[oid] = task
             self.load_errors.pop(oid, None)
             self._register(oid, task)
             if flush:
                 self.flush()
+            self.hooks.call("task_added", session=self, task=task)
             return oid
 
     def _register(self, oid: str, task: Any = None) -> None:
@@ -304,14 +317,32 @@ class Session:
         """Load several tasks in one batch; return ``{id: task}``.  Raises LoadError on a failure."""
         with self._mutex:
             loaded = self.store.load_many(ids)
-            if add:
-                for oid, task in loaded.items():
-                    self.tasks[oid] = task
-                    self.load_errors.pop(oid, None)
-                    self._register(oid, task)
-                if flush:
-                    self.flush()
+            if not add:
+                return loaded
+            new = [task for oid, task in loaded.items() if oid not in self._index]
+            for oid, task in loaded.items():
+                self.tasks[oid] = task
+                self.load_errors.pop(oid, None)
+                self._register(oid, task)
+            if flush:
+                self.flush()
+            for task in new:
+                self.hooks.call("task_added", session=self, task=task)
             return loaded
+
+    def withdraw(self, ids: Iterable[str | None]) -> None:
+        """Take back adds not flushed yet: the tasks leave the session and are never written.
+
+        Ids that are not such pending adds are ignored.  Use it when a
+        :meth:`flush` fails because of one task added with ``flush=False``.
+        """
+        with self._mutex:
+            for oid in ids:
+                if oid is not None and oid in self._added:
+                    del self._added[oid]
+                    self._unsaved.pop(oid, None)
+                    self._index.pop(oid, None)
+                    self.tasks.pop(oid, None)
 
     # -- removing -------------------------------------------------------------
 
@@ -324,6 +355,7 @@ class Session:
                 self.store.save(task)
             if flush:
                 self.flush()
+            self.hooks.call("task_removed", session=self, task_id=id)
 
     def remove(self, id: str, flush: bool = True) -> None:  # noqa: A002
         """Remove task ``id`` and its children from the session and from the store.
@@ -339,6 +371,7 @@ class Session:
                 self._doomed[oid] = None
             if flush:
                 self.flush()
+            self.hooks.call("task_removed", session=self, task_id=id)
 
     def _drop(self, oid: str) -> None:
         parse_id(oid)
@@ -477,6 +510,8 @@ class Session:
                 with self._locked():
                     update_runs(self.path, self._run)
             self.store.close()
+            self.hooks.call("session_closed", session=self, error=error)
+            self.hooks.active = False  # a closed session reports nothing more
 
     def __enter__(self) -> Session:
         return self
@@ -500,13 +535,16 @@ class TemporarySession(Session):
         store_or_url: Store | str | os.PathLike[str],
         task_ids: Iterable[str] | None = None,
         delete: bool = True,
+        *,
+        plugins: Iterable[object] = (),
+        autoload_plugins: bool | None = None,
         **extra_args: Any,
     ) -> None:
         if not isinstance(store_or_url, Store):
             store_or_url = absolute_url(os.fspath(store_or_url))
         store = make_store(store_or_url, **extra_args)
         path = tempfile.mkdtemp(prefix="gc3session-")
-        super().__init__(path, store_or_url=store)
+        super().__init__(path, store_or_url=store, plugins=plugins, autoload_plugins=autoload_plugins)
         self.delete = delete
         self._finalizer = weakref.finalize(self, shutil.rmtree, path, True) if delete else None
         ids = store.list() if task_ids is None else list(task_ids)
@@ -554,6 +592,18 @@ class TaskMap(MutableMapping[str, Any]):
     def loaded(self) -> list[Any]:
         """The tasks loaded so far."""
         return [task for task in self._tasks.values() if task is not _UNLOADED]
+
+    def get_many(self, ids: Iterable[str]) -> list[Any]:
+        """The tasks of ``ids`` that are in the map, loading the missing ones in one batch.
+
+        Ids not in the map, and tasks that fail to load, are left out.
+        """
+        ids = [oid for oid in ids if oid in self._tasks]
+        missing = [oid for oid in ids if self._tasks[oid] is _UNLOADED]
+        if missing:
+            self._load(missing)
+        found = (self._tasks.get(oid, _UNLOADED) for oid in ids)
+        return [task for task in found if task is not _UNLOADED]
 
     def _load_missing(self) -> None:
         missing = [oid for oid, task in self._tasks.items() if task is _UNLOADED]

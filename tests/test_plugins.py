@@ -1,0 +1,275 @@
+"""Plugin hooks: what each hook reports, isolation of failing plugins, entry points, the progress reporter."""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+import pytest
+from plugin_helpers import FailingPlugin, RecordingPlugin
+
+from gc3session import InvalidArgument, Session, State, Task, TaskCollection, TemporarySession
+from gc3session import plugins as plugins_module
+from gc3session import task as task_module
+from gc3session.plugins import DISABLE_AUTOLOAD_ENV, ENTRY_POINT_GROUP, Hooks, hookimpl
+from gc3session.progress import ProgressReporter, terminal_progress
+
+
+def test_hooks_report_a_session_life_on_every_store(tmp_path: Any, store_url: str) -> None:
+    plugin = RecordingPlugin()
+    with Session(tmp_path / "s", store_or_url=store_url, plugins=[plugin], autoload_plugins=False) as session:
+        task = Task("one")
+        oid = session.add(task)
+        task.state = State.RUNNING
+        task.state = State.RUNNING  # no change, no call
+        session.remove(oid)
+    assert plugin.calls == [
+        ("session_opened", "s"),
+        ("task_saved", oid),
+        ("task_added", oid),
+        ("state_changed", oid, "NEW", "RUNNING"),
+        ("task_removed", oid),
+        ("session_closed", None),
+    ]
+
+
+def test_hooks_see_children_lazy_loads_forget_and_batches(tmp_path: Any) -> None:
+    child = Task("child")
+    parent = TaskCollection("parent", tasks=[child])
+    with Session(tmp_path / "s", autoload_plugins=False) as session:
+        pid = session.add(parent, flush=False)
+        other = session.add(Task("other"), flush=False)
+        session.flush()
+    plugin = RecordingPlugin()
+    session = Session(tmp_path / "s", lazy=True, plugins=[plugin], autoload_plugins=False)
+    assert plugin.calls == [("session_opened", "s")]
+    loaded = session.tasks[pid]
+    loaded.tasks[0].state = "SUBMITTED"  # a child loaded through its parent is watched too
+    loaded.state = "TERMINATED"
+    session.save_all()
+    session.forget(other)
+    session.close()
+    cid = loaded.tasks[0].persistent_id
+    assert ("state_changed", cid, "NEW", "SUBMITTED") in plugin.calls
+    assert ("state_changed", pid, "NEW", "TERMINATED") in plugin.calls
+    assert sorted(plugin.named("task_saved")) == [("task_saved", cid), ("task_saved", pid)]
+    assert plugin.named("task_removed") == [("task_removed", other)]
+    assert plugin.calls[-1] == ("session_closed", None)
+
+
+def test_task_added_fires_for_load_into_session_but_not_for_a_second_add(tmp_path: Any) -> None:
+    with Session(tmp_path / "a", autoload_plugins=False) as first:
+        oid = first.add(Task("shared"))
+        store_url = first.store.url
+    plugin = RecordingPlugin()
+    with Session(tmp_path / "b", store_or_url=store_url, plugins=[plugin], autoload_plugins=False) as second:
+        task = second.load(oid)
+        second.add(task)  # already there: no second task_added
+        second.load(oid)
+    assert plugin.named("task_added") == [("task_added", oid)]
+
+
+def test_the_exception_that_ends_a_with_block_reaches_session_closed(tmp_path: Any) -> None:
+    plugin = RecordingPlugin()
+    with pytest.raises(KeyError), Session(tmp_path / "s", plugins=[plugin], autoload_plugins=False):
+        raise KeyError("boom")
+    assert plugin.calls[-1] == ("session_closed", "KeyError")
+
+
+def test_a_closed_session_reports_nothing_more(tmp_path: Any) -> None:
+    plugin = RecordingPlugin()
+    session = Session(tmp_path / "s", plugins=[plugin], autoload_plugins=False)
+    task = Task("t")
+    session.add(task)
+    session.close()
+    count = len(plugin.calls)
+    task.state = "TERMINATED"
+    assert len(plugin.calls) == count
+
+
+def test_a_failing_plugin_is_logged_and_neither_breaks_the_session_nor_other_plugins(
+    tmp_path: Any, caplog: Any
+) -> None:
+    recorder = RecordingPlugin()
+    caplog.set_level(logging.ERROR, logger="gc3session.plugins")
+    with Session(tmp_path / "s", plugins=[FailingPlugin(), recorder], autoload_plugins=False) as session:
+        oid = session.add(Task("kept"))
+    assert ("task_added", oid) in recorder.calls
+    assert recorder.calls[-1] == ("session_closed", None)
+    failures = [r for r in caplog.records if "FailingPlugin" in r.getMessage()]
+    assert {r.getMessage().split(" failed in ")[1].split(";")[0] for r in failures} == {
+        "task_added",
+        "task_saved",
+        "session_closed",
+    }
+    assert all(r.exc_info and "plugin bug" in str(r.exc_info[1]) for r in failures)
+    reopened = Session(tmp_path / "s", autoload_plugins=False)
+    assert reopened.list_ids() == [oid]
+    assert reopened.runs[0]["end"] is not None  # the run record was written despite the plugin
+
+
+def test_a_plugin_whose_method_does_not_fit_its_hook_is_refused(tmp_path: Any) -> None:
+    class Wrong:
+        def task_added(self, session: Any, job: Any) -> None:
+            pass
+
+    with pytest.raises(InvalidArgument, match=r"Wrong.*task_added"):
+        Session(tmp_path / "s", plugins=[Wrong()], autoload_plugins=False)
+
+
+def test_hookimpl_options_order_the_calls() -> None:
+    order: list[str] = []
+
+    class Late:
+        def task_removed(self, task_id: str) -> None:
+            order.append("late")
+
+    class Early:
+        @hookimpl(tryfirst=True)
+        def task_removed(self, task_id: str) -> None:
+            order.append("early")
+
+    hooks = Hooks([Late(), Early()], autoload=False)
+    hooks.call("task_removed", session=None, task_id="Task.1")
+    assert order == ["early", "late"]
+    assert [type(p).__name__ for p in hooks.plugins] == ["Late", "Early"]
+
+
+def test_unregistered_plugins_and_hooks_nobody_implements_cost_nothing(tmp_path: Any) -> None:
+    plugin = RecordingPlugin()
+    hooks = Hooks([plugin], autoload=False)
+    assert hooks.wants("state_changed")
+    hooks.unregister(plugin)
+    assert not hooks.wants("state_changed")
+    with Session(tmp_path / "s", autoload_plugins=False) as session:
+        task = Task("unwatched")
+        session.add(task)
+        assert task.execution not in task_module._observers
+
+
+def test_temporary_sessions_take_plugins(tmp_path: Any) -> None:
+    with Session(tmp_path / "s", autoload_plugins=False) as session:
+        oid = session.add(Task("t"))
+    plugin = RecordingPlugin()
+    with TemporarySession(tmp_path / "s" / "jobs", plugins=[plugin], autoload_plugins=False) as temporary:
+        temporary.tasks[oid].state = "RUNNING"
+    assert ("state_changed", oid, "NEW", "RUNNING") in plugin.calls
+
+
+# -- entry points -----------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_entry_points(monkeypatch: Any) -> Any:
+    """Replace the installed ``gc3session.plugins`` entry points by the given ``name=module:attr`` specs."""
+
+    def install(*specs: str) -> None:
+        points = [EntryPoint(name, value, ENTRY_POINT_GROUP) for name, value in (s.split("=") for s in specs)]
+        monkeypatch.setattr(plugins_module, "entry_points", lambda group: points if group == ENTRY_POINT_GROUP else [])
+        monkeypatch.setattr(plugins_module, "_entry_points", None)
+
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    return install
+
+
+def test_entry_point_plugins_are_made_per_session(tmp_path: Any, fake_entry_points: Any) -> None:
+    fake_entry_points("rec=plugin_helpers:RecordingPlugin")
+    first = Session(tmp_path / "a")
+    second = Session(tmp_path / "b")
+    (a,), (b,) = first.hooks.plugins, second.hooks.plugins
+    assert isinstance(a, RecordingPlugin) and isinstance(b, RecordingPlugin) and a is not b
+    oid = first.add(Task("t"))
+    assert ("task_added", oid) in a.calls and b.named("task_added") == []
+    first.close()
+    second.close()
+
+
+@pytest.mark.parametrize(
+    ("setting", "env", "loaded"),
+    [(None, None, True), (None, "1", False), (None, "0", True), (False, None, False), (True, "1", True)],
+)
+def test_autoloading_follows_the_setting_then_the_environment(
+    tmp_path: Any, fake_entry_points: Any, monkeypatch: Any, setting: bool | None, env: str | None, loaded: bool
+) -> None:
+    fake_entry_points("rec=plugin_helpers:RecordingPlugin")
+    if env is not None:
+        monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, env)
+    session = Session(tmp_path / "s", autoload_plugins=setting)
+    assert [type(p).__name__ for p in session.hooks.plugins] == (["RecordingPlugin"] if loaded else [])
+    session.close()
+
+
+def test_broken_entry_points_are_logged_and_skipped(tmp_path: Any, fake_entry_points: Any, caplog: Any) -> None:
+    fake_entry_points(
+        "missing=plugin_helpers:NoSuchPlugin",
+        "unimportable=no_such_module_gc3:Plugin",
+        "declines=plugin_helpers:no_plugin",
+        "fails=plugin_helpers:broken_factory",
+        "good=plugin_helpers:RecordingPlugin",
+    )
+    caplog.set_level(logging.ERROR, logger="gc3session.plugins")
+    with Session(tmp_path / "s") as session:
+        assert [type(p).__name__ for p in session.hooks.plugins] == ["RecordingPlugin"]
+        session.add(Task("t"))
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "missing" in messages and "unimportable" in messages and "fails" in messages
+    assert "declines" not in messages
+
+
+def test_the_progress_reporter_is_installed_as_an_entry_point() -> None:
+    points = {p.name: p.value for p in entry_points(group=ENTRY_POINT_GROUP)}
+    assert points.get("progress") == "gc3session.progress:terminal_progress"
+
+
+def test_the_progress_reporter_appears_only_on_a_terminal(monkeypatch: Any) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert terminal_progress() is None
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert isinstance(terminal_progress(), ProgressReporter)
+    monkeypatch.setenv("TERM", "dumb")
+    assert terminal_progress() is None
+
+
+# -- the progress reporter ----------------------------------------------------------
+
+
+def test_progress_shows_counts_per_state_and_ends_its_line(tmp_path: Any) -> None:
+    out = io.StringIO()
+    reporter = ProgressReporter(out, delay=0, interval=0)
+    with Session(tmp_path / "s", plugins=[reporter], autoload_plugins=False) as session:
+        tasks = [Task(f"t{i}") for i in range(10)]
+        for task in tasks:
+            session.add(task, flush=False)
+        session.flush()
+        for task in tasks[:4]:
+            task.state = "TERMINATED"
+        tasks[4].state = "RUNNING"
+        session.save_all()
+        session.remove(tasks[9].persistent_id)
+        assert reporter.line() == "[########------------] 4/9 done | NEW 4 RUNNING 1 TERMINATED 4 | 15 saved"
+    text = out.getvalue()
+    assert text.endswith("\x1b[K\n")
+    last = text.rstrip("\n").split("\r")[-1]
+    assert last.startswith("[########------------] 4/9 done | NEW 4 RUNNING 1 TERMINATED 4")
+
+
+def test_progress_counts_tasks_already_loaded_and_stays_quiet_for_short_bursts(tmp_path: Any) -> None:
+    with Session(tmp_path / "s", autoload_plugins=False) as session:
+        for i in range(3):
+            session.add(Task(f"t{i}"), flush=False)
+        session.flush()
+    out = io.StringIO()
+    reporter = ProgressReporter(out, delay=60)
+    with Session(tmp_path / "s", plugins=[reporter], autoload_plugins=False) as session:
+        assert reporter.counts["NEW"] == 3
+        session.add(Task("more"))
+    assert out.getvalue() == ""
+    assert reporter.counts["NEW"] == 4
