@@ -1,7 +1,8 @@
 """Run records: who opened a session, from where, with what, and how it ended.
 
 Each session keeps ``session.json`` in its directory: a session id and one
-record per open in a writing process.  The file is rewritten atomically under
+record per open in a writing process (the first and the newest, up to
+:data:`MAX_RUNS`; ``runs_dropped`` counts the ones let go).  The file is rewritten atomically under
 the session's lock, merging with records other processes added meanwhile.
 """
 
@@ -26,6 +27,8 @@ from .persistence.atomic import write_atomically
 
 #: The file of run records in a session directory.
 RUNS_FILENAME = "session.json"
+#: How many run records ``session.json`` keeps: the first (the creation) and the newest others.
+MAX_RUNS = 1000
 
 
 def read_runs(session_path: str) -> dict[str, Any]:
@@ -73,8 +76,16 @@ def update_runs(session_path: str, run: dict[str, Any]) -> str:
     runs = [r for r in content["runs"] if not (isinstance(r, dict) and r.get("run_id") == run["run_id"])]
     runs.append(run)
     runs.sort(key=lambda r: r.get("start") or 0 if isinstance(r, dict) else 0)
+    dropped = content.get("runs_dropped")
+    dropped = dropped if isinstance(dropped, int) else 0
+    if len(runs) > MAX_RUNS:  # bounded, so that opening a session stays cheap however often it is opened
+        dropped += len(runs) - MAX_RUNS
+        runs = runs[:1] + runs[len(runs) - MAX_RUNS + 1 :]
     path = os.path.join(session_path, RUNS_FILENAME)
-    data = json.dumps({"session_id": session_id, "runs": runs}, indent=1, default=repr).encode()
+    record = {"session_id": session_id, "runs": runs}
+    if dropped:
+        record["runs_dropped"] = dropped
+    data = json.dumps(record, indent=1, default=repr).encode()
     try:
         write_atomically(path, data, mode=0o600)  # command lines may hold secrets
     except OSError as error:

@@ -80,3 +80,15 @@ def test_session_tool_prints_run_records(tmp_path):
     assert "runs:" in stats.output and "grid" in stats.output and "ok" in stats.output
     show = CliRunner().invoke(main, ["show", str(tmp_path / "s"), oid])
     assert show.exit_code == 0 and "session runs:" in show.output
+
+
+def test_run_records_are_bounded_keeping_the_first_and_the_newest(tmp_path, monkeypatch):
+    from gc3session import runs as runs_module
+
+    monkeypatch.setattr(runs_module, "MAX_RUNS", 5)
+    for alpha in range(8):
+        Session(tmp_path / "s", params={"n": alpha}).close()
+    content = json.loads((tmp_path / "s" / RUNS_FILENAME).read_text())
+    assert [r["params"]["n"] for r in content["runs"]] == [0, 4, 5, 6, 7]
+    assert content["runs_dropped"] == 3
+    assert all(r["end"] is not None for r in content["runs"])
