@@ -25,6 +25,7 @@ import click
 
 from ._version import __version__
 from .exceptions import Error, LoadError, SessionError
+from .migrate import import_gc3pie
 from .persistence.atomic import TEMP_PREFIX
 from .persistence.filesystem import FilesystemStore
 from .persistence.idfactory import id_list, is_id
@@ -574,6 +575,41 @@ def renumber_into(view: SessionView, target: Session) -> list[LoadError]:
             bar.update(1)
         target.flush()
     return list(errors.values())
+
+
+@main.command("import-gc3pie")
+@click.argument("source", type=click.Path(file_okay=False, path_type=str))
+@click.argument("dest", type=click.Path(file_okay=False, path_type=str))
+@click.option("--store-url", help="URL of the new session's store (default: files inside DEST).")
+@click.option("--jobs-dir", help="Read the gc3pie records from this directory, not the one in SOURCE/store.url.")
+@click.option("--skip-damaged", is_flag=True, help="Import the readable records, list the others (exit status 1).")
+@click.option("-n", "--dry-run", is_flag=True, help="Check SOURCE and say what would be imported, write nothing.")
+def import_gc3pie_command(
+    source: str, dest: str, store_url: str | None, jobs_dir: str | None, skip_damaged: bool, dry_run: bool
+) -> None:
+    """Make a new session DEST from the gc3pie session directory SOURCE.
+
+    Records are copied as they are, with their ids, without unpickling:
+    gc3pie need not be installed.  Open DEST with
+    class_map=gc3session.migrate.GC3PIE_CLASS_MAP (see docs/gc3pie.md).
+
+    \b
+    Example:
+      session-tool import-gc3pie ~/gc3pie/sweep1 runs/sweep1 --dry-run
+    """
+    report = import_gc3pie(source, dest, store_url=store_url, jobs_dir=jobs_dir, skip_damaged=skip_damaged,
+                           dry_run=dry_run)
+    verb = "would import" if dry_run else "imported"
+    where = "" if dry_run else f" ({mask_password(report.store_url or '')})"
+    click.echo(f"{verb} {len(report.tasks)} task(s), {report.records} record(s) in all, "
+               f"from {report.records_dir} to {report.destination}{where}")
+    click.echo(f"classes the records name (loading needs them, or a class_map): {', '.join(sorted(report.classes))}")
+    for oid in report.from_backup:
+        click.echo(f"note: {oid} was read from its backup {oid}.OLD (gc3pie's last write of it was cut short)")
+    for oid, reason in report.damaged.items():
+        click.echo(f"not imported: {oid}: {reason}", err=True)
+    if report.damaged:
+        sys.exit(1)
 
 
 class _NoBar:

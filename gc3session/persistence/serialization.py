@@ -174,6 +174,11 @@ class _Unpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"bad reference {oid!r} in record")
         return self._resolve(oid)
 
+    def persistent_load(self, pid: Any) -> Any:
+        # records imported from gc3pie refer to others by pickle's persistent ids: gc3libs' Id, a str subclass
+        # whose hash is not the string's, so it is made a plain str before the look-up
+        return self._reference(str.__str__(pid) if isinstance(pid, str) else pid)
+
 
 def _check_path(path: str) -> str:
     if not isinstance(path, str) or "." not in path.strip("."):
