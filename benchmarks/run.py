@@ -293,9 +293,11 @@ def drop_tables(tables: list[str]) -> None:
 
     engine = sqlalchemy.create_engine(POSTGRES_URL)
     with engine.begin() as conn:
+        counters = sqlalchemy.inspect(conn).has_table("gc3session_counters")  # not there in a fresh database
         for table in tables:
             conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
-            conn.exec_driver_sql("DELETE FROM gc3session_counters WHERE name = %(n)s", {"n": table})
+            if counters:
+                conn.exec_driver_sql("DELETE FROM gc3session_counters WHERE name = %(n)s", {"n": table})
     engine.dispose()
 
 
