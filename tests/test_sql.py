@@ -166,6 +166,32 @@ def test_extra_fields_with_get_accessor(opened: Any, sql_url: str) -> None:
     assert again.list(exit_code=3) == [oid]
 
 
+class Shouting(sa.types.TypeDecorator):
+    """A column type that converts what it stores."""
+
+    impl = sa.String(50)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        if value == "unstorable":
+            raise ValueError("cannot shout that")
+        return None if value is None else value.upper()
+
+
+def test_extra_fields_go_through_their_column_types(opened: Any) -> None:
+    # rows reach the driver without SQLAlchemy's processing of each row: the extra columns' own conversions still run
+    store = opened(extra_fields={sa.Column("params_json", sa.JSON): GET.params,
+                                 sa.Column("loud", Shouting): GET.jobname})
+    oid = store.save(Task(jobname="quiet", params={"alpha": [1, 2]}))
+    with store.engine.connect() as conn:
+        row = conn.execute(sa.select(store.table.c.params_json, store.table.c.loud)).one()
+    assert row.params_json == {"alpha": [1, 2]}
+    assert row.loud == "QUIET"
+    with pytest.raises(SaveError, match="extra field loud"):
+        store.save(Task(jobname="unstorable"))
+    assert store.list() == [oid]
+
+
 def test_missing_extra_column_is_added_to_existing_table(opened: Any) -> None:
     plain = opened()
     oid = plain.save(Task(size=7))

@@ -30,7 +30,7 @@ from gc3session.persistence import store as store_module
 from gc3session.persistence.atomic import TEMP_PREFIX
 from gc3session.persistence.filesystem import COUNTER_FILENAME
 from gc3session.persistence.idfactory import parse_id
-from gc3session.persistence.serialization import FORMAT_VERSION
+from gc3session.persistence.serialization import FORMAT_VERSION, decode_json
 
 METADATA_FIELDS = {"format", "version", "id", "cls", "jobname", "state", "children", "created", "modified", "history"}
 
@@ -701,6 +701,56 @@ def test_records_use_the_default_protocol(store, open_store):
     assert len(recording.written) == 2
     for data in recording.written:
         assert data[:2] == pickle.PROTO + bytes([DEFAULT_PROTOCOL])
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise TypeError("not today")
+
+
+class PicklesWhilePickled:
+    """Pickling it runs another ``dumps`` of the same serializer, as a ``__reduce__`` might."""
+
+    serializer = Serializer()
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __reduce__(self):
+        return pickle.loads, (self.serializer.dumps(self.inner, no_reference),)
+
+
+def no_reference(child):
+    raise AssertionError(f"unexpected reference to {child!r}")
+
+
+def test_serializer_pickles_each_object_on_its_own():
+    # one pickler serves many dumps(): nothing may carry over from one pickle to the next
+    serializer = PicklesWhilePickled.serializer
+    shared = ["shared"]
+    task = Task(files=shared)
+    first = serializer.dumps(task, no_reference)
+    assert serializer.dumps(task, no_reference) == first == Serializer().dumps(task, no_reference)
+    second = serializer.dumps(Task(files=shared, again=shared), no_reference)
+    assert pickle.loads(second).again == ["shared"]
+    with pytest.raises(TypeError, match="not today"):
+        serializer.dumps(Task(bad=Unpicklable()), no_reference)
+    assert serializer.dumps(task, no_reference) == first
+    assert pickle.loads(serializer.dumps([PicklesWhilePickled({"a": 1}), shared], no_reference)) == [{"a": 1}, shared]
+    assert serializer.dumps(task, no_reference) == first
+
+
+@pytest.mark.parametrize("text", ['{"a":1}', ' {"a": [1, 2.5, null]} \n', '"x"', "[]", '{"s":"\\u00e9"}'])
+def test_decode_json_reads_what_json_loads_reads(text):
+    assert decode_json(text) == json.loads(text)
+
+
+@pytest.mark.parametrize("text", ["", " ", '{"a":1} x', "[1] [2]", "{", '{"a":1}\n{"b":2}'])
+def test_decode_json_refuses_what_json_loads_refuses(text):
+    with pytest.raises(ValueError):
+        json.loads(text)
+    with pytest.raises(ValueError):
+        decode_json(text)
 
 
 def test_protocol_can_be_chosen_and_bad_ones_are_refused(open_store):

@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 
 from ..exceptions import InvalidArgument, LoadError, RepairWarning, SaveError, StoreError
 from .idfactory import IdFactory, parse_id
-from .serialization import DEFAULT_PROTOCOL, encode_json
+from .serialization import DEFAULT_PROTOCOL, decode_json, encode_json
 from .store import Record, Store, mask_password, store_options
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,10 @@ class SqlStore(Store):
         except BaseException:
             self.engine.dispose()
             raise
-        self._upsert = self._make_upsert()
+        self._upsert, self._named_params = self._make_upsert()
+        dialect = self.engine.dialect
+        # extra fields may have types that convert values (JSON, dates, enums): their bind processors, or None
+        self._extra_processors = [column.type.dialect_impl(dialect).bind_processor(dialect) for column in self._extra]
         # a store dropped without close() still returns its connections
         self._closer = weakref.finalize(self, self.engine.dispose)
 
@@ -212,19 +215,30 @@ class SqlStore(Store):
             return sqlite.insert(table).on_conflict_do_nothing()
         return sa.insert(table).prefix_with("IGNORE")
 
-    def _make_upsert(self) -> Any:
+    def _make_upsert(self) -> tuple[str, bool]:
+        """The dialect's upsert of one row as the driver's SQL, and whether it takes named parameters.
+
+        Rows go to the driver's ``executemany`` as they are (see ``_row``): SQLAlchemy's processing of
+        each row's parameters costs more than SQLite's own work on it.
+        """
         table = self.table
-        updated = [c.name for c in table.columns if c.name != "id"]
+        names = [c.name for c in table.columns]
         dialect = self.engine.dialect.name
         if dialect in ("postgresql", "sqlite"):
             insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
-            return insert.on_conflict_do_update(
-                index_elements=[table.c.id], set_={name: insert.excluded[name] for name in updated}
+            upsert = insert.on_conflict_do_update(
+                index_elements=[table.c.id], set_={name: insert.excluded[name] for name in names[1:]}
             )
-        if dialect in ("mysql", "mariadb"):
+        elif dialect in ("mysql", "mariadb"):
             insert = mysql.insert(table)
-            return insert.on_duplicate_key_update({name: insert.inserted[name] for name in updated})
-        raise InvalidArgument(f"SQL store does not support the {dialect!r} database")  # pragma: no cover
+            upsert = insert.on_duplicate_key_update({name: insert.inserted[name] for name in names[1:]})
+        else:  # pragma: no cover
+            raise InvalidArgument(f"SQL store does not support the {dialect!r} database")
+        compiled = upsert.compile(dialect=self.engine.dialect, column_keys=names)
+        order = compiled.positiontup
+        if order is not None and list(order) != names:  # pragma: no cover - every dialect binds VALUES in order
+            raise StoreError(self._masked(), f"unexpected parameter order in {compiled.string}")
+        return compiled.string, order is None
 
     # -- transactions and errors ----------------------------------------------
 
@@ -286,35 +300,49 @@ class SqlStore(Store):
 
     def _write(self, records: list[Record]) -> None:
         """Upsert the records in one transaction, in batches."""
-        rows = [self._row(record) for record in records]
+        columns = [c.name for c in self.table.columns]
         with self._failures("cannot write", target=records[0].id if len(records) == 1 else f"{len(records)} objects"):
             for attempt in retries():
                 with attempt, self._transaction() as conn:
-                    for start in range(0, len(rows), BATCH):
-                        conn.execute(self._upsert, rows[start : start + BATCH])
+                    for start in range(0, len(records), BATCH):
+                        rows: list[Any] = [self._row(record) for record in records[start : start + BATCH]]
+                        if self._named_params:
+                            rows = [dict(zip(columns, row, strict=True)) for row in rows]
+                        conn.exec_driver_sql(self._upsert, rows)
 
-    def _row(self, record: Record) -> dict[str, Any]:
+    def _row(self, record: Record) -> tuple[Any, ...]:
+        """The values of the table's columns, in order, ready for the driver (bytes, str, int, float or None)."""
         meta = record.meta
-        row = {
-            "id": record.number,
-            "persistent_id": record.id,
-            "data": record.data,
-            "state": meta.get("state"),
-            "jobname": _text(meta.get("jobname")),
-            "cls": _text(meta.get("cls")),
-            "returncode": meta.get("returncode"),
-            "children": encode_json(meta["children"]) if meta.get("children") else "[]",
-            "created": meta.get("created"),
-            "modified": meta.get("modified"),
-            "meta": encode_json(meta),
-        }
-        for column, getter in self._extra.items():
+        children = meta.get("children")
+        row = (
+            record.number,
+            record.id,
+            record.data,
+            meta.get("state"),
+            _text(meta.get("jobname")),
+            _text(meta.get("cls")),
+            meta.get("returncode"),
+            encode_json(children) if children else "[]",
+            meta.get("created"),
+            meta.get("modified"),
+            encode_json(meta),
+        )
+        if not self._extra:
+            return row
+        extra = []
+        for (column, getter), process in zip(self._extra.items(), self._extra_processors, strict=True):
             try:
-                row[column.name] = getter(record.obj)
+                value = getter(record.obj)
             except Exception as error:  # an accessor may fail on any object: store NULL, as documented
                 log.debug("extra field %s of %s: %s; storing NULL", column.name, record.id, error)
-                row[column.name] = None
-        return row
+                value = None
+            if process is not None:
+                try:
+                    value = process(value)
+                except Exception as error:
+                    raise SaveError(record.id, f"extra field {column.name}: cannot store {value!r}: {error}") from error
+            extra.append(value)
+        return row + tuple(extra)
 
     def _read(self, ids: list[str]) -> dict[str, tuple[dict[str, Any], bytes] | LoadError]:
         table = self.table
@@ -324,8 +352,8 @@ class SqlStore(Store):
         with self._failures("cannot read"), self.engine.connect() as conn:
             for start in range(0, len(numbers), BATCH):
                 chunk = numbers[start : start + BATCH]
-                query = sa.select(table.c.id, table.c.meta, table.c.data).where(table.c.id.in_(chunk))
-                for number, meta_text, data in conn.execute(query):
+                query = sa.select(table.c.id, table.c.meta, table.c.data).where(self._one_of(table.c.id, chunk))
+                for number, meta_text, data in conn.execute(query).all():
                     oid = wanted[number]
                     meta = _parse_meta(oid, meta_text)
                     found[oid] = meta if isinstance(meta, LoadError) else (meta, bytes(data or b""))
@@ -339,8 +367,14 @@ class SqlStore(Store):
                     for start in range(0, len(ids), BATCH):
                         chunk = ids[start : start + BATCH]
                         numbers = [parse_id(oid)[1] for oid in chunk]
-                        where = table.c.id.in_(numbers), table.c.persistent_id.in_(chunk)
+                        where = self._one_of(table.c.id, numbers), self._one_of(table.c.persistent_id, chunk)
                         conn.execute(sa.delete(table).where(*where))
+
+    def _one_of(self, column: sa.Column[Any], values: list[Any]) -> Any:
+        """``column IN values``; on PostgreSQL ``column = ANY(array)``, one parameter rather than hundreds to parse."""
+        if self.engine.dialect.name == "postgresql":
+            return column == sa.any_(sa.literal(values, postgresql.ARRAY(column.type)))
+        return column.in_(values)
 
     def _list(self, filters: dict[str, Any]) -> list[str]:
         table = self.table
@@ -367,9 +401,9 @@ class SqlStore(Store):
             return
         for start in range(0, len(ids), BATCH):
             chunk = ids[start : start + BATCH]
-            query = sa.select(*columns).where(table.c.id.in_([parse_id(oid)[1] for oid in chunk]))
+            query = sa.select(*columns).where(self._one_of(table.c.id, [parse_id(oid)[1] for oid in chunk]))
             with self._failures("cannot read"), self.engine.connect() as conn:
-                rows = {oid: meta for oid, meta in conn.execute(query)}
+                rows = dict(conn.execute(query).all())
             for oid in chunk:
                 if oid in rows:
                     yield oid, _parse_meta(oid, rows[oid])
@@ -400,9 +434,9 @@ class SqlStore(Store):
         ids = list(ids)
         for start in range(0, len(ids), BATCH):
             chunk = ids[start : start + BATCH]
-            query = sa.select(*columns).where(table.c.id.in_([parse_id(oid)[1] for oid in chunk]))
+            query = sa.select(*columns).where(self._one_of(table.c.id, [parse_id(oid)[1] for oid in chunk]))
             with self._failures("cannot read"), self.engine.connect() as conn:
-                rows = {row[0]: row for row in conn.execute(query)}
+                rows = {row[0]: row for row in conn.execute(query).all()}
             for oid in chunk:
                 row = rows.get(oid)
                 yield oid, summary(row) if row is not None else LoadError(oid, f"no such object in {self}")
@@ -547,7 +581,7 @@ def _text(value: Any) -> Any:
 
 def _parse_meta(oid: str, text: Any) -> dict[str, Any] | LoadError:
     try:
-        meta = json.loads(text)
+        meta = decode_json(text.decode() if isinstance(text, bytes) else text)
     except (TypeError, ValueError):
         return LoadError(oid, "metadata is not valid JSON")
     if not isinstance(meta, dict):

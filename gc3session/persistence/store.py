@@ -3,7 +3,7 @@
 Everything stores have in common is written here once: id assignment,
 pickling through the serializer (children become references), the metadata
 record, the identity cache, integrity checks on load, fork safety.  A backend
-implements six storage primitives: ``_reserve``, ``_write``, ``_read``,
+implements seven storage primitives: ``_reserve``, ``_bump``, ``_write``, ``_read``,
 ``_delete``, ``_list`` and ``_read_metadata``.
 """
 
@@ -42,7 +42,7 @@ SUMMARY_FIELDS = ("id", "jobname", "state", "cls", "returncode", "modified", "ch
 LOAD_BATCH = 1000
 
 
-@dataclass
+@dataclass(slots=True)  # a batch holds thousands: no __dict__ each
 class Record:
     """One object as a backend writes it."""
 
@@ -145,18 +145,18 @@ class Store(abc.ABC):
                 raise
             except Exception as error:
                 raise SaveError(oid, f"cannot serialize {type(obj).__name__}: {error}") from error
+            refs = tuple(sorted(set(edges[oid]))) if oid in edges else ()
             meta = {
                 "format": FORMAT_VERSION,
                 "version": __version__,
                 "id": oid,
                 **self.serializer.describe(obj),
-                "references": sorted(set(edges.get(oid, ()))),
+                "references": refs,
                 "created": created,
                 "modified": now,
                 "size": len(data),
                 "crc32": zlib.crc32(data),
             }
-            refs = tuple(meta["references"])
             records.append(Record(oid, parse_id(oid)[1], meta, data, obj, refs))
         batch = {r.id for r in records}
         cycle = find_cycle(batch, lambda node: edges.get(node, ()) if node in batch else self._refs.get(node, ()))
