@@ -60,7 +60,8 @@ CORE_COLUMNS = (
 
 def _core_columns() -> list[sa.Column[Any]]:
     return [
-        sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+        # on SQLite, INTEGER PRIMARY KEY is the rowid itself (64 bits): no second index to keep
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=False),
         sa.Column("persistent_id", sa.String(255), nullable=False),
         sa.Column("data", _BIG_BLOB, nullable=False),
         sa.Column("state", sa.String(32), index=True),
@@ -114,7 +115,7 @@ class SqlStore(Store):
         except BaseException:
             self.engine.dispose()
             raise
-        self._upsert, self._named_params = self._make_upsert()
+        self._upsert, self._param_names = self._make_upsert()
         dialect = self.engine.dialect
         # extra fields may have types that convert values (JSON, dates, enums): their bind processors, or None
         self._extra_processors = [column.type.dialect_impl(dialect).bind_processor(dialect) for column in self._extra]
@@ -215,8 +216,8 @@ class SqlStore(Store):
             return sqlite.insert(table).on_conflict_do_nothing()
         return sa.insert(table).prefix_with("IGNORE")
 
-    def _make_upsert(self) -> tuple[str, bool]:
-        """The dialect's upsert of one row as the driver's SQL, and whether it takes named parameters.
+    def _make_upsert(self) -> tuple[str, list[str] | None]:
+        """The dialect's upsert of one row as the driver's SQL, and its parameters' names (None if positional).
 
         Rows go to the driver's ``executemany`` as they are (see ``_row``): SQLAlchemy's processing of
         each row's parameters costs more than SQLite's own work on it.
@@ -236,9 +237,11 @@ class SqlStore(Store):
             raise InvalidArgument(f"SQL store does not support the {dialect!r} database")
         compiled = upsert.compile(dialect=self.engine.dialect, column_keys=names)
         order = compiled.positiontup
-        if order is not None and list(order) != names:  # pragma: no cover - every dialect binds VALUES in order
+        if order is None:  # named parameters, with the names SQLAlchemy gave them (a column name may not do)
+            return compiled.string, [compiled.escaped_bind_names.get(name, name) for name in names]
+        if list(order) != names:  # pragma: no cover - every dialect binds VALUES in column order
             raise StoreError(self._masked(), f"unexpected parameter order in {compiled.string}")
-        return compiled.string, order is None
+        return compiled.string, None
 
     # -- transactions and errors ----------------------------------------------
 
@@ -300,14 +303,13 @@ class SqlStore(Store):
 
     def _write(self, records: list[Record]) -> None:
         """Upsert the records in one transaction, in batches."""
-        columns = [c.name for c in self.table.columns]
         with self._failures("cannot write", target=records[0].id if len(records) == 1 else f"{len(records)} objects"):
             for attempt in retries():
                 with attempt, self._transaction() as conn:
                     for start in range(0, len(records), BATCH):
                         rows: list[Any] = [self._row(record) for record in records[start : start + BATCH]]
-                        if self._named_params:
-                            rows = [dict(zip(columns, row, strict=True)) for row in rows]
+                        if self._param_names is not None:
+                            rows = [dict(zip(self._param_names, row, strict=True)) for row in rows]
                         conn.exec_driver_sql(self._upsert, rows)
 
     def _row(self, record: Record) -> tuple[Any, ...]:
@@ -571,7 +573,7 @@ def _text(value: Any) -> Any:
 
     The pickle keeps the exact string; only the column shows the replacement.
     """
-    if isinstance(value, str):
+    if isinstance(value, str) and not value.isascii():
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:

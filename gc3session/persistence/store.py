@@ -159,7 +159,8 @@ class Store(abc.ABC):
             }
             records.append(Record(oid, parse_id(oid)[1], meta, data, obj, refs))
         batch = {r.id for r in records}
-        cycle = find_cycle(batch, lambda node: edges.get(node, ()) if node in batch else self._refs.get(node, ()))
+        # a cycle through the batch passes through a record of it that refers to something: start only from those
+        cycle = find_cycle(edges, lambda node: edges.get(node, ()) if node in batch else self._refs.get(node, ()))
         if cycle:
             path = " -> ".join(cycle)
             raise SaveError(cycle[0], f"reference cycle {path}: a stored object cannot refer back to itself")
