@@ -150,17 +150,15 @@ def ls(session: str, recursive: bool, states: tuple[str, ...], pattern: str | No
     """
     view = SessionView(session)
     wanted = {s.upper() for s in states}
-    rows = (
-        row_of(oid, meta, depth, parent)
-        for depth, parent, oid, meta in view.walk(recursive)
-        if selected(meta, wanted, pattern, failed)
-    )
+    listed = (entry for entry in view.walk(recursive) if selected(entry[3], wanted, pattern, failed))
+    if fmt == "table":  # the common case, and the one for big sessions: cells straight from the metadata
+        write_table((table_cells(oid, meta, depth) for depth, _, oid, meta in listed), sys.stdout.isatty())
+        return
+    rows = (row_of(oid, meta, depth, parent) for depth, parent, oid, meta in listed)
     if fmt == "json":
         write_json(rows)
-    elif fmt == "csv":
-        write_csv(rows)
     else:
-        write_table(rows, sys.stdout.isatty())
+        write_csv(rows)
 
 
 def selected(meta: dict[str, Any] | LoadError, states: set[str], pattern: str | None, failed: bool) -> bool:
@@ -207,14 +205,14 @@ def write_csv(rows: Iterable[dict[str, Any]]) -> None:
         writer.writerow([row[name] for name in fields])
 
 
-def write_table(rows: Iterable[dict[str, Any]], terminal: bool) -> None:
+def write_table(rows: Iterable[tuple[str, ...]], terminal: bool) -> None:
     """Aligned columns cut to the terminal's width on a terminal; tab-separated, uncut, when piped."""
     headers = ("ID", "JOBNAME", "STATE", "CLASS", "LAST CHANGE")
     if not terminal:
         out = sys.stdout
         out.write("\t".join(headers) + "\n")
         for row in rows:
-            out.write("\t".join(table_cells(row)) + "\n")
+            out.write("\t".join(row) + "\n")
         return
     width = shutil.get_terminal_size((100, 24)).columns
     fixed = {"id": 20, "state": 11, "class": 18, "modified": 19}
@@ -222,15 +220,22 @@ def write_table(rows: Iterable[dict[str, Any]], terminal: bool) -> None:
     widths = (fixed["id"], name_width, fixed["state"], fixed["class"], fixed["modified"])
     click.echo("  ".join(cut(h, w).ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     for row in rows:
-        click.echo("  ".join(cut(c, w).ljust(w) for c, w in zip(table_cells(row), widths, strict=True)).rstrip())
+        click.echo("  ".join(cut(c, w).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
-def table_cells(row: dict[str, Any]) -> tuple[str, ...]:
-    indent = "  " * row.get("depth", 0)
-    modified = (row["modified"] or "")[:19].replace("T", " ")
-    short_class = (row["class"] or "").rpartition(".")[2]
-    jobname = row["jobname"] if row.get("error") is None else f"<{row['error']}>"
-    return (indent + row["id"], str(jobname or ""), str(row["state"] or ""), short_class, modified)
+def table_cells(oid: str, meta: dict[str, Any] | LoadError, depth: int = 0) -> tuple[str, ...]:
+    """The table's cells for one task: id (indented by depth), job name, state, class, last change."""
+    indent = "  " * depth
+    if isinstance(meta, LoadError):
+        return (indent + oid, f"<{meta.reason}>", "UNREADABLE", "", "")
+    modified = meta.get("modified")
+    return (
+        indent + oid,
+        str(meta.get("jobname") or ""),
+        str(meta.get("state") or ""),
+        str(meta.get("cls") or "").rpartition(".")[2],
+        _table_second(int(modified)) if isinstance(modified, (int, float)) else "",
+    )
 
 
 def cut(text: str, width: int) -> str:
@@ -248,6 +253,11 @@ def iso_time(value: Any) -> str | None:
 def _iso_second(second: int) -> str:
     # tasks saved in one batch share their second: the cache spares most of the formatting
     return datetime.datetime.fromtimestamp(second).astimezone().isoformat(timespec="seconds")
+
+
+@functools.lru_cache(maxsize=4096)
+def _table_second(second: int) -> str:
+    return _iso_second(second)[:19].replace("T", " ")
 
 
 def local_time(value: Any) -> str:

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from gc3session import Session, State, Task, TaskCollection, __version__
-from gc3session.cli import cut, main, write_table
+from gc3session.cli import cut, main, table_cells, write_table
 from gc3session.persistence.filesystem import encode_record
 
 CLI_KINDS = ["file", "sqlite", "postgresql"]
@@ -83,8 +83,8 @@ def test_ls_table_plain_when_piped(sample: Path) -> None:
 def test_table_on_terminal_is_aligned_and_cut(monkeypatch: Any, capsys: Any) -> None:
     monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback=None: os.terminal_size((80, 24)))
     rows = [
-        {"id": "Task.1", "jobname": "n" * 200, "state": "NEW", "class": "a.Task", "modified": None, "depth": 0},
-        {"id": "Task.22", "jobname": "short", "state": "RUNNING", "class": "a.Task", "modified": None, "depth": 1},
+        table_cells("Task.1", {"jobname": "n" * 200, "state": "NEW", "cls": "a.Task", "modified": None}),
+        table_cells("Task.22", {"jobname": "short", "state": "RUNNING", "cls": "a.Task", "modified": None}, depth=1),
     ]
     write_table(rows, terminal=True)
     lines = capsys.readouterr().out.splitlines()
