@@ -7,6 +7,7 @@ API, so a new kind of store gets the whole suite for free.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import decimal
 import importlib.metadata
@@ -738,6 +739,9 @@ def test_serializer_pickles_each_object_on_its_own():
     assert serializer.dumps(task, no_reference) == first
     assert pickle.loads(serializer.dumps([PicklesWhilePickled({"a": 1}), shared], no_reference)) == [{"a": 1}, shared]
     assert serializer.dumps(task, no_reference) == first
+    for twin in (pickle.loads(pickle.dumps(serializer)), copy.copy(serializer)):
+        assert twin.dumps(task, no_reference) == first
+        assert twin._idle is not serializer._idle
 
 
 @pytest.mark.parametrize("text", ['{"a":1}', ' {"a": [1, 2.5, null]} \n', '"x"', "[]", '{"s":"\\u00e9"}'])

@@ -111,6 +111,9 @@ class Serializer:
             if pickler.protocol == self.protocol:
                 self._idle.append(pickler)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_idle": []}  # a copy gets picklers of its own (and picklers do not pickle)
+
     def loads(self, data: bytes, resolve: Callable[[str], Any]) -> Any:
         """Unpickle ``data``; a reference is replaced by ``resolve(id)``."""
         return _Unpickler(io.BytesIO(data), self, resolve).load()
