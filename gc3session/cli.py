@@ -550,10 +550,10 @@ def copy_records(view: SessionView, target: Session) -> list[LoadError]:
                 records.append((oid, meta, data))
                 queue.extend({*id_list(meta.get("references")), *id_list(meta.get("children"))})
             copied = {oid: meta for oid, meta, _ in records}
-            clashes = [
+            clashes = [  # another object, or one that cannot be read, where a copy would go
                 oid
-                for oid, meta in target.store.iter_metadata(list(copied))
-                if isinstance(meta, dict) and meta.get("crc32") != copied[oid].get("crc32")
+                for oid, meta in target.store.occupants(list(copied)).items()
+                if not isinstance(meta, dict) or meta.get("id") != oid or meta.get("crc32") != copied[oid].get("crc32")
             ]
             if clashes:
                 raise click.ClickException(

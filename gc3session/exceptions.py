@@ -59,6 +59,10 @@ class LoadError(Error, LookupError):
         return f"cannot load {self.id}: {self.reason}"
 
 
+class NoSuchObject(LoadError):
+    """The store holds no object under this id."""
+
+
 class SaveError(Error):
     """An object or a session file could not be written.
 
@@ -111,5 +115,6 @@ class RepairWarning(UserWarning):
 
 
 __all__ = [
-    "Error", "InvalidArgument", "LoadError", "LoadWarning", "RepairWarning", "SaveError", "SessionError", "StoreError",
+    "Error", "InvalidArgument", "LoadError", "LoadWarning", "NoSuchObject", "RepairWarning", "SaveError", "SessionError",
+    "StoreError",
 ]

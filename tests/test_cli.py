@@ -252,6 +252,15 @@ def test_copy_refuses_to_overwrite_other_objects(tmp_path: Path) -> None:
     assert [t.jobname for t in Session(tmp_path / "a")] == ["a"]
 
 
+def test_copy_refuses_an_sql_row_held_by_an_id_with_another_prefix(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/shared.db"
+    Session(tmp_path / "a", store_or_url=url).add(Task(jobname="a"))  # Task.1: row 1
+    Session(tmp_path / "b").add(TaskCollection(jobname="b"))  # TaskCollection.1 would go to row 1 too
+    refused = run("copy", tmp_path / "b", tmp_path / "c", "--store", url)
+    assert refused.exit_code == 1 and "TaskCollection.1" in refused.output and "--renumber" in refused.output
+    assert [t.jobname for t in Session(tmp_path / "a")] == ["a"]
+
+
 def test_not_a_session_and_debug(tmp_path: Path) -> None:
     result = run("ls", tmp_path)
     assert result.exit_code == 1 and "not a session" in result.output and "Traceback" not in result.output

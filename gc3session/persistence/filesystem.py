@@ -19,7 +19,7 @@ from ..exceptions import InvalidArgument, LoadError, RepairWarning, SaveError, S
 from .atomic import write_atomically
 from .idfactory import FileCounter, IdFactory, is_id, parse_id
 from .serialization import DEFAULT_PROTOCOL, decode_json, encode_json
-from .store import Record, Store, matches, store_options
+from .store import Record, Store, matches, missing, store_options
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class FilesystemStore(Store):
             try:
                 line = read_first_line(path)
             except FileNotFoundError:
-                yield oid, LoadError(oid, f"no such object in {self}")
+                yield oid, missing(oid, self)
                 continue
             except OSError as error:
                 yield oid, LoadError(oid, f"cannot read {path}: {error.strerror or error}")

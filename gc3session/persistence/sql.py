@@ -31,7 +31,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from ..exceptions import InvalidArgument, LoadError, RepairWarning, SaveError, StoreError
 from .idfactory import IdFactory, parse_id
 from .serialization import DEFAULT_PROTOCOL, decode_json, encode_json
-from .store import Record, Store, mask_password, store_options
+from .store import Record, Store, mask_password, missing, store_options
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +410,26 @@ class SqlStore(Store):
                 if oid in rows:
                     yield oid, _parse_meta(oid, rows[oid])
                 else:
-                    yield oid, LoadError(oid, f"no such object in {self}")
+                    yield oid, missing(oid, self)
+
+    def occupants(self, ids: Iterable[str]) -> dict[str, dict[str, Any] | LoadError]:
+        """What holds the row of each id: rows are keyed by the number, whatever the id's prefix."""
+        by_number: dict[int, list[str]] = {}
+        for oid in ids:
+            by_number.setdefault(parse_id(oid)[1], []).append(oid)
+        numbers = list(by_number)
+        table = self.table
+        found: dict[str, dict[str, Any] | LoadError] = {}
+        for start in range(0, len(numbers), BATCH):
+            query = sa.select(table.c.id, table.c.persistent_id, table.c.meta).where(
+                self._one_of(table.c.id, numbers[start : start + BATCH])
+            )
+            with self._failures("cannot read"), self.engine.connect() as conn:
+                rows = conn.execute(query).all()
+            for number, holder, meta_text in rows:
+                for oid in by_number[number]:
+                    found[oid] = _parse_meta(holder, meta_text)
+        return found
 
     def iter_summaries(self, ids: Iterable[str] | None = None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
         """Listing fields straight from the columns: no JSON to parse but the children."""
@@ -441,7 +460,7 @@ class SqlStore(Store):
                 rows = {row[0]: row for row in conn.execute(query).all()}
             for oid in chunk:
                 row = rows.get(oid)
-                yield oid, summary(row) if row is not None else LoadError(oid, f"no such object in {self}")
+                yield oid, summary(row) if row is not None else missing(oid, self)
 
     def size(self) -> int | None:
         """Bytes the table takes in the database, where the database tells."""

@@ -24,7 +24,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
-from ..exceptions import Error, InvalidArgument, LoadError, SaveError
+from ..exceptions import Error, InvalidArgument, LoadError, NoSuchObject, SaveError
 from .idfactory import IdFactory, is_id, parse_id
 from .serialization import DEFAULT_PROTOCOL, FORMAT_VERSION, Serializer
 
@@ -73,6 +73,8 @@ class Store(abc.ABC):
             protocol=protocol, class_map=class_map, allowed_classes=allowed_classes
         )
         self._cache: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+        # objects this handle gave their ids to (not saved yet, or since forgotten by the cache)
+        self._issued: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
         # what each record seen by this handle refers to (only those that refer to something)
         self._refs: dict[str, tuple[str, ...]] = {}
         self._lock = threading.RLock()
@@ -95,6 +97,7 @@ class Store(abc.ABC):
             self._check_pid()
             records = self._encode(list({id(obj): obj for obj in objs}.values()))
             if records:
+                self._check_foreign(records)
                 self._write(records)
             for record in records:
                 record.obj.changed = False
@@ -108,14 +111,18 @@ class Store(abc.ABC):
         """Save ``obj`` under ``id``, overwriting what is stored there."""
         parse_id(id)
         self._set_id(obj, id)
-        self.save_many([obj])
+        with self._lock:
+            self._issued[id] = obj  # on purpose: no check that the id is its own
+            self.save_many([obj])
 
     def assign_id(self, obj: Any) -> str:
         """Give ``obj`` an id now, without writing anything; return it."""
         with self._lock:
             self._check_pid()
             if getattr(obj, "persistent_id", None) is None:
-                self._set_id(obj, self.idfactory.format(obj, self._next_number()))
+                oid = self.idfactory.format(obj, self._next_number())
+                self._set_id(obj, oid)
+                self._issued[oid] = obj
             return obj.persistent_id
 
     def _encode(self, objs: list[Any]) -> list[Record]:
@@ -125,7 +132,9 @@ class Store(abc.ABC):
         edges: dict[str, list[str]] = {}
 
         def reference(child: Persistable) -> str:
-            if id(child) not in queued and (child.persistent_id is None or child.changed):
+            if id(child) not in queued and (
+                child.persistent_id is None or child.changed or not self._knows(child, child.persistent_id)
+            ):  # a child from another store must come along, or this store would hold a dangling reference
                 queued.add(id(child))
                 pending.append(child)
             child_id = child.persistent_id or self.assign_id(child)
@@ -165,6 +174,48 @@ class Store(abc.ABC):
             path = " -> ".join(cycle)
             raise SaveError(cycle[0], f"reference cycle {path}: a stored object cannot refer back to itself")
         return records
+
+    def _knows(self, obj: Any, oid: str) -> bool:
+        """True when ``obj`` got ``oid`` from this handle: issued here, loaded or saved here."""
+        return self._cache.get(oid) is obj or self._issued.get(oid) is obj
+
+    def _check_foreign(self, records: list[Record]) -> None:
+        """Check objects whose ids come from elsewhere before writing them; move the counter past them.
+
+        Such an object (loaded from another store, or through another handle
+        on this one) may be saved under its id only if that id is free here
+        or holds the same object (the same creation time): it never
+        overwrites another object.
+        """
+        foreign = [record for record in records if not self._knows(record.obj, record.id)]
+        if not foreign:
+            return
+        held = self.occupants([record.id for record in foreign])
+        for record in foreign:
+            there = held.get(record.id)
+            if there is None:
+                continue
+            if isinstance(there, LoadError):
+                reason = f"{self} holds a record under this id that cannot be read ({there.reason}); not overwriting it"
+                raise SaveError(record.id, reason)
+            if there.get("id") != record.id or there.get("created") != record.meta["created"]:
+                raise SaveError(
+                    record.id,
+                    f"{self} already holds another object under this id ({there.get('id')}): this one comes from "
+                    "another store; set its persistent_id to None to save a copy under a new id, or use replace()",
+                )
+        self._bump(max(record.number for record in foreign))
+        for record in foreign:
+            self._issued[record.id] = record.obj
+
+    def occupants(self, ids: Iterable[str]) -> dict[str, dict[str, Any] | LoadError]:
+        """The metadata of what the store holds where each id would be written; free ids are left out.
+
+        A record that is there but cannot be read is a LoadError.  On SQL
+        stores ids with the same number share a row, so the metadata may name
+        another id.
+        """
+        return {oid: meta for oid, meta in self._read_metadata(list(ids)) if not isinstance(meta, NoSuchObject)}
 
     def _remember_refs(self, oid: str, refs: Any) -> None:
         refs = tuple(r for r in refs if isinstance(r, str)) if isinstance(refs, (list, tuple)) else ()
@@ -244,7 +295,7 @@ class Store(abc.ABC):
         self, oid: str, entry: tuple[dict[str, Any], bytes] | LoadError | None, resolve: Callable[[str], Any]
     ) -> Any:
         if entry is None:
-            raise LoadError(oid, f"no such object in {self}")
+            raise missing(oid, self)
         if isinstance(entry, LoadError):
             raise entry
         meta, data = entry
@@ -278,7 +329,7 @@ class Store(abc.ABC):
             if isinstance(meta, LoadError):
                 raise meta
             return meta
-        raise LoadError(id, f"no such object in {self}")  # pragma: no cover - iter_metadata yields each id
+        raise missing(id, self)  # pragma: no cover - iter_metadata yields each id
 
     def iter_metadata(self, ids: Iterable[str] | None = None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
         """``(id, metadata)`` for the given ids (all when None), streaming; a failure comes as a LoadError."""
@@ -329,7 +380,7 @@ class Store(abc.ABC):
                 self._check_pid()
                 raw = self._read(chunk)
             for oid in chunk:
-                entry = raw.get(oid) or LoadError(oid, f"no such object in {self}")
+                entry = raw.get(oid) or missing(oid, self)
                 if not isinstance(entry, LoadError):
                     try:
                         check_metadata(oid, *entry)
@@ -425,6 +476,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def _read_metadata(self, ids: list[str] | None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
         """Metadata of ``ids`` (of all records when None), streaming."""
+
+
+def missing(oid: str, store: Store) -> NoSuchObject:
+    """The error for an id that ``store`` does not hold."""
+    return NoSuchObject(oid, f"no such object in {store}")
 
 
 def check_metadata(oid: str, meta: Any, data: bytes) -> None:
