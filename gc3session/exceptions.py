@@ -115,6 +115,6 @@ class RepairWarning(UserWarning):
 
 
 __all__ = [
-    "Error", "InvalidArgument", "LoadError", "LoadWarning", "NoSuchObject", "RepairWarning", "SaveError", "SessionError",
-    "StoreError",
+    "Error", "InvalidArgument", "LoadError", "LoadWarning", "NoSuchObject", "RepairWarning", "SaveError",
+    "SessionError", "StoreError",
 ]
