@@ -55,6 +55,7 @@ class AsyncSession:
         self._queue: list[tuple[Any, asyncio.Future[str]]] = []
         self._committer: asyncio.Task[None] | None = None
         self._closed = False
+        self._closing: asyncio.Future[None] | None = None
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], **kwargs: Any) -> AsyncSession:
@@ -129,14 +130,18 @@ class AsyncSession:
     def _add_batch(self, tasks: list[Any]) -> list[str | BaseException]:
         """On the worker: add and flush ``tasks`` together, or else one by one."""
         session = self.session
-        ids: list[str] = []
+        added: list[tuple[str, bool]] = []
         try:
             for task in tasks:
-                ids.append(session.add(task, flush=False))
+                added.append(session._add(task, flush=False))  # plugins hear of the tasks once they are written
             session.flush()
-            return list(ids)
         except Exception:
-            session.withdraw(ids)
+            session.withdraw([oid for oid, new in added if new])
+        else:
+            for task, (_, new) in zip(tasks, added, strict=True):
+                if new:
+                    session.hooks.call("task_added", session=session, task=task)
+            return [oid for oid, _ in added]
         outcomes: list[str | BaseException] = []
         for task in tasks:
             try:
@@ -206,15 +211,23 @@ class AsyncSession:
         await self._finish(None)
 
     async def _finish(self, error: BaseException | None) -> None:
-        if self._session is None or self._closed:
+        if self._session is None:
             return
-        self._closed = True  # adds from now on are refused; those queued are written first
+        if self._closing is None:
+            self._closed = True  # adds from now on are refused; those queued are written first
+            self._closing = asyncio.ensure_future(self._close_now(error))
+        await asyncio.shield(self._closing)  # a cancelled close() still closes, in the background
+
+    async def _close_now(self, error: BaseException | None) -> None:
+        assert self._session is not None
         try:
             while self._committer is not None:
                 await asyncio.shield(self._committer)
-            await self._call(self._session.__exit__, type(error) if error else None, error, None)
         finally:
-            self._shutdown()
+            try:
+                await self._call(self._session.__exit__, type(error) if error else None, error, None)
+            finally:
+                self._shutdown()
 
     def _shutdown(self) -> None:
         if self._executor is not None:

@@ -104,9 +104,9 @@ def _guard(plugin: object, name: str) -> Any:
     method = getattr(plugin, name)
 
     @functools.wraps(method)
-    def guarded(*args: Any) -> None:
+    def guarded(*args: Any, **kwargs: Any) -> None:  # pluggy passes arguments with defaults by keyword
         try:
-            method(*args)
+            method(*args, **kwargs)
         except Exception:
             log.error("plugin %r failed in %s; the session goes on", plugin, name, exc_info=True)
 

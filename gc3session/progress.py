@@ -4,8 +4,9 @@ It is installed as the ``progress`` entry point of ``gc3session.plugins``,
 through :func:`terminal_progress`, so every session of a script run on a
 terminal gets it; off a terminal (a pipe, a log file, a batch job) it stays
 out of the way entirely.  The line appears only once a burst of adds or
-saves has lasted ``delay`` seconds, is redrawn at most every ``interval``
-seconds, and is finished with a newline when the session closes.
+saves has lasted ``delay`` seconds (with no pause longer than :data:`IDLE`),
+is redrawn at most every ``interval`` seconds, and is finished with a
+newline when the session closes.
 
 The bar fills with the share of tasks that are TERMINATED.  Counts cover
 the tasks this session has loaded, added or saved.
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 #: The state whose share fills the bar.
 DONE = "TERMINATED"
+#: Seconds without adds or saves that end a burst.
+IDLE = 0.25
 
 
 class ProgressReporter:
@@ -42,14 +45,20 @@ class ProgressReporter:
         self.counts: Counter[str] = Counter()
         self.saved = 0
         self._started: float | None = None
+        self._last_event = 0.0
         self._drawn_at = 0.0
         self._shown = False
 
     # -- hooks ------------------------------------------------------------------
 
     def session_opened(self, session: Session) -> None:
-        for task in session.tasks.loaded():
+        pending = list(session.tasks.loaded())
+        while pending:  # children too, as saving counts them
+            task = pending.pop()
             self._note(task)
+            children = getattr(task, "tasks", None)
+            if isinstance(children, (list, tuple)):
+                pending.extend(children)
 
     def task_added(self, session: Session, task: Any) -> None:
         self._note(task)
@@ -91,8 +100,9 @@ class ProgressReporter:
 
     def _tick(self) -> None:
         now = time.monotonic()
-        if self._started is None:
-            self._started = now
+        if self._started is None or now - self._last_event > IDLE:
+            self._started = now  # a new burst
+        self._last_event = now
         if now - self._started >= self.delay and now - self._drawn_at >= self.interval:
             self._draw()
             self._drawn_at = now

@@ -20,7 +20,7 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, ItemsView, Iterable, Iterator, MutableMapping, ValuesView
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ class Session:
     TIMESTAMP_FILES = {"start": "created", "end": "finished"}  # noqa: RUF012 - gc3libs' public constant
     DEFAULT_STORE_DIR = "jobs"
     LOCK_FILENAME = ".lock"
+    _opening_later = False  # a subclass that loads its tasks after __init__ calls session_opened itself
 
     def __init__(
         self,
@@ -102,7 +103,8 @@ class Session:
         self._run = new_run(params)
         with self._locked():
             self.session_id = update_runs(self.path, self._run)
-        self.hooks.call("session_opened", session=self)
+        if not self._opening_later:
+            self.hooks.call("session_opened", session=self)
 
     # -- opening and creating ---------------------------------------------------
 
@@ -245,29 +247,42 @@ class Session:
 
         With ``flush`` (the default) the task is saved and the index updated
         before returning; otherwise both wait for :meth:`flush`.  Adding the
-        same object twice gives the same id and one entry.
+        same object twice gives the same id and one entry; another object
+        with the id of a task in the session is refused with SaveError.
         """
         with self._mutex:
-            oid = getattr(task, "persistent_id", None)
-            if oid is not None and self.tasks.peek(oid) is task:
-                if flush:
-                    if task.changed and oid not in self._unsaved:
-                        self.store.save(task)
-                    self.flush()
-                return oid
-            if flush:
-                oid = self.store.save(task)
-            else:
-                oid = self.store.assign_id(task)
-                self._unsaved[oid] = task
-                self.hooks.watch((task,))
-            self.tasks[oid] = task
-            self.load_errors.pop(oid, None)
-            self._register(oid, task)
-            if flush:
-                self.flush()
-            self.hooks.call("task_added", session=self, task=task)
+            oid, new = self._add(task, flush)
+            if new:
+                self.hooks.call("task_added", session=self, task=task)
             return oid
+
+    def _add(self, task: Any, flush: bool) -> tuple[str, bool]:
+        """Add without telling plugins; return the id and whether the task is new to the session."""
+        oid = getattr(task, "persistent_id", None)
+        if oid is not None and oid in self.tasks:
+            try:
+                held = self.tasks[oid]
+            except LoadError:
+                held = None
+            if held is not task:
+                raise SaveError(oid, f"session {self.path} already holds another task under this id")
+            if flush:
+                if task.changed and oid not in self._unsaved:
+                    self.store.save(task)
+                self.flush()
+            return oid, False
+        if flush:
+            oid = self.store.save(task)
+        else:
+            oid = self.store.assign_id(task)
+            self._unsaved[oid] = task
+            self.hooks.watch((task,))
+        self.tasks[oid] = task
+        self.load_errors.pop(oid, None)
+        self._register(oid, task)
+        if flush:
+            self.flush()
+        return oid, True
 
     def _register(self, oid: str, task: Any = None) -> None:
         if oid in self._removed:
@@ -333,14 +348,17 @@ class Session:
     def withdraw(self, ids: Iterable[str | None]) -> None:
         """Take back adds not flushed yet: the tasks leave the session and are never written.
 
-        Ids that are not such pending adds are ignored.  Use it when a
+        A task added back after a removal stays in the session but is not
+        written again; other ids are ignored.  Use it when a
         :meth:`flush` fails because of one task added with ``flush=False``.
         """
         with self._mutex:
             for oid in ids:
-                if oid is not None and oid in self._added:
+                if oid is None:
+                    continue
+                self._unsaved.pop(oid, None)
+                if oid in self._added:
                     del self._added[oid]
-                    self._unsaved.pop(oid, None)
                     self._index.pop(oid, None)
                     self.tasks.pop(oid, None)
 
@@ -500,17 +518,24 @@ class Session:
         self._finish(None)
 
     def _finish(self, error: BaseException | None) -> None:
-        try:
+        with ExitStack() as closing:  # each step runs even if an earlier one raised; the last one first
+            closing.callback(self.store.close)
+            closing.callback(self._closed, error)
+            closing.callback(self._record_end, error)
             self.save_all()
-        finally:
-            if os.path.isdir(self.path):  # not after destroy()
-                self._run["end"] = _time.time()
-                if error is not None:
-                    self._run["error"] = error_record(error)
-                with self._locked():
-                    update_runs(self.path, self._run)
-            self.store.close()
+
+    def _record_end(self, error: BaseException | None) -> None:
+        if os.path.isdir(self.path):  # not after destroy()
+            self._run["end"] = _time.time()
+            if error is not None:
+                self._run["error"] = error_record(error)
+            with self._locked():
+                update_runs(self.path, self._run)
+
+    def _closed(self, error: BaseException | None) -> None:
+        try:
             self.hooks.call("session_closed", session=self, error=error)
+        finally:
             self.hooks.active = False  # a closed session reports nothing more
 
     def __enter__(self) -> Session:
@@ -529,6 +554,8 @@ class TemporarySession(Session):
 
     Without ``task_ids`` it holds every object that the store lists.
     """
+
+    _opening_later = True
 
     def __init__(
         self,
@@ -552,6 +579,7 @@ class TemporarySession(Session):
         for oid in list(self.tasks) + list(self.load_errors):
             self._register(oid)
         self.flush()
+        self.hooks.call("session_opened", session=self)
 
     def _finish(self, error: BaseException | None) -> None:
         """Close as a session does, then remove the temporary directory (when ``delete``)."""

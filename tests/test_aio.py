@@ -180,3 +180,39 @@ async def test_the_package_exports_the_async_names() -> None:
     assert gc3session.async_session is async_session and gc3session.AsyncSession is AsyncSession
     with pytest.raises(AttributeError):
         gc3session.no_such_name  # noqa: B018
+
+
+async def test_plugins_hear_of_group_added_tasks_once_they_are_written(tmp_path: Any) -> None:
+    path = tmp_path / "s"
+    heard: list[tuple[str, bool]] = []
+
+    class Checker:
+        def task_added(self, task: Any) -> None:
+            heard.append((task.persistent_id, task.persistent_id in index_ids(path)))
+
+    async with async_session(path, plugins=[Checker()], autoload_plugins=False) as s:
+        bad = Task("bad", callback=lambda: None)
+        results = await asyncio.gather(*(s.add(Task(f"t{i}")) for i in range(10)), s.add(bad), return_exceptions=True)
+    good = [r for r in results if isinstance(r, str)]
+    assert len(good) == 10
+    assert sorted(heard) == sorted((oid, True) for oid in good)  # once each, after the index names them
+
+
+async def test_a_cancelled_close_still_closes(tmp_path: Any) -> None:
+    s = await AsyncSession.open(tmp_path / "s", autoload_plugins=False)
+    task = Task("t")
+    await s.add(task)
+    task.state = "TERMINATED"
+    write = s.session.store._write
+
+    def slow_write(records: Any) -> None:
+        time.sleep(0.3)
+        write(records)
+
+    s.session.store._write = slow_write  # type: ignore[method-assign]
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(s.close(), 0.05)
+    await s.close()  # waits for the close already under way
+    reopened = Session(tmp_path / "s", autoload_plugins=False)
+    assert reopened.tasks[task.persistent_id].state == "TERMINATED"
+    assert reopened.runs[0]["end"] is not None

@@ -25,7 +25,7 @@ def two_stores(store_url_of: Any) -> Any:
         store.close()
 
 
-@pytest.mark.parametrize("kind", ["file", "sqlite", "postgresql"])
+@pytest.mark.parametrize("kind", ["file", "sqlite", "postgresql", "mysql"])
 def test_an_object_from_another_store_does_not_overwrite_a_different_object(two_stores: Any, kind: str) -> None:
     here, there = two_stores(kind)
     mine = Task("mine")
@@ -38,24 +38,70 @@ def test_an_object_from_another_store_does_not_overwrite_a_different_object(two_
     assert here.load(oid).jobname == "mine"
 
 
-@pytest.mark.parametrize("kind", ["file", "sqlite", "postgresql"])
+@pytest.mark.parametrize("kind", ["file", "sqlite", "postgresql", "mysql"])
 def test_a_foreign_id_with_another_prefix_and_the_same_number_is_refused_too(two_stores: Any, kind: str) -> None:
     here, there = two_stores(kind)
     oid = here.save(Task("mine"))
     foreign = TaskCollection("foreign")
     other = there.save(foreign)
     assert parse_id(other)[1] == parse_id(oid)[1] and other != oid
-    if kind == "file":  # files are named by the whole id: no clash
-        assert here.save(foreign) == other
-        assert here.load(oid).jobname == "mine"
-    else:  # SQL rows are keyed by the number
-        with pytest.raises(SaveError, match="another object"):
-            here.save(foreign)
-        here.invalidate_cache()
-        assert here.load(oid).jobname == "mine"
+    # SQL rows are keyed by the number; files are named by the whole id, but the number is handed out already
+    with pytest.raises(SaveError, match=f"{other}: .*(another object|handed out number 1 already)"):
+        here.save(foreign)
+    here.invalidate_cache()
+    assert here.load(oid).jobname == "mine"
+    assert here.list() == [oid]
 
 
-@pytest.mark.parametrize("kind", ["file", "sqlite", "postgresql"])
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+def test_a_foreign_id_whose_number_was_handed_out_here_is_refused(two_stores: Any, kind: str) -> None:
+    here, there = two_stores(kind)
+    kept = here.save(Task("kept"))
+    gone = here.save(Task("gone"))
+    here.remove(gone)
+    spare = here._numbers[-1] if here._numbers else None  # a number this handle reserved and has not used yet
+    foreign = [Task(f"foreign{i}") for i in range(6)]
+    there.save_many(foreign)
+    by_number = {parse_id(t.persistent_id)[1]: t for t in foreign}
+    with pytest.raises(SaveError, match="handed out number"):
+        here.save(by_number[parse_id(gone)[1]])  # its slot is free, but a removed object had that number
+    if spare is not None:
+        with pytest.raises(SaveError, match="handed out number"):
+            here.save(by_number[spare])  # a new object of ``here`` would get it
+    assert here.list() == [kept]
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite", "postgresql", "mysql"])
+def test_a_foreign_number_beyond_the_counter_is_kept_and_never_handed_out(two_stores: Any, kind: str) -> None:
+    here, there = two_stores(kind)
+    here.save(Task("first"))  # ``here`` now holds a reserved block of numbers
+    for _ in range(40):
+        there.save(Task("filler"))
+    foreign = Task("foreign")
+    fid = there.save(foreign)
+    assert here.save(foreign) == fid
+    new_ids = here.save_many([Task(f"new{i}") for i in range(100)])
+    assert fid not in new_ids
+    here.invalidate_cache()
+    assert here.load(fid).jobname == "foreign"
+
+
+def test_two_foreign_objects_with_one_number_in_a_batch_are_refused(two_stores: Any) -> None:
+    here, there = two_stores("file")
+    _, elsewhere = two_stores("file")
+    a, b = Task("a"), TaskCollection("b")
+    for _ in range(3):
+        there.save(Task("filler"))
+        elsewhere.save(Task("filler"))
+    there.save(a)
+    elsewhere.save(b)
+    assert parse_id(a.persistent_id)[1] == parse_id(b.persistent_id)[1]
+    with pytest.raises(SaveError, match="also saved in this batch"):
+        here.save_many([a, b])
+    assert here.list() == []
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite", "postgresql", "mysql"])
 def test_a_foreign_object_under_a_free_id_is_saved_there_with_its_children(two_stores: Any, kind: str) -> None:
     here, there = two_stores(kind)
     for _ in range(5):
@@ -106,7 +152,11 @@ def test_adding_a_task_from_another_session_keeps_both_sessions_whole(tmp_path: 
         mine = Task("mine")
         oid = b.add(mine)
         assert theirs.persistent_id == oid
-        with pytest.raises(SaveError, match="another object"):
+        with pytest.raises(SaveError, match="another task under this id"):
             b.add(theirs)
-        assert b.list_ids() == [oid]
-    assert Session(tmp_path / "b", autoload_plugins=False).tasks[oid].jobname == "mine"
+        with pytest.raises(SaveError, match="another task under this id"):
+            b.add(theirs, flush=False)
+        assert b.list_ids() == [oid] and b.tasks[oid] is mine
+        mine.state = "TERMINATED"
+    reopened = Session(tmp_path / "b", autoload_plugins=False).tasks[oid]
+    assert reopened.jobname == "mine" and reopened.state == "TERMINATED"

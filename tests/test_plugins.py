@@ -79,6 +79,29 @@ def test_the_exception_that_ends_a_with_block_reaches_session_closed(tmp_path: A
     assert plugin.calls[-1] == ("session_closed", "KeyError")
 
 
+def test_session_closed_is_called_with_the_store_open_and_even_when_recording_the_run_fails(
+    tmp_path: Any, monkeypatch: Any
+) -> None:
+    from gc3session import session as session_module
+
+    seen: list[Any] = []
+
+    class Reader:
+        def session_closed(self, session: Any, error: Any) -> None:
+            seen.append([t.jobname for t in session.store.load_many(session.list_ids()).values()])
+
+    session = Session(tmp_path / "s", plugins=[Reader()], autoload_plugins=False)
+    session.add(Task("t"))
+
+    def failing_update(path: Any, run: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(session_module, "update_runs", failing_update)
+    with pytest.raises(OSError, match="disk full"):
+        session.close()
+    assert seen == [["t"]] and not session.hooks.active
+
+
 def test_a_closed_session_reports_nothing_more(tmp_path: Any) -> None:
     plugin = RecordingPlugin()
     session = Session(tmp_path / "s", plugins=[plugin], autoload_plugins=False)
@@ -132,10 +155,28 @@ def test_hookimpl_options_order_the_calls() -> None:
         def task_removed(self, task_id: str) -> None:
             order.append("early")
 
-    hooks = Hooks([Late(), Early()], autoload=False)
+    hooks = Hooks([Early(), Late()], autoload=False)  # without tryfirst, the last registered would come first
     hooks.call("task_removed", session=None, task_id="Task.1")
     assert order == ["early", "late"]
-    assert [type(p).__name__ for p in hooks.plugins] == ["Late", "Early"]
+    assert [type(p).__name__ for p in hooks.plugins] == ["Early", "Late"]
+
+
+def test_hook_methods_with_optional_arguments_are_guarded_too(tmp_path: Any, caplog: Any) -> None:
+    calls: list[str] = []
+
+    class Optional:
+        def task_added(self, task: Any, session: Any = None) -> None:
+            calls.append(task.persistent_id)
+            raise RuntimeError("optional plugin bug")
+
+        def session_closed(self, session: Any, error: Any = None) -> None:
+            raise RuntimeError("optional plugin bug")
+
+    caplog.set_level(logging.ERROR, logger="gc3session.plugins")
+    with Session(tmp_path / "s", plugins=[Optional()], autoload_plugins=False) as session:
+        oid = session.add(Task("t"))
+    assert calls == [oid]
+    assert sum("optional plugin bug" in str(r.exc_info[1]) for r in caplog.records if r.exc_info) == 2
 
 
 def test_unregistered_plugins_and_hooks_nobody_implements_cost_nothing(tmp_path: Any) -> None:
@@ -153,9 +194,16 @@ def test_unregistered_plugins_and_hooks_nobody_implements_cost_nothing(tmp_path:
 def test_temporary_sessions_take_plugins(tmp_path: Any) -> None:
     with Session(tmp_path / "s", autoload_plugins=False) as session:
         oid = session.add(Task("t"))
-    plugin = RecordingPlugin()
+    seen: list[int] = []
+
+    class Opened(RecordingPlugin):
+        def session_opened(self, session: Any) -> None:
+            seen.append(len(session.tasks.loaded()))
+
+    plugin = Opened()
     with TemporarySession(tmp_path / "s" / "jobs", plugins=[plugin], autoload_plugins=False) as temporary:
         temporary.tasks[oid].state = "RUNNING"
+    assert seen == [1]  # told once, with its tasks loaded
     assert ("state_changed", oid, "NEW", "RUNNING") in plugin.calls
 
 

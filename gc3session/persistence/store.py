@@ -180,33 +180,58 @@ class Store(abc.ABC):
         return self._cache.get(oid) is obj or self._issued.get(oid) is obj
 
     def _check_foreign(self, records: list[Record]) -> None:
-        """Check objects whose ids come from elsewhere before writing them; move the counter past them.
+        """Check objects whose ids come from elsewhere before writing them.
 
         Such an object (loaded from another store, or through another handle
-        on this one) may be saved under its id only if that id is free here
-        or holds the same object (the same creation time): it never
+        on this one) is saved under its id only where that id holds the same
+        object (same id, same creation time), or where its number was never
+        handed out here: then the numbers up to it are reserved, so that no
+        handle of this store can give it to a new object.  It never
         overwrites another object.
         """
         foreign = [record for record in records if not self._knows(record.obj, record.id)]
         if not foreign:
             return
+        numbers: dict[int, str] = {}
+        for record in foreign:
+            if numbers.setdefault(record.number, record.id) != record.id:
+                raise SaveError(record.id, f"has the number of {numbers[record.number]}, also saved in this batch")
         held = self.occupants([record.id for record in foreign])
+        fresh = []
         for record in foreign:
             there = held.get(record.id)
             if there is None:
-                continue
-            if isinstance(there, LoadError):
+                fresh.append(record)
+            elif isinstance(there, LoadError):
                 reason = f"{self} holds a record under this id that cannot be read ({there.reason}); not overwriting it"
                 raise SaveError(record.id, reason)
-            if there.get("id") != record.id or there.get("created") != record.meta["created"]:
+            elif there.get("id") != record.id or there.get("created") != record.meta["created"]:
                 raise SaveError(
                     record.id,
                     f"{self} already holds another object under this id ({there.get('id')}): this one comes from "
                     "another store; set its persistent_id to None to save a copy under a new id, or use replace()",
                 )
-        self._bump(max(record.number for record in foreign))
+        if fresh:
+            self._claim_numbers(fresh)
         for record in foreign:
             self._issued[record.id] = record.obj
+
+    def _claim_numbers(self, records: list[Record]) -> None:
+        """Reserve the numbers of ``records`` in the counter, or raise SaveError if one was handed out already."""
+        first = self._reserve(1).start  # every number below was handed out; this one is ours now
+        lowest = min(records, key=lambda record: record.number)
+        if lowest.number < first:
+            raise SaveError(
+                lowest.id,
+                f"{self} handed out number {lowest.number} already (to an object since removed, or to one not "
+                "saved yet); set persistent_id to None to save a copy under a new id",
+            )
+        top = max(record.number for record in records)
+        if top > first:
+            more = self._reserve(top - first)
+            taken = [record for record in records if first < record.number < more.start]  # by another handle, meanwhile
+            if taken:
+                raise SaveError(taken[0].id, f"{self} handed out this number to another handle meanwhile; try again")
 
     def occupants(self, ids: Iterable[str]) -> dict[str, dict[str, Any] | LoadError]:
         """The metadata of what the store holds where each id would be written; free ids are left out.
@@ -215,7 +240,10 @@ class Store(abc.ABC):
         stores ids with the same number share a row, so the metadata may name
         another id.
         """
-        return {oid: meta for oid, meta in self._read_metadata(list(ids)) if not isinstance(meta, NoSuchObject)}
+        ids = list(ids)
+        for oid in ids:
+            parse_id(oid)
+        return {oid: meta for oid, meta in self._read_metadata(ids) if not isinstance(meta, NoSuchObject)}
 
     def _remember_refs(self, oid: str, refs: Any) -> None:
         refs = tuple(r for r in refs if isinstance(r, str)) if isinstance(refs, (list, tuple)) else ()
@@ -416,6 +444,7 @@ class Store(abc.ABC):
     def invalidate_cache(self) -> None:
         """Forget the objects in memory: the next load reads the store again."""
         with self._lock:
+            self._issued.update(self._cache)  # still the objects this handle knows: saving them needs no check
             self._cache.clear()
             self._refs.clear()
 
