@@ -73,8 +73,8 @@ class Store(abc.ABC):
             protocol=protocol, class_map=class_map, allowed_classes=allowed_classes
         )
         self._cache: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
-        # objects this handle gave their ids to (not saved yet, or since forgotten by the cache)
-        self._issued: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+        # every object in memory that got its id from this store, through any handle: saving it needs no check
+        self._known = known_objects(url)
         # what each record seen by this handle refers to (only those that refer to something)
         self._refs: dict[str, tuple[str, ...]] = {}
         self._lock = threading.RLock()
@@ -102,6 +102,7 @@ class Store(abc.ABC):
             for record in records:
                 record.obj.changed = False
                 self._cache[record.id] = record.obj
+                self._known[record.id] = record.obj
                 self._remember_refs(record.id, record.refs)
         if self.hooks is not None and records:
             self.hooks.saved(self, [record.obj for record in records])
@@ -112,7 +113,7 @@ class Store(abc.ABC):
         parse_id(id)
         self._set_id(obj, id)
         with self._lock:
-            self._issued[id] = obj  # on purpose: no check that the id is its own
+            self._known[id] = obj  # on purpose: no check that the id is its own
             self.save_many([obj])
 
     def assign_id(self, obj: Any) -> str:
@@ -122,7 +123,7 @@ class Store(abc.ABC):
             if getattr(obj, "persistent_id", None) is None:
                 oid = self.idfactory.format(obj, self._next_number())
                 self._set_id(obj, oid)
-                self._issued[oid] = obj
+                self._known[oid] = obj
             return obj.persistent_id
 
     def _encode(self, objs: list[Any]) -> list[Record]:
@@ -176,8 +177,8 @@ class Store(abc.ABC):
         return records
 
     def _knows(self, obj: Any, oid: str) -> bool:
-        """True when ``obj`` got ``oid`` from this handle: issued here, loaded or saved here."""
-        return self._cache.get(oid) is obj or self._issued.get(oid) is obj
+        """True when ``obj`` got ``oid`` from this store: issued, loaded or saved by a handle on its URL in this process."""
+        return self._known.get(oid) is obj
 
     def _check_foreign(self, records: list[Record]) -> None:
         """Check objects whose ids come from elsewhere before writing them.
@@ -214,7 +215,7 @@ class Store(abc.ABC):
         if fresh:
             self._claim_numbers(fresh)
         for record in foreign:
-            self._issued[record.id] = record.obj
+            self._known[record.id] = record.obj
 
     def _claim_numbers(self, records: list[Record]) -> None:
         """Reserve the numbers of ``records`` in the counter, or raise SaveError if one was handed out already."""
@@ -338,6 +339,7 @@ class Store(abc.ABC):
             raise LoadError(oid, f"record holds object {getattr(obj, 'persistent_id', None)!r}")
         obj.changed = False
         self._cache[oid] = obj
+        self._known[oid] = obj
         self._remember_refs(oid, meta.get("references") or ())
         if self.hooks is not None:
             self.hooks.watch((obj,))
@@ -444,7 +446,6 @@ class Store(abc.ABC):
     def invalidate_cache(self) -> None:
         """Forget the objects in memory: the next load reads the store again."""
         with self._lock:
-            self._issued.update(self._cache)  # still the objects this handle knows: saving them needs no check
             self._cache.clear()
             self._refs.clear()
 
@@ -505,6 +506,16 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def _read_metadata(self, ids: list[str] | None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
         """Metadata of ``ids`` (of all records when None), streaming."""
+
+
+_known_objects: dict[str, weakref.WeakValueDictionary[str, Any]] = {}
+_known_objects_lock = threading.Lock()
+
+
+def known_objects(url: str) -> weakref.WeakValueDictionary[str, Any]:
+    """The objects in memory that got their ids from the store at ``url``, by id (shared by its handles)."""
+    with _known_objects_lock:
+        return _known_objects.setdefault(url, weakref.WeakValueDictionary())
 
 
 def missing(oid: str, store: Store) -> NoSuchObject:
