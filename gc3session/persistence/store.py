@@ -177,7 +177,7 @@ class Store(abc.ABC):
         return records
 
     def _knows(self, obj: Any, oid: str) -> bool:
-        """True when ``obj`` got ``oid`` from this store: issued, loaded or saved by a handle on its URL in this process."""
+        """True when ``obj`` got ``oid`` from this store (issued, loaded or saved by a handle on its URL here)."""
         return self._known.get(oid) is obj
 
     def _check_foreign(self, records: list[Record]) -> None:
