@@ -25,19 +25,25 @@ from typing import Any
 GC3LIBS_MODULES = ("gc3libs", "gc3libs.persistence", "gc3libs.persistence.idfactory", "gc3libs.workflow")
 
 
-class Id(str):
-    """Like gc3pie's ``Id``: a string ``PREFIX.N`` that pickles as ``Id(prefix, n)`` and hashes differently."""
+class _IdBase(str):
+    """What both versions of gc3pie's ``Id`` share: built from and pickled as ``(prefix, n)``."""
 
-    __slots__ = ("_prefix", "_seqno")
+    __slots__ = ()
 
-    def __new__(cls, prefix: str, seqno: int) -> Id:
+    def __new__(cls, prefix: str, seqno: int) -> _IdBase:
         instance = str.__new__(cls, f"{prefix}.{seqno}")
-        instance._prefix = prefix
-        instance._seqno = seqno
+        instance._prefix = prefix  # type: ignore[attr-defined]
+        instance._seqno = seqno  # type: ignore[attr-defined]
         return instance
 
     def __getnewargs__(self) -> tuple[str, int]:
-        return (self._prefix, self._seqno)
+        return (self._prefix, self._seqno)  # type: ignore[attr-defined]
+
+
+class Id(_IdBase):
+    """Like gc3pie's ``Id``: a string ``PREFIX.N`` that pickles as ``Id(prefix, n)`` and hashes differently."""
+
+    __slots__ = ("_prefix", "_seqno")
 
     def __hash__(self) -> int:
         return hash((self._prefix, self._seqno))
@@ -46,17 +52,8 @@ class Id(str):
         return str(self) == str(other)
 
 
-class OldId(str):
+class OldId(_IdBase):
     """Like gc3pie's ``Id`` before it had ``__slots__`` (picklable with protocols 0 and 1)."""
-
-    def __new__(cls, prefix: str, seqno: int) -> OldId:
-        instance = str.__new__(cls, f"{prefix}.{seqno}")
-        instance._prefix = prefix
-        instance._seqno = seqno
-        return instance
-
-    def __getnewargs__(self) -> tuple[str, int]:
-        return (self._prefix, self._seqno)
 
 
 class Persistable:

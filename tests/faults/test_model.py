@@ -221,12 +221,7 @@ def make_machine(kind: str, root: Path, url_of: Any) -> type[RuleBasedStateMachi
             oid = self.session.add(task, flush=flush)
             assert oid == task.persistent_id
             self.model.claim(task)
-            self.model.enter(oid, task)
-            if flush:
-                self.model.write(task)
-                self.model.flush()
-            else:
-                self.model.unsaved.add(oid)
+            self.entered(oid, task, flush)
 
         @precondition(lambda self: self.model.session)
         @rule(data=st.data(), flush=flushes)
@@ -245,6 +240,10 @@ def make_machine(kind: str, root: Path, url_of: Any) -> type[RuleBasedStateMachi
             oid = data.draw(st.sampled_from(sorted(self.model.detached)))
             task = self.model.detached[oid]
             assert self.session.add(task, flush=flush) == oid
+            self.entered(oid, task, flush)
+
+        def entered(self, oid: str, task: Any, flush: bool) -> None:
+            """The model's side of adding a task that was not in the session."""
             self.model.enter(oid, task)
             if flush:
                 self.model.write(task)
