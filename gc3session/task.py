@@ -56,8 +56,7 @@ class State(str, enum.Enum):
     TERMINATED = "TERMINATED"
     UNKNOWN = "UNKNOWN"
 
-    def __str__(self) -> str:
-        return self.value
+    __str__ = str.__str__  # the value itself ("NEW"), without a Python call: metadata asks for it on every save
 
     @classmethod
     def of(cls, value: State | str) -> State:

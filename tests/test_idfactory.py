@@ -78,7 +78,21 @@ def test_id_factory_formats_with_the_class_name_or_a_prefix():
 
 def test_id_factory_falls_back_when_the_class_name_is_no_prefix():
     odd = type("not-a-name", (), {})()
-    assert IdFactory().format(odd, 2) == "Object.2"
+    factory = IdFactory()
+    assert factory.format(odd, 2) == "Object.2"
+    assert factory.format(odd, 3) == "Object.3"  # the prefix of each class is worked out once, then reused
+    assert factory.format(Task(), 4) == "Task.4"
+
+
+def test_id_factory_follows_a_prefix_set_later():
+    factory = IdFactory()
+    assert factory.format(Task(), 1) == "Task.1"
+    factory.prefix = "Job"
+    assert factory.format(Task(), 2) == "Job.2"
+    factory.prefix = "not valid"
+    assert factory.format(Task(), 3) == "Object.3"
+    factory.prefix = None
+    assert factory.format(Task(), 4) == "Task.4"
 
 
 @pytest.mark.parametrize("bad", ["", "has space", "1abc", "a.b", "../x"])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -13,9 +15,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from gc3session import Session, State, Task
+from gc3session import Session, State, Task, TaskCollection
 from gc3session.exceptions import InvalidArgument, SaveError, StoreError
 from gc3session.persistence import SqlStore, make_store
+from gc3session.persistence.sql import META_COLUMNS, SQLITE_PAGE_SIZE
 from gc3session.persistence.accessors import GET
 
 SQL_KINDS = ["sqlite", "postgresql", "mysql"]
@@ -93,6 +96,52 @@ def test_rows_carry_metadata_columns(opened: Any) -> None:
     assert row["cls"] == "gc3session.task.Task"
     assert row["id"] == int(oid.split(".")[1])
     assert row["created"] <= row["modified"]
+
+
+def test_meta_column_holds_only_the_fields_without_a_column(opened: Any) -> None:
+    store = opened()
+    child = Task(jobname="child")
+    parent = TaskCollection(jobname="parent", tasks=[child])
+    parent.state = State.TERMINATED
+    parent.execution.returncode = 3
+    oid = store.save(parent)
+    with store.engine.connect() as conn:
+        text = conn.execute(sa.select(store.table.c.meta).where(store.table.c.persistent_id == oid)).scalar_one()
+    kept = json.loads(text)
+    assert not set(kept) & set(META_COLUMNS)
+    assert kept["id"] == oid and kept["references"] == [child.persistent_id]
+    meta = store.metadata(oid)  # the columns fill the record in again
+    assert meta["state"] == "TERMINATED" and meta["returncode"] == 3 and meta["jobname"] == "parent"
+    assert meta["cls"] == "gc3session.task.TaskCollection" and meta["children"] == [child.persistent_id]
+    assert meta["created"] <= meta["modified"]
+    assert dict(store.iter_metadata([oid]))[oid] == meta
+    assert store.occupants([oid])[oid] == meta
+    store.invalidate_cache()
+    assert store.load(oid).tasks[0].jobname == "child"
+
+
+def test_rows_that_repeat_the_columns_in_meta_are_read_as_before(opened: Any) -> None:
+    store = opened()
+    oid = store.save(Task(jobname="old"))
+    full = store.metadata(oid)
+    with store.engine.begin() as conn:  # a row as gc3session 0.1 wrote it: every field in the JSON too
+        conn.execute(sa.update(store.table).values(meta=json.dumps(full)))
+    assert store.metadata(oid) == full
+    store.invalidate_cache()
+    assert store.load(oid).jobname == "old"
+
+
+def test_a_new_sqlite_database_gets_big_pages_and_a_write_ahead_log(tmp_path: Any) -> None:
+    make_store(f"sqlite:///{tmp_path}/new.db").close()
+    with sqlite3.connect(tmp_path / "new.db") as db:
+        assert db.execute("PRAGMA page_size").fetchone()[0] == SQLITE_PAGE_SIZE
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with sqlite3.connect(tmp_path / "old.db") as db:  # an existing database keeps its pages
+        db.execute("CREATE TABLE other (x INTEGER)")
+    with make_store(f"sqlite:///{tmp_path}/old.db") as store:
+        store.save(Task())
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        assert db.execute("PRAGMA page_size").fetchone()[0] == 4096
 
 
 def test_ids_come_from_the_database_counter(opened: Any) -> None:

@@ -57,13 +57,19 @@ class IdFactory:
             raise InvalidArgument(f"id prefix {prefix!r} must be a Python-style name")
         self.prefix = prefix
         self._counter = counter
+        self._prefixes: dict[type, str] = {}  # class -> the prefix of its ids, checked once
 
     def format(self, obj: Any, number: int) -> str:
         """The id of ``obj`` when it gets ``number``."""
-        prefix = self.prefix or type(obj).__name__
-        if not ID_PATTERN.fullmatch(f"{prefix}.1"):
+        prefix = self.prefix or self._prefixes.get(type(obj)) or self._class_prefix(type(obj))
+        if prefix is self.prefix and not ID_PATTERN.fullmatch(f"{prefix}.1"):
             prefix = "Object"
         return f"{prefix}.{number}"
+
+    def _class_prefix(self, cls: type) -> str:
+        prefix = cls.__name__ if ID_PATTERN.fullmatch(f"{cls.__name__}.1") else "Object"
+        self._prefixes[cls] = prefix
+        return prefix
 
     def new(self, obj: Any) -> str:
         """A fresh id from this factory's own counter (the per-user one by default).

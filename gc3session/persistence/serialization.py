@@ -131,7 +131,7 @@ class Serializer:
             "state": None if state is None else str(state),
             "returncode": _int_or_none(getattr(execution, "returncode", None)),
             "children": _child_ids(children),
-            "history": tuple((float(t), str(s)) for t, s in history),  # tuples: nothing for the GC to follow
+            "history": tuple([(float(t), str(s)) for t, s in history]),  # tuples: nothing for the GC to follow
         }
 
     def find_class(self, module: str, name: str) -> tuple[str, str]:

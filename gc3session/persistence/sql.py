@@ -1,17 +1,16 @@
 """SQL stores on SQLAlchemy 2.x Core: SQLite, PostgreSQL, MariaDB and MySQL.
 
-One row per object.  Besides the pickle, each row carries the metadata record
-(as JSON) and its main fields as columns, so listing and filtering never
-unpickle.  Object numbers come from a counter row in ``gc3session_counters``,
-advanced inside a transaction, so any number of processes and machines can
-share one table.  Every write is one transaction using the database's own
-upsert.
+One row per object.  Besides the pickle, each row carries the metadata record:
+its main fields as columns of their own, so listing and filtering never
+unpickle, and the other fields as JSON in the ``meta`` column.  Object
+numbers come from a counter row in ``gc3session_counters``, advanced inside a
+transaction, so any number of processes and machines can share one table.
+Every write is one transaction using the database's own upsert.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import os
 import random
@@ -19,7 +18,7 @@ import re
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -41,6 +40,8 @@ BATCH = 500
 COUNTERS_TABLE = "gc3session_counters"
 #: Seconds a SQLite writer waits for another one before giving up.
 SQLITE_BUSY_TIMEOUT = 60.0
+#: Page size of new SQLite databases.
+SQLITE_PAGE_SIZE = 16384
 
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _DEFAULT_DRIVERS = {
@@ -56,6 +57,8 @@ _BIG_BLOB = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 CORE_COLUMNS = (
     "id", "persistent_id", "data", "state", "jobname", "cls", "returncode", "children", "created", "modified", "meta",
 )
+#: Metadata fields that have columns of their own, and only those (rows written before 0.2 repeat them in ``meta``).
+META_COLUMNS = ("state", "jobname", "cls", "returncode", "children", "created", "modified")
 
 
 def _core_columns() -> list[sa.Column[Any]]:
@@ -116,6 +119,7 @@ class SqlStore(Store):
             self.engine.dispose()
             raise
         self._upsert, self._param_names = self._make_upsert()
+        self._meta_columns = [self.table.c.meta, *(self.table.c[name] for name in META_COLUMNS)]
         dialect = self.engine.dialect
         # extra fields may have types that convert values (JSON, dates, enums): their bind processors, or None
         self._extra_processors = [column.type.dialect_impl(dialect).bind_processor(dialect) for column in self._extra]
@@ -321,6 +325,9 @@ class SqlStore(Store):
         """The values of the table's columns, in order, ready for the driver (bytes, str, int, float or None)."""
         meta = record.meta
         children = meta.get("children")
+        rest = meta.copy()  # the fields without a column of their own
+        for name in META_COLUMNS:
+            rest.pop(name, None)
         row = (
             record.number,
             record.id,
@@ -332,7 +339,7 @@ class SqlStore(Store):
             encode_json(children) if children else "[]",
             meta.get("created"),
             meta.get("modified"),
-            encode_json(meta),
+            encode_json(rest),
         )
         if not self._extra:
             return row
@@ -359,11 +366,11 @@ class SqlStore(Store):
         with self._failures("cannot read"), self.engine.connect() as conn:
             for start in range(0, len(numbers), BATCH):
                 chunk = numbers[start : start + BATCH]
-                query = sa.select(table.c.id, table.c.meta, table.c.data).where(self._one_of(table.c.id, chunk))
-                for number, meta_text, data in conn.execute(query).all():
-                    oid = wanted[number]
-                    meta = _parse_meta(oid, meta_text)
-                    found[oid] = meta if isinstance(meta, LoadError) else (meta, bytes(data or b""))
+                query = sa.select(table.c.id, table.c.data, *self._meta_columns).where(self._one_of(table.c.id, chunk))
+                for row in conn.execute(query).all():
+                    oid = wanted[row[0]]
+                    meta = _metadata(oid, row[2:])
+                    found[oid] = meta if isinstance(meta, LoadError) else (meta, bytes(row[1] or b""))
         return found
 
     def _delete(self, ids: list[str]) -> None:
@@ -398,22 +405,22 @@ class SqlStore(Store):
 
     def _read_metadata(self, ids: list[str] | None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
         table = self.table
-        columns = (table.c.persistent_id, table.c.meta)
+        columns = (table.c.persistent_id, *self._meta_columns)
         if ids is None:
             query = sa.select(*columns).order_by(table.c.id)
             with self._failures("cannot list"), self.engine.connect() as conn:
                 result = conn.execution_options(yield_per=BATCH).execute(query)
-                for oid, meta_text in result:
-                    yield oid, _parse_meta(oid, meta_text)
+                for row in result:
+                    yield row[0], _metadata(row[0], row[1:])
             return
         for start in range(0, len(ids), BATCH):
             chunk = ids[start : start + BATCH]
             query = sa.select(*columns).where(self._one_of(table.c.id, [parse_id(oid)[1] for oid in chunk]))
             with self._failures("cannot read"), self.engine.connect() as conn:
-                rows = dict(conn.execute(query).all())
+                rows = {row[0]: row[1:] for row in conn.execute(query).all()}
             for oid in chunk:
                 if oid in rows:
-                    yield oid, _parse_meta(oid, rows[oid])
+                    yield oid, _metadata(oid, rows[oid])
                 else:
                     yield oid, missing(oid, self)
 
@@ -426,14 +433,14 @@ class SqlStore(Store):
         table = self.table
         found: dict[str, dict[str, Any] | LoadError] = {}
         for start in range(0, len(numbers), BATCH):
-            query = sa.select(table.c.id, table.c.persistent_id, table.c.meta).where(
+            query = sa.select(table.c.id, table.c.persistent_id, *self._meta_columns).where(
                 self._one_of(table.c.id, numbers[start : start + BATCH])
             )
             with self._failures("cannot read"), self.engine.connect() as conn:
                 rows = conn.execute(query).all()
-            for number, holder, meta_text in rows:
+            for number, holder, *fields in rows:
                 for oid in by_number[number]:
-                    found[oid] = _parse_meta(holder, meta_text)
+                    found[oid] = _metadata(holder, fields)
         return found
 
     def iter_summaries(self, ids: Iterable[str] | None = None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
@@ -444,12 +451,8 @@ class SqlStore(Store):
 
         def summary(row: Any) -> dict[str, Any]:
             oid, jobname, state, cls, returncode, modified, children = row
-            try:
-                child_ids = json.loads(children) if children and children != "[]" else []
-            except ValueError:
-                child_ids = []
             return {"id": oid, "jobname": jobname, "state": state, "cls": cls, "returncode": returncode,
-                    "modified": modified, "children": child_ids}
+                    "modified": modified, "children": _child_list(children)}
 
         if ids is None:
             with self._failures("cannot list"), self.engine.connect() as conn:
@@ -548,6 +551,9 @@ def _tune_sqlite(engine: Engine, fsync: bool) -> None:
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves, below
         cursor = dbapi_connection.cursor()
+        # 16 KiB pages for a new database (an existing one keeps its own): records are about 1 KiB of pickle,
+        # and bigger pages cut the work of writing them through the WAL by a fifth
+        cursor.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         cursor.close()
@@ -605,14 +611,29 @@ def _text(value: Any) -> Any:
     return value
 
 
-def _parse_meta(oid: str, text: Any) -> dict[str, Any] | LoadError:
+def _metadata(oid: str, row: Sequence[Any]) -> dict[str, Any] | LoadError:
+    """The metadata record of a row, from its ``meta`` column and the META_COLUMNS that follow it in ``row``."""
+    text, state, jobname, cls, returncode, children, created, modified = row
     try:
         meta = decode_json(text.decode() if isinstance(text, bytes) else text)
     except (TypeError, ValueError):
         return LoadError(oid, "metadata is not valid JSON")
     if not isinstance(meta, dict):
         return LoadError(oid, "metadata is not a JSON object")
+    meta.update(state=state, jobname=jobname, cls=cls, returncode=returncode, children=_child_list(children),
+                created=created, modified=modified)
     return meta
 
 
-__all__ = ["BATCH", "COUNTERS_TABLE", "CORE_COLUMNS", "SqlStore"]
+def _child_list(text: Any) -> list[Any]:
+    """The ids in a ``children`` column (an empty list if it holds anything but a JSON list)."""
+    if not text or text == "[]":
+        return []
+    try:
+        children = decode_json(text)
+    except (TypeError, ValueError):
+        return []
+    return children if isinstance(children, list) else []
+
+
+__all__ = ["BATCH", "COUNTERS_TABLE", "CORE_COLUMNS", "META_COLUMNS", "SqlStore"]

@@ -99,11 +99,18 @@ class Store(abc.ABC):
             if records:
                 self._check_foreign(records)
                 self._write(records)
-            for record in records:
-                record.obj.changed = False
-                self._cache[record.id] = record.obj
-                self._known[record.id] = record.obj
-                self._remember_refs(record.id, record.refs)
+            cache, known, refs = self._cache, self._known, self._refs
+            for record in records:  # per-object bookkeeping: kept lean, it runs for every object written
+                obj, oid = record.obj, record.id
+                obj.changed = False
+                if cache.get(oid) is not obj:  # a look-up costs a fifth of a weak insert
+                    cache[oid] = obj
+                if known.get(oid) is not obj:
+                    known[oid] = obj
+                if record.refs:
+                    refs[oid] = record.refs
+                elif oid in refs:
+                    del refs[oid]
         if self.hooks is not None and records:
             self.hooks.saved(self, [record.obj for record in records])
         return [obj.persistent_id for obj in objs]
@@ -120,11 +127,12 @@ class Store(abc.ABC):
         """Give ``obj`` an id now, without writing anything; return it."""
         with self._lock:
             self._check_pid()
-            if getattr(obj, "persistent_id", None) is None:
+            oid = getattr(obj, "persistent_id", None)
+            if oid is None:
                 oid = self.idfactory.format(obj, self._next_number())
                 self._set_id(obj, oid)
                 self._known[oid] = obj
-            return obj.persistent_id
+            return oid
 
     def _encode(self, objs: list[Any]) -> list[Record]:
         queued = {id(obj) for obj in objs}
@@ -142,15 +150,16 @@ class Store(abc.ABC):
             edges.setdefault(oid, []).append(child_id)
             return child_id
 
+        dumps, describe = self.serializer.dumps, self.serializer.describe
+        now = time.time()  # the batch is written at once: one modification time for all
         while pending:
             obj = pending.popleft()
             oid = getattr(obj, "persistent_id", None) or self.assign_id(obj)
-            now = time.time()
             created = getattr(obj, "_persistent_created", None)
             if created is None:
                 created = obj._persistent_created = now
             try:
-                data = self.serializer.dumps(obj, reference)
+                data = dumps(obj, reference)
             except Error:
                 raise
             except Exception as error:
@@ -160,7 +169,7 @@ class Store(abc.ABC):
                 "format": FORMAT_VERSION,
                 "version": __version__,
                 "id": oid,
-                **self.serializer.describe(obj),
+                **describe(obj),
                 "references": refs,
                 "created": created,
                 "modified": now,
