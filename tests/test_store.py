@@ -31,7 +31,7 @@ from gc3session.persistence import store as store_module
 from gc3session.persistence.atomic import TEMP_PREFIX
 from gc3session.persistence.filesystem import COUNTER_FILENAME
 from gc3session.persistence.idfactory import parse_id
-from gc3session.persistence.serialization import FORMAT_VERSION, decode_json
+from gc3session.persistence.serialization import FORMAT_VERSION, decode_json, encode_json
 
 METADATA_FIELDS = {"format", "version", "id", "cls", "jobname", "state", "children", "created", "modified", "history"}
 
@@ -747,6 +747,20 @@ def test_serializer_pickles_each_object_on_its_own():
 @pytest.mark.parametrize("text", ['{"a":1}', ' {"a": [1, 2.5, null]} \n', '"x"', "[]", '{"s":"\\u00e9"}'])
 def test_decode_json_reads_what_json_loads_reads(text):
     assert decode_json(text) == json.loads(text)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"a": [1, 2.5, None, True]}, {"s": "\u00e9 \ud800 \"q\""}, ((1.5, "NEW"),), "x", 3, [], {"inf": float("inf")}],
+)
+def test_encode_json_writes_what_json_dumps_writes(value):
+    assert encode_json(value) == json.dumps(value, separators=(",", ":"))
+    assert encode_json(value).isascii()
+
+
+def test_encode_json_refuses_what_json_cannot_hold():
+    with pytest.raises(TypeError, match="object is not JSON serializable"):
+        encode_json({"a": object()})
 
 
 @pytest.mark.parametrize("text", ["", " ", '{"a":1} x', "[1] [2]", "{", '{"a":1}\n{"b":2}'])

@@ -48,8 +48,27 @@ SAFE_GLOBALS = frozenset(
 )
 
 
-#: Compact JSON for metadata, made once (building an encoder per record costs more than encoding).
-encode_json = json.JSONEncoder(separators=(",", ":")).encode
+def _unencodable(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _json_encoder() -> Callable[[Any], str]:
+    """Compact JSON for metadata.
+
+    ``JSONEncoder.encode`` builds a new C encoder on every call, which costs
+    more than encoding a metadata record: on CPython, one C encoder is built
+    here and reused (without the check for circular references, which
+    metadata made of plain fields does not need).
+    """
+    make = json.encoder.c_make_encoder
+    if make is None:  # pragma: no cover - Pythons without the C accelerator
+        return json.JSONEncoder(separators=(",", ":")).encode
+    iterencode = make(None, _unencodable, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
+    return lambda value: "".join(iterencode(value, 0))
+
+
+#: ``value`` as compact ASCII JSON (like ``json.dumps(value, separators=(",", ":"))``).
+encode_json = _json_encoder()
 _json_decoder = json.JSONDecoder()
 _json_space = re.compile(r"[ \t\n\r]*")
 
