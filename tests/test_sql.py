@@ -18,8 +18,8 @@ import sqlalchemy as sa
 from gc3session import Session, State, Task, TaskCollection
 from gc3session.exceptions import InvalidArgument, SaveError, StoreError
 from gc3session.persistence import SqlStore, make_store
-from gc3session.persistence.sql import META_COLUMNS, SQLITE_PAGE_SIZE
 from gc3session.persistence.accessors import GET
+from gc3session.persistence.sql import META_COLUMNS, SQLITE_PAGE_SIZE
 
 SQL_KINDS = ["sqlite", "postgresql", "mysql"]
 
