@@ -31,7 +31,7 @@ from .persistence.filesystem import FilesystemStore
 from .persistence.idfactory import id_list, is_id
 from .persistence.store import Store, make_store, mask_password
 from .runs import read_runs
-from .session import Session, is_session, read_index, read_store_url, resolve_store_url
+from .session import Session, is_session, iter_index, read_index, read_store_url, resolve_store_url
 
 FORMATS = ("table", "json", "csv")
 COLUMNS = ("id", "jobname", "state", "class", "returncode", "modified")
@@ -64,7 +64,7 @@ class SessionView:
 
     def walk(self, recursive: bool) -> Iterator[tuple[int, str | None, str, dict[str, Any] | LoadError]]:
         """``(depth, parent, id, summary)`` of the tasks, children right under their parent when recursive."""
-        for oid, meta in self.store.iter_summaries(self.ids):
+        for oid, meta in self.store.iter_summaries(iter_index(self.index_path)):  # streamed, for huge sessions
             yield 0, None, oid, meta
             if recursive and isinstance(meta, dict):
                 yield from self._children(oid, meta, 1, {oid})
@@ -150,7 +150,9 @@ def ls(session: str, recursive: bool, states: tuple[str, ...], pattern: str | No
     """
     view = SessionView(session)
     wanted = {s.upper() for s in states}
-    listed = (entry for entry in view.walk(recursive) if selected(entry[3], wanted, pattern, failed))
+    listed = view.walk(recursive)
+    if wanted or pattern or failed:
+        listed = (entry for entry in listed if selected(entry[3], wanted, pattern, failed))
     if fmt == "table":  # the common case, and the one for big sessions: cells straight from the metadata
         write_table((table_cells(oid, meta, depth) for depth, _, oid, meta in listed), sys.stdout.isatty())
         return

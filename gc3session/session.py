@@ -724,33 +724,92 @@ def read_index(path: str, strict: bool = True) -> list[str]:
     SessionError when ``strict``, and is kept as it is otherwise (so a
     rewrite never drops what a person may want to fix by hand).
     """
+    with _index_file(path) as lines:
+        return list(dict.fromkeys(_index_ids(lines, path, strict)))
+
+
+def iter_index(path: str) -> Iterator[str]:
+    """The ids of :func:`read_index`, streamed: for listing sessions of any size.
+
+    Memory grows by a bit per id number (for each class of task), not by
+    the ids: a million ids take about 125 KiB.  A line that is not an id
+    raises SessionError when the stream reaches it.
+    """
+    seen = IdSet()
+    with _index_file(path) as lines:
+        for oid in _index_ids(lines, path, strict=True):
+            if seen.add(oid):
+                yield oid
+
+
+@contextmanager
+def _index_file(path: str) -> Iterator[Iterable[bytes]]:
+    """The lines of an index file (none if it does not exist); SessionError if it cannot be read."""
     if os.path.isdir(path):
         raise SessionError(path, "is a directory, expected the session index file")
     try:
-        with open(path, "rb") as f:
-            content = f.read()
+        f = open(path, "rb")  # closed below, once the caller is done with it
     except FileNotFoundError:
-        return []
+        yield ()
+        return
     except OSError as error:
         raise SessionError(path, f"cannot read the index: {error.strerror}") from error
-    lines = content.split(b"\n")
-    last = lines.pop()
-    ids: dict[str, None] = {}
-    for number, raw in enumerate(lines, 1):
-        line = raw.strip()
-        if not line:
-            continue
-        text = line.decode("utf-8", "replace")
-        if not is_id(text):
-            if strict:
+    with f:
+        yield f
+
+
+def _index_ids(lines: Iterable[bytes], path: str, strict: bool) -> Iterator[str]:
+    """The ids on ``lines`` of index file ``path``, repeats included (see :func:`read_index`)."""
+    try:
+        for number, raw in enumerate(lines, 1):
+            line = raw.strip()
+            if not line:
+                continue
+            text = line.decode("utf-8", "replace")
+            if is_id(text):
+                yield text
+            elif not raw.endswith(b"\n"):  # only the last line can lack it: a write cut short
+                log.debug("%s: ignoring incomplete last line %r", path, text[:60])
+            elif strict:
                 raise SessionError(path, f"line {number}: {line[:60]!r} is not a task id")
-        ids[text] = None
-    tail = last.strip().decode("utf-8", "replace")
-    if tail and is_id(tail):
-        ids[tail] = None
-    elif tail:
-        log.debug("%s: ignoring incomplete last line %r", path, tail[:60])
-    return list(ids)
+            else:
+                yield text
+    except OSError as error:
+        raise SessionError(path, f"cannot read the index: {error.strerror}") from error
+
+
+class IdSet:
+    """A set of valid ids, kept as a bit per number for each prefix: ids are numbers from a counter, so dense.
+
+    Ids with numbers too big for a bitmap (made by hand) go to a plain set.
+    """
+
+    #: Numbers from here up go to the plain set (a bitmap up to this one takes 16 MiB).
+    BITMAP_LIMIT = 1 << 27
+
+    def __init__(self) -> None:
+        self._bits: dict[str, bytearray] = {}
+        self._others: set[str] = set()
+
+    def add(self, oid: str) -> bool:
+        """Add ``oid``, a valid id; True if it was not in the set yet."""
+        prefix, _, digits = oid.rpartition(".")
+        number = int(digits)
+        if number >= self.BITMAP_LIMIT:
+            if oid in self._others:
+                return False
+            self._others.add(oid)
+            return True
+        bits = self._bits.get(prefix)
+        byte = number >> 3
+        if bits is None or byte >= len(bits):
+            bits = self._bits.setdefault(prefix, bytearray())
+            bits.extend(bytes(max(byte + 1, 2 * len(bits)) - len(bits)))
+        mask = 1 << (number & 7)
+        if bits[byte] & mask:
+            return False
+        bits[byte] |= mask
+        return True
 
 
 def shorten(text: str, limit: int = 300) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from gc3session import Session, State, Task, TaskCollection, __version__
+from gc3session import Session, State, Task, TaskCollection, __version__, cli
 from gc3session.cli import cut, main, table_cells, write_table
 from gc3session.persistence.filesystem import encode_record
 
@@ -93,6 +93,14 @@ def test_table_on_terminal_is_aligned_and_cut(monkeypatch: Any, capsys: Any) -> 
     assert lines[1].index("NEW") == lines[2].index("RUNNING")
     assert lines[2].startswith("  Task.22")
     assert cut("abcdef", 4) == "abc…" and cut("abc", 4) == "abc"
+
+
+def test_ls_streams_the_index_instead_of_reading_it_whole(sample: Path, monkeypatch: Any) -> None:
+    expected = run("ls", str(sample)).output
+    monkeypatch.setattr(cli, "read_index", None)  # ls must not need the whole index in memory
+    result = run("ls", str(sample))
+    assert result.exit_code == 0, result.output
+    assert result.output == expected and len(expected.splitlines()) > 1
 
 
 def test_ls_recursive_json_and_filters(sample: Path) -> None:

@@ -29,6 +29,7 @@ from gc3session.exceptions import LoadWarning
 from gc3session.persistence import FilesystemStore, make_store
 from gc3session.persistence import store as store_module
 from gc3session.persistence.atomic import TEMP_PREFIX
+from gc3session.session import IdSet, iter_index, read_index
 
 
 def index_lines(session_or_path) -> list[str]:
@@ -1074,3 +1075,49 @@ def test_lazy_task_that_fails_to_load_is_reported_and_kept(tmp_path):
     assert info.value.id == ids[1] and ids[1] in lazy.load_errors
     lazy.add(Task(jobname="more"))
     assert ids[1] in (tmp_path / "s" / "index.txt").read_text().split()
+
+
+# -- reading the index as a stream ----------------------------------------------------
+
+
+def test_iter_index_gives_what_read_index_gives_on_a_messy_index(tmp_path):
+    index = tmp_path / "index.txt"
+    big = f"Task.{IdSet.BITMAP_LIMIT + 5}"
+    index.write_bytes(
+        f"\n Task.3\r\nTask.1\n\nTask.3\nTaskCollection.3\n{big}\nTask.1\n{big}\n  \nOther.9\nTask.2".encode()
+    )
+    expected = ["Task.3", "Task.1", "TaskCollection.3", big, "Other.9", "Task.2"]
+    assert read_index(str(index)) == expected
+    assert list(iter_index(str(index))) == expected
+    index.write_bytes(b"Task.3\nTask.4\nTask.5 cut sho")  # a torn last line that is no id is left out
+    assert list(iter_index(str(index))) == read_index(str(index)) == ["Task.3", "Task.4"]
+    assert list(iter_index(str(tmp_path / "none.txt"))) == []
+
+
+def test_iter_index_stops_at_a_line_that_is_no_id_naming_file_and_line(tmp_path):
+    index = tmp_path / "index.txt"
+    index.write_bytes(b"Task.1\nTask.2\n../etc/passwd\nTask.3\n")
+    stream = iter_index(str(index))
+    assert [next(stream), next(stream)] == ["Task.1", "Task.2"]  # streamed: the bad line is not read yet
+    with pytest.raises(SessionError, match="line 3") as excinfo:
+        next(stream)
+    assert excinfo.value.path == str(index)
+    with pytest.raises(SessionError, match="is a directory"):
+        list(iter_index(str(tmp_path)))
+
+
+def test_id_set_holds_what_a_set_holds_in_a_bit_per_number():
+    ids = IdSet()
+    reference: set[str] = set()
+    numbers = [1, 2, 7, 8, 9, 1000, 123_456, 3, 2, 1000, IdSet.BITMAP_LIMIT - 1, IdSet.BITMAP_LIMIT, 10**17]
+    for number in numbers:
+        for prefix in ("Task", "TaskCollection"):
+            oid = f"{prefix}.{number}"
+            assert ids.add(oid) == (oid not in reference), oid
+            reference.add(oid)
+    assert sorted(ids._others) == sorted(f"{p}.{n}" for p in ("Task", "TaskCollection") for n in (2**27, 10**17))
+    assert all(len(bits) <= 2 * IdSet.BITMAP_LIMIT // 8 for bits in ids._bits.values())
+    many = IdSet()
+    for number in range(1, 1_000_001):
+        many.add(f"Task.{number}")
+    assert sum(len(bits) for bits in many._bits.values()) <= 2 * 1_000_001 // 8  # 125 KiB, grown by doubling

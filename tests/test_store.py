@@ -603,6 +603,28 @@ def test_iter_metadata(store):
     assert some["Task.77777"].id == "Task.77777"
 
 
+def test_iter_metadata_and_summaries_read_a_stream_of_ids_a_batch_at_a_time(store):
+    saved = store.save_many([Task(jobname=f"j{i}") for i in range(2500)])
+    for method in (store.iter_metadata, store.iter_summaries):
+        taken = 0
+
+        def ids():
+            nonlocal taken
+            for oid in saved:
+                taken += 1
+                yield oid
+
+        stream = method(ids())
+        first, meta = next(stream)
+        assert first == saved[0] and meta["jobname"] == "j0"
+        assert taken <= store_module.LOAD_BATCH  # not the whole stream before the first answer
+        rest = list(stream)
+        assert taken == 2500 and [meta["jobname"] for _, meta in rest][-1] == "j2499"
+    stream = store.iter_metadata(iter([saved[0], "../x"]))
+    with pytest.raises(InvalidArgument, match="not a valid object id"):
+        list(stream)
+
+
 # -- list, remove ---------------------------------------------------------------------
 
 

@@ -168,16 +168,18 @@ def read_first_line(path: str | Path) -> bytes:
     """The first line of a file, newline included (without one if the file has none)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        chunks = []
-        while True:
-            chunk = os.read(fd, 8192)
+        chunk = os.read(fd, 4096)  # a metadata line is a few hundred bytes: one read, most often
+        end = chunk.find(b"\n")
+        if end >= 0:
+            return chunk[: end + 1]
+        chunks = [chunk]
+        while chunk:
+            chunk = os.read(fd, 65536)
             end = chunk.find(b"\n")
             if end >= 0:
                 chunks.append(chunk[: end + 1])
                 break
             chunks.append(chunk)
-            if not chunk:
-                break
         return b"".join(chunks)
     finally:
         os.close(fd)

@@ -74,9 +74,10 @@ _json_space = re.compile(r"[ \t\n\r]*")
 
 
 def decode_json(text: str) -> Any:
-    """``json.loads(text)`` for a str, without its layers of calls (a fifth of the time for a metadata record)."""
-    value, end = _json_decoder.raw_decode(text, _json_space.match(text).end())  # type: ignore[union-attr]
-    if _json_space.match(text, end).end() != len(text):  # type: ignore[union-attr]
+    """``json.loads(text)`` for a str, without its layers of calls (a third of the time for a metadata record)."""
+    start = 0 if text[:1] in "{[" else _json_space.match(text).end()  # type: ignore[union-attr]
+    value, end = _json_decoder.raw_decode(text, start)
+    if end != len(text) and _json_space.match(text, end).end() != len(text):  # type: ignore[union-attr]
         raise ValueError(f"extra data after the JSON value, at character {end}")
     return value
 

@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from ..exceptions import InvalidArgument, LoadError, RepairWarning, SaveError, StoreError
 from .idfactory import IdFactory, parse_id
 from .serialization import DEFAULT_PROTOCOL, decode_json, encode_json
-from .store import Record, Store, mask_password, missing, store_options
+from .store import Record, Store, id_chunks, mask_password, missing, store_options
 
 log = logging.getLogger(__name__)
 
@@ -460,9 +460,7 @@ class SqlStore(Store):
                 for row in result:
                     yield row[0], summary(row)
             return
-        ids = list(ids)
-        for start in range(0, len(ids), BATCH):
-            chunk = ids[start : start + BATCH]
+        for chunk in id_chunks(ids, BATCH):
             query = sa.select(*columns).where(self._one_of(table.c.id, [parse_id(oid)[1] for oid in chunk]))
             with self._failures("cannot read"), self.engine.connect() as conn:
                 rows = {row[0]: row for row in conn.execute(query).all()}

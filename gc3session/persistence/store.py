@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 
 #: Largest block of ids a store reserves at once from its counter.
 MAX_ID_BLOCK = 1024
-#: The metadata fields of :meth:`Store.iter_summaries`.
-SUMMARY_FIELDS = ("id", "jobname", "state", "cls", "returncode", "modified", "children")
 #: How many records ``load_many`` reads at a time (bounds the raw bytes held in memory).
 LOAD_BATCH = 1000
 
@@ -371,21 +369,25 @@ class Store(abc.ABC):
         raise missing(id, self)  # pragma: no cover - iter_metadata yields each id
 
     def iter_metadata(self, ids: Iterable[str] | None = None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
-        """``(id, metadata)`` for the given ids (all when None), streaming; a failure comes as a LoadError."""
-        if ids is not None:
-            ids = list(ids)
-            for oid in ids:
-                parse_id(oid)
+        """``(id, metadata)`` for the given ids (all when None), streaming; a failure comes as a LoadError.
+
+        ``ids`` may be any iterable, a generator too: it is read a thousand at
+        a time, and an id that is not valid raises InvalidArgument when the
+        stream reaches it.
+        """
         self._check_pid()
-        return self._read_metadata(ids)
+        if ids is None:
+            return self._read_metadata(None)
+        return (entry for chunk in id_chunks(ids, LOAD_BATCH) for entry in self._read_metadata(chunk))
 
     def iter_summaries(self, ids: Iterable[str] | None = None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
-        """Like :meth:`iter_metadata`, with only the fields a listing shows (faster on some stores).
+        """Like :meth:`iter_metadata`, for listings: stores that can read fewer fields faster do so.
 
-        The fields: ``id``, ``jobname``, ``state``, ``cls``, ``returncode``, ``modified``, ``children``.
+        The fields a listing shows: ``id``, ``jobname``, ``state``, ``cls``,
+        ``returncode``, ``modified``, ``children`` (others may come along; a
+        record may lack some, so read them with ``get``).
         """
-        for oid, meta in self.iter_metadata(ids):
-            yield oid, meta if isinstance(meta, LoadError) else {k: meta.get(k) for k in SUMMARY_FIELDS}
+        return self.iter_metadata(ids)
 
     def remove(self, id: str) -> None:  # noqa: A002
         """Delete ``id`` from the store (nothing happens if it is not there)."""
@@ -525,6 +527,19 @@ def known_objects(url: str) -> weakref.WeakValueDictionary[str, Any]:
     """The objects in memory that got their ids from the store at ``url``, by id (shared by its handles)."""
     with _known_objects_lock:
         return _known_objects.setdefault(url, weakref.WeakValueDictionary())
+
+
+def id_chunks(ids: Iterable[str], size: int) -> Iterator[list[str]]:
+    """``ids`` in lists of ``size``, each id checked (InvalidArgument for one that is not valid)."""
+    chunk: list[str] = []
+    for oid in ids:
+        parse_id(oid)
+        chunk.append(oid)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def missing(oid: str, store: Store) -> NoSuchObject:
