@@ -98,7 +98,8 @@ class Serializer:
     moved since they were saved.  ``allowed_classes`` (module prefixes such as
     ``"mypkg"`` or ``"mypkg.tasks.Fit"``, or classes) turns on a restricted
     unpickler that refuses any other global: use it to open a session that
-    someone else wrote.
+    someone else wrote.  Each global is looked up once and remembered, so
+    both are fixed once the serializer is in use.
     """
 
     def __init__(
@@ -118,6 +119,7 @@ class Serializer:
                 allowed_classes = [allowed_classes]
             self.allowed = tuple(a if isinstance(a, str) else class_path(a) for a in allowed_classes)
         self._idle: list[_Pickler] = []  # picklers not in use: building one costs more than a small pickle
+        self._globals: dict[tuple[str, str], Any] = {}  # what each global of a pickle was found to be
 
     def dumps(self, obj: Any, reference: Callable[[Persistable], str]) -> bytes:
         """Pickle ``obj``; every other Persistable inside it becomes ``reference(child)``."""
@@ -132,7 +134,8 @@ class Serializer:
                 self._idle.append(pickler)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_idle": []}  # a copy gets picklers of its own (and picklers do not pickle)
+        # a copy gets picklers of its own (picklers do not pickle), and finds its globals again
+        return {**self.__dict__, "_idle": [], "_globals": {}}
 
     def loads(self, data: bytes, resolve: Callable[[str], Any]) -> Any:
         """Unpickle ``data``; a reference is replaced by ``resolve(id)``."""
@@ -216,6 +219,13 @@ class _Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == _REFERENCE:
             return self._reference
+        known = self._serializer._globals  # every record names its classes: look each one up once
+        found = known.get((module, name))
+        if found is None:
+            found = known[module, name] = self._find(module, name)
+        return found
+
+    def _find(self, module: str, name: str) -> Any:
         module, name = self._serializer.find_class(module, name)
         found = super().find_class(module, name)
         if self._serializer.allowed is not None:
