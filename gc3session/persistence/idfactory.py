@@ -39,6 +39,11 @@ def parse_id(id: str) -> tuple[str, int]:  # noqa: A002
     return match[1], int(match[2])
 
 
+def number_of(id: str) -> int:  # noqa: A002
+    """The number of an id already checked to be valid (cheaper than :func:`parse_id`)."""
+    return int(id.rpartition(".")[2])
+
+
 def is_id(text: str) -> bool:
     """True when ``text`` is a valid id."""
     return ID_PATTERN.fullmatch(text) is not None
@@ -156,4 +161,6 @@ def user_data_dir() -> Path:
     return path
 
 
-__all__ = ["ID_PATTERN", "Counter", "FileCounter", "IdFactory", "id_list", "is_id", "parse_id", "user_data_dir"]
+__all__ = [
+    "ID_PATTERN", "Counter", "FileCounter", "IdFactory", "id_list", "is_id", "number_of", "parse_id", "user_data_dir",
+]

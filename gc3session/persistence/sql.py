@@ -28,7 +28,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
 
 from ..exceptions import InvalidArgument, LoadError, RepairWarning, SaveError, StoreError
-from .idfactory import IdFactory, parse_id
+from .idfactory import IdFactory, number_of, parse_id
 from .serialization import DEFAULT_PROTOCOL, decode_json, encode_json
 from .store import Record, Store, id_chunks, mask_password, missing, store_options
 
@@ -380,7 +380,7 @@ class SqlStore(Store):
                 with attempt, self._transaction() as conn:
                     for start in range(0, len(ids), BATCH):
                         chunk = ids[start : start + BATCH]
-                        numbers = [parse_id(oid)[1] for oid in chunk]
+                        numbers = [number_of(oid) for oid in chunk]
                         where = self._one_of(table.c.id, numbers), self._one_of(table.c.persistent_id, chunk)
                         conn.execute(sa.delete(table).where(*where))
 
@@ -415,7 +415,7 @@ class SqlStore(Store):
             return
         for start in range(0, len(ids), BATCH):
             chunk = ids[start : start + BATCH]
-            query = sa.select(*columns).where(self._one_of(table.c.id, [parse_id(oid)[1] for oid in chunk]))
+            query = sa.select(*columns).where(self._one_of(table.c.id, [number_of(oid) for oid in chunk]))
             with self._failures("cannot read"), self.engine.connect() as conn:
                 rows = {row[0]: row[1:] for row in conn.execute(query).all()}
             for oid in chunk:
@@ -461,7 +461,7 @@ class SqlStore(Store):
                     yield row[0], summary(row)
             return
         for chunk in id_chunks(ids, BATCH):
-            query = sa.select(*columns).where(self._one_of(table.c.id, [parse_id(oid)[1] for oid in chunk]))
+            query = sa.select(*columns).where(self._one_of(table.c.id, [number_of(oid) for oid in chunk]))
             with self._failures("cannot read"), self.engine.connect() as conn:
                 rows = {row[0]: row for row in conn.execute(query).all()}
             for oid in chunk:
