@@ -883,4 +883,7 @@ def is_inside(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -
     return True
 
 
-__all__ = ["Session", "TemporarySession", "is_session", "read_index", "read_store_url", "resolve_store_url"]
+__all__ = [
+    "IdSet", "Session", "TemporarySession", "is_session", "iter_index", "read_index", "read_store_url",
+    "resolve_store_url",
+]

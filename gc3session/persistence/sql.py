@@ -57,7 +57,7 @@ _BIG_BLOB = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 CORE_COLUMNS = (
     "id", "persistent_id", "data", "state", "jobname", "cls", "returncode", "children", "created", "modified", "meta",
 )
-#: Metadata fields that have columns of their own, and only those (rows written before 0.2 repeat them in ``meta``).
+#: Metadata fields kept in columns of their own, and only there (rows from earlier versions repeat them in ``meta``).
 META_COLUMNS = ("state", "jobname", "cls", "returncode", "children", "created", "modified")
 
 
