@@ -750,10 +750,12 @@ def _index_file(path: str) -> Iterator[Iterable[bytes]]:
     try:
         f = open(path, "rb")  # closed below, once the caller is done with it
     except FileNotFoundError:
-        yield ()
-        return
+        f = None
     except OSError as error:
         raise SessionError(path, f"cannot read the index: {error.strerror}") from error
+    if f is None:
+        yield ()
+        return
     with f:
         yield f
 
@@ -781,31 +783,33 @@ def _index_ids(lines: Iterable[bytes], path: str, strict: bool) -> Iterator[str]
 class IdSet:
     """A set of valid ids, kept as a bit per number for each prefix: ids are numbers from a counter, so dense.
 
-    Ids with numbers too big for a bitmap (made by hand) go to a plain set.
+    Each prefix's bitmap starts at the first number added under it, so it
+    takes a bit per number between that one and the highest; numbers
+    below it or too far above it go to a plain set.
     """
 
-    #: Numbers from here up go to the plain set (a bitmap up to this one takes 16 MiB).
-    BITMAP_LIMIT = 1 << 27
+    #: The widest span of numbers a bitmap covers (16 MiB of bits).
+    SPAN = 1 << 27
 
     def __init__(self) -> None:
-        self._bits: dict[str, bytearray] = {}
+        self._bits: dict[str, tuple[int, bytearray]] = {}  # prefix -> (its first number, its bits from there)
         self._others: set[str] = set()
 
     def add(self, oid: str) -> bool:
         """Add ``oid``, a valid id; True if it was not in the set yet."""
         prefix, _, digits = oid.rpartition(".")
         number = int(digits)
-        if number >= self.BITMAP_LIMIT:
+        base, bits = self._bits.get(prefix) or self._bits.setdefault(prefix, (number, bytearray()))
+        offset = number - base
+        if not 0 <= offset < self.SPAN:
             if oid in self._others:
                 return False
             self._others.add(oid)
             return True
-        bits = self._bits.get(prefix)
-        byte = number >> 3
-        if bits is None or byte >= len(bits):
-            bits = self._bits.setdefault(prefix, bytearray())
-            bits.extend(bytes(max(byte + 1, 2 * len(bits)) - len(bits)))
-        mask = 1 << (number & 7)
+        byte = offset >> 3
+        if byte >= len(bits):
+            bits.extend(bytes(min(max(byte + 1, 2 * len(bits)), self.SPAN >> 3) - len(bits)))
+        mask = 1 << (offset & 7)
         if bits[byte] & mask:
             return False
         bits[byte] |= mask

@@ -137,7 +137,7 @@ class Task(Persistable):
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
         if name not in ("changed", "state"):  # setting the state marks the execution when it changes
-            self.__dict__["changed"] = True  # what the changed setter does with True, without calling it
+            object.__setattr__(self, "changed", True)
 
     @property  # type: ignore[override]
     def changed(self) -> bool:

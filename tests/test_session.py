@@ -1082,7 +1082,7 @@ def test_lazy_task_that_fails_to_load_is_reported_and_kept(tmp_path):
 
 def test_iter_index_gives_what_read_index_gives_on_a_messy_index(tmp_path):
     index = tmp_path / "index.txt"
-    big = f"Task.{IdSet.BITMAP_LIMIT + 5}"
+    big = f"Task.{IdSet.SPAN + 5}"
     index.write_bytes(
         f"\n Task.3\r\nTask.1\n\nTask.3\nTaskCollection.3\n{big}\nTask.1\n{big}\n  \nOther.9\nTask.2".encode()
     )
@@ -1109,15 +1109,25 @@ def test_iter_index_stops_at_a_line_that_is_no_id_naming_file_and_line(tmp_path)
 def test_id_set_holds_what_a_set_holds_in_a_bit_per_number():
     ids = IdSet()
     reference: set[str] = set()
-    numbers = [1, 2, 7, 8, 9, 1000, 123_456, 3, 2, 1000, IdSet.BITMAP_LIMIT - 1, IdSet.BITMAP_LIMIT, 10**17]
+    span = IdSet.SPAN
+    numbers = [1000, 1001, 1007, 1008, 9, 1, 123_456, 1003, 1001, 1000, 1000 + span - 1, 1000 + span, 10**17]
     for number in numbers:
         for prefix in ("Task", "TaskCollection"):
             oid = f"{prefix}.{number}"
             assert ids.add(oid) == (oid not in reference), oid
             reference.add(oid)
-    assert sorted(ids._others) == sorted(f"{p}.{n}" for p in ("Task", "TaskCollection") for n in (2**27, 10**17))
-    assert all(len(bits) <= 2 * IdSet.BITMAP_LIMIT // 8 for bits in ids._bits.values())
-    many = IdSet()
+    outside = (9, 1, 1000 + IdSet.SPAN, 10**17)  # below the first number, or past the span
+    assert sorted(ids._others) == sorted(f"{p}.{n}" for p in ("Task", "TaskCollection") for n in outside)
+    assert all(len(bits) <= IdSet.SPAN // 8 for _, bits in ids._bits.values())
+
+
+def test_id_set_takes_a_bit_per_number_from_the_first_one_added():
+    dense = IdSet()
     for number in range(1, 1_000_001):
-        many.add(f"Task.{number}")
-    assert sum(len(bits) for bits in many._bits.values()) <= 2 * 1_000_001 // 8  # 125 KiB, grown by doubling
+        dense.add(f"Task.{number}")
+    assert sum(len(bits) for _, bits in dense._bits.values()) <= 2 * 1_000_001 // 8  # 125 KiB, grown by doubling
+    high = IdSet()  # a session in a big shared store: its numbers start high
+    for number in range(50_000_000, 50_010_000):
+        assert high.add(f"Task.{number}")
+    assert sum(len(bits) for _, bits in high._bits.values()) <= 2 * 10_000 // 8
+    assert not high.add("Task.50000000") and not high._others

@@ -120,15 +120,33 @@ def test_meta_column_holds_only_the_fields_without_a_column(opened: Any) -> None
     assert store.load(oid).tasks[0].jobname == "child"
 
 
-def test_rows_that_repeat_the_columns_in_meta_are_read_as_before(opened: Any) -> None:
+def test_rows_that_repeat_the_columns_in_meta_are_read_as_they_are(opened: Any) -> None:
     store = opened()
     oid = store.save(Task(jobname="old"))
-    full = store.metadata(oid)
-    with store.engine.begin() as conn:  # a row as gc3session 0.1 wrote it: every field in the JSON too
-        conn.execute(sa.update(store.table).values(meta=json.dumps(full)))
-    assert store.metadata(oid) == full
+    full = {**store.metadata(oid), "jobname": "as the JSON has it", "children": ["Task.99"], "returncode": None}
+    with store.engine.begin() as conn:  # a row as earlier versions wrote it: every field in the JSON too
+        conn.execute(sa.update(store.table).values(meta=json.dumps(full), returncode=7))
+    assert store.metadata(oid) == full  # the JSON wins over the columns
     store.invalidate_cache()
     assert store.load(oid).jobname == "old"
+
+
+def test_a_jobname_a_column_cannot_hold_stays_exact_in_the_metadata(opened: Any) -> None:
+    store = opened()
+    oid = store.save(Task(jobname="lone \ud800 surrogate"))
+    with store.engine.connect() as conn:
+        column = conn.execute(sa.select(store.table.c.jobname)).scalar_one()
+    assert column == "lone ? surrogate"  # UTF-8 cannot hold a lone surrogate
+    assert store.metadata(oid)["jobname"] == "lone \ud800 surrogate"
+
+
+def test_a_damaged_children_column_is_logged_and_counts_as_none(opened: Any, caplog: Any) -> None:
+    store = opened()
+    oid = store.save(Task())
+    with store.engine.begin() as conn:
+        conn.execute(sa.update(store.table).values(children="{not json"))
+    assert store.metadata(oid)["children"] == []
+    assert "children column" in caplog.text and oid in caplog.text
 
 
 def test_a_new_sqlite_database_gets_big_pages_and_a_write_ahead_log(tmp_path: Any) -> None:

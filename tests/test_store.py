@@ -505,6 +505,21 @@ def test_allowed_classes_refuse_other_globals(store, open_store):
         assert refused in str(excinfo.value)
 
 
+def test_a_global_refused_once_is_refused_every_time_and_the_lists_are_read_only(store, open_store):
+    with_point = store.save(Task(point=Point(1, 2)))
+    strict = open_store(allowed_classes=["gc3session"])
+    for _ in range(2):  # looked-up globals are remembered: a refusal must not be
+        strict.invalidate_cache()
+        with pytest.raises(LoadError, match="helpers.Point"):
+            strict.load(with_point)
+    serializer = Serializer(class_map={"a.B": "c.D"}, allowed_classes=["gc3session"])
+    with pytest.raises(TypeError):
+        serializer.class_map["x.Y"] = "z.W"  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        serializer.allowed = None  # type: ignore[misc]
+    assert serializer.class_map == {"a.B": "c.D"} and serializer.allowed == ("gc3session",)
+
+
 def test_allowed_classes_accept_modules_and_classes(store, open_store):
     oid = store.save(Task(point=Point(1, 2)))
     assert open_store(allowed_classes=["helpers"]).load(oid).point.y == 2

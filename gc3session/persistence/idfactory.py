@@ -62,18 +62,19 @@ class IdFactory:
             raise InvalidArgument(f"id prefix {prefix!r} must be a Python-style name")
         self.prefix = prefix
         self._counter = counter
-        self._prefixes: dict[type, str] = {}  # class -> the prefix of its ids, checked once
+        self._prefixes: dict[str, str] = {}  # class name -> the prefix of its ids, checked once
 
     def format(self, obj: Any, number: int) -> str:
         """The id of ``obj`` when it gets ``number``."""
-        prefix = self.prefix or self._prefixes.get(type(obj)) or self._class_prefix(type(obj))
+        name = type(obj).__name__
+        prefix = self.prefix or self._prefixes.get(name) or self._class_prefix(name)
         if prefix is self.prefix and not ID_PATTERN.fullmatch(f"{prefix}.1"):
             prefix = "Object"
         return f"{prefix}.{number}"
 
-    def _class_prefix(self, cls: type) -> str:
-        prefix = cls.__name__ if ID_PATTERN.fullmatch(f"{cls.__name__}.1") else "Object"
-        self._prefixes[cls] = prefix
+    def _class_prefix(self, name: str) -> str:
+        prefix = name if ID_PATTERN.fullmatch(f"{name}.1") else "Object"
+        self._prefixes[name] = prefix
         return prefix
 
     def new(self, obj: Any) -> str:

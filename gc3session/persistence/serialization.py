@@ -18,6 +18,7 @@ import json
 import pickle
 import re
 from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from ..exceptions import InvalidArgument
@@ -60,10 +61,12 @@ def _json_encoder() -> Callable[[Any], str]:
     here and reused (without the check for circular references, which
     metadata made of plain fields does not need).
     """
-    make = json.encoder.c_make_encoder
-    if make is None:  # pragma: no cover - Pythons without the C accelerator
-        return json.JSONEncoder(separators=(",", ":")).encode
-    iterencode = make(None, _unencodable, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
+    fallback = json.JSONEncoder(separators=(",", ":")).encode
+    make = getattr(json.encoder, "c_make_encoder", None)
+    try:
+        iterencode = make(None, _unencodable, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
+    except TypeError:  # pragma: no cover - no C accelerator (None), or one that takes other arguments
+        return fallback
     return lambda value: "".join(iterencode(value, 0))
 
 
@@ -98,8 +101,8 @@ class Serializer:
     moved since they were saved.  ``allowed_classes`` (module prefixes such as
     ``"mypkg"`` or ``"mypkg.tasks.Fit"``, or classes) turns on a restricted
     unpickler that refuses any other global: use it to open a session that
-    someone else wrote.  Each global is looked up once and remembered, so
-    both are fixed once the serializer is in use.
+    someone else wrote.  Both are read-only: each global is looked up once
+    and remembered.
     """
 
     def __init__(
@@ -112,14 +115,24 @@ class Serializer:
         if not isinstance(protocol, int) or not 2 <= protocol <= pickle.HIGHEST_PROTOCOL:
             raise InvalidArgument(f"pickle protocol must be 2 to {pickle.HIGHEST_PROTOCOL}, not {protocol!r}")
         self.protocol = protocol
-        self.class_map = {_check_path(k): _check_path(v) for k, v in (class_map or {}).items()}
-        self.allowed: tuple[str, ...] | None = None
+        self._class_map = {_check_path(k): _check_path(v) for k, v in (class_map or {}).items()}
+        self._allowed: tuple[str, ...] | None = None
         if allowed_classes is not None:
             if isinstance(allowed_classes, (str, type)):
                 allowed_classes = [allowed_classes]
-            self.allowed = tuple(a if isinstance(a, str) else class_path(a) for a in allowed_classes)
+            self._allowed = tuple(a if isinstance(a, str) else class_path(a) for a in allowed_classes)
         self._idle: list[_Pickler] = []  # picklers not in use: building one costs more than a small pickle
         self._globals: dict[tuple[str, str], Any] = {}  # what each global of a pickle was found to be
+
+    @property
+    def class_map(self) -> Mapping[str, str]:
+        """Old ``module.Name`` -> new one (read-only: globals are looked up once and remembered)."""
+        return MappingProxyType(self._class_map)
+
+    @property
+    def allowed(self) -> tuple[str, ...] | None:
+        """The allowed module prefixes and classes, or None when any global may be unpickled (read-only)."""
+        return self._allowed
 
     def dumps(self, obj: Any, reference: Callable[[Persistable], str]) -> bytes:
         """Pickle ``obj``; every other Persistable inside it becomes ``reference(child)``."""
@@ -159,7 +172,7 @@ class Serializer:
 
     def find_class(self, module: str, name: str) -> tuple[str, str]:
         """Map a global through ``class_map`` and check it against the allow-list."""
-        full = self.class_map.get(f"{module}.{name}")
+        full = self._class_map.get(f"{module}.{name}")
         if full is not None:
             module, _, name = full.rpartition(".")
         if self.allowed is not None and not self._is_allowed(f"{module}.{name}"):

@@ -57,7 +57,7 @@ _BIG_BLOB = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 CORE_COLUMNS = (
     "id", "persistent_id", "data", "state", "jobname", "cls", "returncode", "children", "created", "modified", "meta",
 )
-#: Metadata fields kept in columns of their own, and only there (rows from earlier versions repeat them in ``meta``).
+#: Metadata fields kept in columns of their own, and only there (rows written by 0.1 repeat them in ``meta``).
 META_COLUMNS = ("state", "jobname", "cls", "returncode", "children", "created", "modified")
 
 
@@ -325,16 +325,20 @@ class SqlStore(Store):
         """The values of the table's columns, in order, ready for the driver (bytes, str, int, float or None)."""
         meta = record.meta
         children = meta.get("children")
+        jobname, cls = meta.get("jobname"), meta.get("cls")
         rest = meta.copy()  # the fields without a column of their own
         for name in META_COLUMNS:
             rest.pop(name, None)
+        for name, value in (("jobname", jobname), ("cls", cls)):
+            if _text(value) is not value:  # the column cannot hold it exactly: the JSON keeps it
+                rest[name] = value
         row = (
             record.number,
             record.id,
             record.data,
             meta.get("state"),
-            _text(meta.get("jobname")),
-            _text(meta.get("cls")),
+            _text(jobname),
+            _text(cls),
             meta.get("returncode"),
             encode_json(children) if children else "[]",
             meta.get("created"),
@@ -452,7 +456,7 @@ class SqlStore(Store):
         def summary(row: Any) -> dict[str, Any]:
             oid, jobname, state, cls, returncode, modified, children = row
             return {"id": oid, "jobname": jobname, "state": state, "cls": cls, "returncode": returncode,
-                    "modified": modified, "children": _child_list(children)}
+                    "modified": modified, "children": _child_list(oid, children)}
 
         if ids is None:
             with self._failures("cannot list"), self.engine.connect() as conn:
@@ -597,9 +601,9 @@ def _fresh(column: sa.Column[Any]) -> sa.Column[Any]:
 
 
 def _text(value: Any) -> Any:
-    """``value`` fit for a text column: lone surrogates (which UTF-8 cannot hold) become U+FFFD.
+    """``value`` fit for a text column: lone surrogates (which UTF-8 cannot hold) become "?".
 
-    The pickle keeps the exact string; only the column shows the replacement.
+    The pickle and the ``meta`` JSON keep the exact string; only the column shows the replacement.
     """
     if isinstance(value, str) and not value.isascii():
         try:
@@ -610,28 +614,38 @@ def _text(value: Any) -> Any:
 
 
 def _metadata(oid: str, row: Sequence[Any]) -> dict[str, Any] | LoadError:
-    """The metadata record of a row, from its ``meta`` column and the META_COLUMNS that follow it in ``row``."""
-    text, state, jobname, cls, returncode, children, created, modified = row
+    """The metadata record of a row, from its ``meta`` column and the META_COLUMNS that follow it in ``row``.
+
+    What the JSON holds wins: a value a column could not hold exactly, and
+    every field of rows that repeat the columns in ``meta``.
+    """
+    text, *columns = row
     try:
         meta = decode_json(text.decode() if isinstance(text, bytes) else text)
     except (TypeError, ValueError):
         return LoadError(oid, "metadata is not valid JSON")
     if not isinstance(meta, dict):
         return LoadError(oid, "metadata is not a JSON object")
-    meta.update(state=state, jobname=jobname, cls=cls, returncode=returncode, children=_child_list(children),
-                created=created, modified=modified)
+    for name, value in zip(META_COLUMNS, columns, strict=True):
+        if name not in meta:
+            meta[name] = _child_list(oid, value) if name == "children" else value
     return meta
 
 
-def _child_list(text: Any) -> list[Any]:
-    """The ids in a ``children`` column (an empty list if it holds anything but a JSON list)."""
+def _child_list(oid: str, text: Any) -> list[Any]:
+    """The ids in a ``children`` column; a damaged one is logged and counts as none."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
     if not text or text == "[]":
         return []
     try:
         children = decode_json(text)
-    except (TypeError, ValueError):
+    except ValueError:
+        children = None
+    if not isinstance(children, list):
+        log.warning("%s: the children column does not hold a JSON list: %.80r", oid, text)
         return []
-    return children if isinstance(children, list) else []
+    return children
 
 
 __all__ = ["BATCH", "COUNTERS_TABLE", "CORE_COLUMNS", "META_COLUMNS", "SqlStore"]
