@@ -155,6 +155,7 @@ def test_a_new_sqlite_database_gets_big_pages_and_a_write_ahead_log(tmp_path: An
         assert db.execute("PRAGMA page_size").fetchone()[0] == SQLITE_PAGE_SIZE
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     with sqlite3.connect(tmp_path / "old.db") as db:  # an existing database keeps its pages
+        db.execute("PRAGMA page_size=4096")
         db.execute("CREATE TABLE other (x INTEGER)")
     with make_store(f"sqlite:///{tmp_path}/old.db") as store:
         store.save(Task())
