@@ -49,6 +49,11 @@ def is_id(text: str) -> bool:
     return ID_PATTERN.fullmatch(text) is not None
 
 
+def _usable_prefix(prefix: str) -> str:
+    """``prefix`` if ids can start with it, else ``Object``."""
+    return prefix if ID_PATTERN.fullmatch(f"{prefix}.1") else "Object"
+
+
 def id_list(value: Any) -> list[str]:
     """The valid ids in a metadata field that should be a list of ids (anything else counts as none)."""
     return [v for v in value if isinstance(v, str) and is_id(v)] if isinstance(value, list) else []
@@ -66,16 +71,12 @@ class IdFactory:
 
     def format(self, obj: Any, number: int) -> str:
         """The id of ``obj`` when it gets ``number``."""
-        name = type(obj).__name__
-        prefix = self.prefix or self._prefixes.get(name) or self._class_prefix(name)
-        if prefix is self.prefix and not ID_PATTERN.fullmatch(f"{prefix}.1"):
-            prefix = "Object"
+        if self.prefix:  # checked on every call: it may have been set after the factory was made
+            prefix = _usable_prefix(self.prefix)
+        else:
+            name = type(obj).__name__
+            prefix = self._prefixes.get(name) or self._prefixes.setdefault(name, _usable_prefix(name))
         return f"{prefix}.{number}"
-
-    def _class_prefix(self, name: str) -> str:
-        prefix = name if ID_PATTERN.fullmatch(f"{name}.1") else "Object"
-        self._prefixes[name] = prefix
-        return prefix
 
     def new(self, obj: Any) -> str:
         """A fresh id from this factory's own counter (the per-user one by default).

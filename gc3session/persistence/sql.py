@@ -325,20 +325,20 @@ class SqlStore(Store):
         """The values of the table's columns, in order, ready for the driver (bytes, str, int, float or None)."""
         meta = record.meta
         children = meta.get("children")
-        jobname, cls = meta.get("jobname"), meta.get("cls")
+        jobname, cls = _text(meta.get("jobname")), _text(meta.get("cls"))
         rest = meta.copy()  # the fields without a column of their own
         for name in META_COLUMNS:
             rest.pop(name, None)
-        for name, value in (("jobname", jobname), ("cls", cls)):
-            if _text(value) is not value:  # the column cannot hold it exactly: the JSON keeps it
-                rest[name] = value
+        for name, column in (("jobname", jobname), ("cls", cls)):
+            if column is not meta.get(name):  # the column cannot hold it exactly: the JSON keeps it
+                rest[name] = meta[name]
         row = (
             record.number,
             record.id,
             record.data,
             meta.get("state"),
-            _text(jobname),
-            _text(cls),
+            jobname,
+            cls,
             meta.get("returncode"),
             encode_json(children) if children else "[]",
             meta.get("created"),
