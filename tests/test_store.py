@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import pickle
+import shutil
 import threading
 import zlib
 
@@ -25,7 +26,7 @@ from gc3session.exceptions import RepairWarning
 from helpers import Bare, FitTask, NewTask, OldTask, Point, make_helper_store
 
 import gc3session
-from gc3session import InvalidArgument, LoadError, SaveError, State, StoreError, Task, TaskCollection
+from gc3session import InvalidArgument, LoadError, NoSuchObject, SaveError, State, StoreError, Task, TaskCollection
 from gc3session.persistence import DEFAULT_PROTOCOL, FilesystemStore, Serializer, Store, make_store, register
 from gc3session.persistence import store as store_module
 from gc3session.persistence.atomic import TEMP_PREFIX
@@ -800,12 +801,13 @@ def test_encode_json_refuses_what_json_cannot_hold():
         encode_json({"a": object()})
 
 
-@pytest.mark.parametrize("text", ["", " ", '{"a":1} x', "[1] [2]", "{", '{"a":1}\n{"b":2}'])
+@pytest.mark.parametrize("text", ["", " ", '{"a":1} x', "[1] [2]", "{", '{"a":1}\n{"b":2}', "x", ",1"])
 def test_decode_json_refuses_what_json_loads_refuses(text):
-    with pytest.raises(ValueError):
+    with pytest.raises(json.JSONDecodeError) as expected:
         json.loads(text)
-    with pytest.raises(ValueError):
+    with pytest.raises(json.JSONDecodeError) as excinfo:
         decode_json(text)
+    assert (excinfo.value.msg, excinfo.value.pos) == (expected.value.msg, expected.value.pos)
 
 
 def test_protocol_can_be_chosen_and_bad_ones_are_refused(open_store):
@@ -1165,6 +1167,38 @@ def test_filesystem_metadata_of_damaged_records(tmp_path):
         store.metadata(oid)
     assert excinfo.value.id == oid
     assert isinstance(dict(store.iter_metadata())[oid], LoadError)
+
+
+def test_filesystem_metadata_of_records_that_cannot_be_read(tmp_path):
+    store = FilesystemStore(tmp_path / "s")
+    good, bad = store.save(Task(jobname="good")), store.save(Task())
+    record_path(store, bad).unlink()
+    record_path(store, bad).mkdir()  # open works on a directory, read does not
+    found = dict(store.iter_metadata([good, bad, "Task.999"]))
+    assert found[good]["jobname"] == "good"
+    assert isinstance(found[bad], LoadError) and str(record_path(store, bad)) in found[bad].reason
+    assert isinstance(found["Task.999"], NoSuchObject)
+
+
+def test_filesystem_metadata_when_the_store_directory_is_gone(tmp_path):
+    store = FilesystemStore(tmp_path / "s")
+    oid = store.save(Task())
+    shutil.rmtree(tmp_path / "s")
+    found = dict(store.iter_metadata([oid]))
+    assert isinstance(found[oid], NoSuchObject) and oid in str(found[oid])
+
+
+def test_filesystem_listing_closes_what_it_opens(tmp_path):
+    store = FilesystemStore(tmp_path / "s")
+    ids = [store.save(Task()) for _ in range(3)]
+    before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    for _ in range(50):
+        listing = store.iter_metadata(ids)
+        next(listing)
+        listing.close()  # stopped half way
+        assert len(list(store.iter_metadata(ids))) == 3
+    if before is not None:
+        assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_filesystem_damaged_child_fails_the_container(tmp_path):

@@ -129,17 +129,22 @@ class FilesystemStore(Store):
     def _read_metadata(self, ids: list[str] | None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
         if ids is None:
             ids = sorted(self._names(), key=lambda oid: parse_id(oid)[1])
-        for oid in ids:
-            path = self._prefix + oid
-            try:
-                line = read_first_line(path)
-            except FileNotFoundError:
-                yield oid, missing(oid, self)
-                continue
-            except OSError as error:
-                yield oid, LoadError(oid, f"cannot read {path}: {error.strerror or error}")
-                continue
-            yield oid, parse_metadata(oid, path, line)
+        # files opened by name inside the directory: the kernel does not walk the whole path for each
+        dir_fd = _open_directory(self._prefix)
+        try:
+            for oid in ids:
+                try:
+                    line = read_first_line(oid, dir_fd) if dir_fd is not None else read_first_line(self._prefix + oid)
+                except FileNotFoundError:
+                    yield oid, missing(oid, self)
+                    continue
+                except OSError as error:
+                    yield oid, LoadError(oid, f"cannot read {self._prefix}{oid}: {error.strerror or error}")
+                    continue
+                yield oid, parse_metadata(oid, self._prefix + oid, line)
+        finally:
+            if dir_fd is not None:
+                os.close(dir_fd)
 
     def size(self) -> int:
         """Bytes the records take on disk."""
@@ -164,9 +169,9 @@ def read_file(path: str) -> bytes:
         os.close(fd)
 
 
-def read_first_line(path: str | Path) -> bytes:
-    """The first line of a file, newline included (without one if the file has none)."""
-    fd = os.open(path, os.O_RDONLY)
+def read_first_line(path: str | Path, dir_fd: int | None = None) -> bytes:
+    """The first line of a file (``path`` relative to ``dir_fd`` if given), newline included (if it has one)."""
+    fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
     try:
         chunk = os.read(fd, 4096)  # a metadata line is a few hundred bytes: one read, most often
         end = chunk.find(b"\n")
@@ -183,6 +188,16 @@ def read_first_line(path: str | Path) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def _open_directory(path: str) -> int | None:
+    """A descriptor of directory ``path`` to open its files by name, or None (unsupported, or unreadable)."""
+    if os.open not in os.supports_dir_fd:  # pragma: no cover - Windows
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # each file's own open then says what is wrong
+        return None
 
 
 def encode_record(meta: dict[str, Any], data: bytes) -> bytes:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import json.scanner
 import pickle
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -72,16 +73,19 @@ def _json_encoder() -> Callable[[Any], str]:
 
 #: ``value`` as compact ASCII JSON (like ``json.dumps(value, separators=(",", ":"))``).
 encode_json = _json_encoder()
-_json_decoder = json.JSONDecoder()
+_json_scan = json.scanner.make_scanner(json.JSONDecoder())  # the C scanner where there is one
 _json_space = re.compile(r"[ \t\n\r]*")
 
 
 def decode_json(text: str) -> Any:
-    """``json.loads(text)`` for a str, without its layers of calls (a third of the time for a metadata record)."""
+    """``json.loads(text)`` for a str, straight through the scanner: for a metadata record, a third faster."""
     start = 0 if text[:1] in "{[" else _json_space.match(text).end()  # type: ignore[union-attr]
-    value, end = _json_decoder.raw_decode(text, start)
-    if end != len(text) and _json_space.match(text, end).end() != len(text):  # type: ignore[union-attr]
-        raise ValueError(f"extra data after the JSON value, at character {end}")
+    try:
+        value, end = _json_scan(text, start)
+    except StopIteration as stop:  # how the scanner says there is no value at ``start``
+        raise json.JSONDecodeError("Expecting value", text, stop.value) from None
+    if end != len(text) and text[end:].strip(" \t\n\r"):
+        raise json.JSONDecodeError("Extra data", text, _json_space.match(text, end).end())  # type: ignore[union-attr]
     return value
 
 

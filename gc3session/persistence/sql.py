@@ -20,6 +20,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import cached_property
 from typing import Any
 
 import sqlalchemy as sa
@@ -118,7 +119,6 @@ class SqlStore(Store):
         except BaseException:
             self.engine.dispose()
             raise
-        self._upsert, self._param_names = self._make_upsert()
         self._meta_columns = [self.table.c.meta, *(self.table.c[name] for name in META_COLUMNS)]
         dialect = self.engine.dialect
         # extra fields may have types that convert values (JSON, dates, enums): their bind processors, or None
@@ -225,11 +225,13 @@ class SqlStore(Store):
             return sqlite.insert(table).on_conflict_do_nothing()
         return sa.insert(table).prefix_with("IGNORE")
 
-    def _make_upsert(self) -> tuple[str, list[str] | None]:
+    @cached_property
+    def _upsert(self) -> tuple[str, list[str] | None]:
         """The dialect's upsert of one row as the driver's SQL, and its parameters' names (None if positional).
 
         Rows go to the driver's ``executemany`` as they are (see ``_row``): SQLAlchemy's processing of
-        each row's parameters costs more than SQLite's own work on it.
+        each row's parameters costs more than SQLite's own work on it.  Compiled at the first write
+        (a few milliseconds that a store opened for reading does not pay).
         """
         table = self.table
         names = [c.name for c in table.columns]
@@ -315,11 +317,12 @@ class SqlStore(Store):
         with self._failures("cannot write", target=records[0].id if len(records) == 1 else f"{len(records)} objects"):
             for attempt in retries():
                 with attempt, self._transaction() as conn:
+                    upsert, names = self._upsert
                     for start in range(0, len(records), BATCH):
                         rows: list[Any] = [self._row(record) for record in records[start : start + BATCH]]
-                        if self._param_names is not None:
-                            rows = [dict(zip(self._param_names, row, strict=True)) for row in rows]
-                        conn.exec_driver_sql(self._upsert, rows)
+                        if names is not None:
+                            rows = [dict(zip(names, row, strict=True)) for row in rows]
+                        conn.exec_driver_sql(upsert, rows)
 
     def _row(self, record: Record) -> tuple[Any, ...]:
         """The values of the table's columns, in order, ready for the driver (bytes, str, int, float or None)."""
