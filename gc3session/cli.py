@@ -35,6 +35,8 @@ from .session import Session, is_session, iter_index, read_index, read_store_url
 
 FORMATS = ("table", "json", "csv")
 COLUMNS = ("id", "jobname", "state", "class", "returncode", "modified")
+#: How many children of one collection ``ls --recursive`` reads at a time.
+CHILD_BATCH = 500
 
 
 class SessionView:
@@ -71,10 +73,13 @@ class SessionView:
 
     def _children(self, parent: str, meta: dict[str, Any], depth: int, seen: set[str]) -> Iterator[Any]:
         children = [c for c in id_list(meta.get("children")) if c not in seen]
-        for oid, child in self.store.iter_summaries(children):
-            yield depth, parent, oid, child
-            if isinstance(child, dict):
-                yield from self._children(oid, child, depth + 1, seen | {oid})
+        for start in range(0, len(children), CHILD_BATCH):
+            # each batch read to its end before going deeper: a stream open at every level of a deep
+            # tree would hold one database connection per level
+            for oid, child in list(self.store.iter_summaries(children[start : start + CHILD_BATCH])):
+                yield depth, parent, oid, child
+                if isinstance(child, dict):
+                    yield from self._children(oid, child, depth + 1, seen | {oid})
 
     def all_metadata(self, follow: tuple[str, ...] = ("children",)) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
         """Metadata of every task of the session, children (or the ``follow`` fields) included, breadth first."""

@@ -122,6 +122,29 @@ def test_ls_recursive_json_and_filters(sample: Path) -> None:
     assert json.loads(run("ls", sample, "--state", "STOPPED", "--format", "json").output) == []
 
 
+@pytest.mark.parametrize("kind", CLI_KINDS)
+def test_ls_recursive_goes_deeper_than_the_connection_pool(
+    kind: str, tmp_path: Path, store_url_of: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 20 levels (a SQL pool holds 15 connections) with batches of 2 children: each level must be read to
+    # the end of a batch before the listing goes deeper
+    monkeypatch.setattr(cli, "CHILD_BATCH", 2)
+    leaf: Task = Task(jobname="level-20")
+    for level in range(19, -1, -1):
+        leaf = TaskCollection(jobname=f"level-{level}", tasks=[leaf, Task(jobname=f"side-{level}a"),
+                                                               Task(jobname=f"side-{level}b")])
+    session = Session(tmp_path / "s", store_or_url=None if kind == "file" else store_url_of(kind))
+    session.add(leaf)
+    session.store.close()
+    result = run("ls", tmp_path / "s", "-r", "--format", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert len(rows) == 1 + 20 * 3
+    assert [r["jobname"] for r in rows if r["jobname"].startswith("level")] == [f"level-{i}" for i in range(21)]
+    assert [r["depth"] for r in rows if r["jobname"].startswith("level")] == list(range(21))
+    assert [r["jobname"] for r in rows[:5]] == ["level-0", "level-1", "level-2", "level-3", "level-4"]
+
+
 def test_ls_csv(sample: Path) -> None:
     result = run("ls", sample, "--format", "csv")
     rows = list(csv.DictReader(io.StringIO(result.output)))

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from gc3session import Session, State, Task, TaskCollection
-from gc3session.exceptions import InvalidArgument, SaveError, StoreError
+from gc3session.exceptions import InvalidArgument, LoadError, SaveError, StoreError
 from gc3session.persistence import SqlStore, make_store
 from gc3session.persistence.accessors import GET
 from gc3session.persistence.sql import META_COLUMNS, SQLITE_PAGE_SIZE
@@ -207,6 +207,29 @@ def test_save_many_uses_one_upsert_transaction(opened: Any) -> None:
     assert len(store.list()) == 1200
 
 
+def test_a_listing_takes_one_connection_and_ends_each_read(opened: Any) -> None:
+    store = opened()
+    tasks = [Task(jobname=f"t{i}") for i in range(1200)]
+    store.save_many(tasks)
+    ids = [t.persistent_id for t in tasks] + ["Task.999999"]
+    checkouts: list[Any] = []
+    sa.event.listen(store.engine, "checkout", lambda *a: checkouts.append(a))
+    listing = store.iter_summaries(iter(ids))
+    first = next(listing)
+    other = opened()  # a writer while the listing is half way: neither waits for the other
+    other.save(Task(jobname="meanwhile"))
+    rest = list(listing)
+    assert len(checkouts) == 1
+    assert first[1]["jobname"] == "t0" and [m["jobname"] for _, m in rest[:-1]] == [f"t{i}" for i in range(1, 1200)]
+    assert isinstance(rest[-1][1], LoadError)
+    checkouts.clear()
+    assert len(list(store.iter_metadata(ids[:600]))) == 600 and len(checkouts) == 1
+    stopped = store.iter_summaries(ids)
+    next(stopped)
+    stopped.close()  # a listing stopped half way gives its connection back
+    assert store.engine.pool.checkedout() == 0
+
+
 def test_sql_text_in_values_is_just_text(opened: Any) -> None:
     store = opened()
     evil = "x'); DROP TABLE store; --"
@@ -328,7 +351,7 @@ def test_missing_driver_names_the_extra() -> None:
 
 
 def test_unreachable_server_is_a_store_error() -> None:
-    with pytest.raises(StoreError, match="127.0.0.1:1"):
+    with pytest.raises(StoreError, match=r"127\.0\.0\.1:1"):
         make_store("postgresql://nobody@127.0.0.1:1/nothing")
 
 

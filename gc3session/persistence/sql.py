@@ -420,11 +420,9 @@ class SqlStore(Store):
                 for row in result:
                     yield row[0], _metadata(row[0], row[1:])
             return
-        for start in range(0, len(ids), BATCH):
-            chunk = ids[start : start + BATCH]
-            query = sa.select(*columns).where(self._one_of(table.c.id, [number_of(oid) for oid in chunk]))
-            with self._failures("cannot read"), self.engine.connect() as conn:
-                rows = {row[0]: row[1:] for row in conn.execute(query).all()}
+        chunks = (ids[start : start + BATCH] for start in range(0, len(ids), BATCH))
+        for chunk, found in self._select_chunks(columns, chunks):
+            rows = {row[0]: row[1:] for row in found}
             for oid in chunk:
                 if oid in rows:
                     yield oid, _metadata(oid, rows[oid])
@@ -467,13 +465,31 @@ class SqlStore(Store):
                 for row in result:
                     yield row[0], summary(row)
             return
-        for chunk in id_chunks(ids, BATCH):
-            query = sa.select(*columns).where(self._one_of(table.c.id, [number_of(oid) for oid in chunk]))
-            with self._failures("cannot read"), self.engine.connect() as conn:
-                rows = {row[0]: row for row in conn.execute(query).all()}
+        for chunk, found in self._select_chunks(columns, id_chunks(ids, BATCH)):
+            rows = {row[0]: row for row in found}
             for oid in chunk:
                 row = rows.get(oid)
                 yield oid, summary(row) if row is not None else missing(oid, self)
+
+    def _select_chunks(
+        self, columns: Sequence[sa.Column[Any]], chunks: Iterable[list[str]]
+    ) -> Iterator[tuple[list[str], Sequence[Any]]]:
+        """``(chunk, rows)``: the ``columns`` of the rows of each chunk of ids, selected by number.
+
+        One connection serves the whole stream, each SELECT in a transaction
+        of its own (none at all on server databases): a listing does not pay
+        a pool checkout and its ping for every chunk, nor hold one snapshot
+        from start to end.
+        """
+        table = self.table
+        with self._failures("cannot read"), self.engine.connect() as conn:
+            if self.engine.dialect.name != "sqlite":  # SQLite's transactions are ours (see _tune_sqlite)
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            for chunk in chunks:
+                query = sa.select(*columns).where(self._one_of(table.c.id, [number_of(oid) for oid in chunk]))
+                rows = conn.execute(query).all()
+                conn.rollback()  # ends SQLite's read transaction; nothing to do in autocommit
+                yield chunk, rows
 
     def size(self) -> int | None:
         """Bytes the table takes in the database, where the database tells."""

@@ -373,7 +373,8 @@ class Store(abc.ABC):
 
         ``ids`` may be any iterable, a generator too: it is read a thousand at
         a time, and an id that is not valid raises InvalidArgument when the
-        stream reaches it.
+        stream reaches it.  On a SQL store the stream holds one database
+        connection until it ends or is closed.
         """
         self._check_pid()
         if ids is None:
