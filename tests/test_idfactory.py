@@ -5,9 +5,8 @@ from __future__ import annotations
 import helpers
 import pytest
 
-from gc3session.exceptions import RepairWarning
-
 from gc3session import InvalidArgument, Task, TaskCollection
+from gc3session.exceptions import RepairWarning
 from gc3session.persistence import FilesystemStore, IdFactory
 from gc3session.persistence.filesystem import COUNTER_FILENAME
 from gc3session.persistence.idfactory import DATA_DIR_VARIABLE, FileCounter, is_id, parse_id, user_data_dir

@@ -21,12 +21,11 @@ import zlib
 
 import helpers
 import pytest
-
-from gc3session.exceptions import RepairWarning
 from helpers import Bare, FitTask, NewTask, OldTask, Point, make_helper_store
 
 import gc3session
 from gc3session import InvalidArgument, LoadError, NoSuchObject, SaveError, State, StoreError, Task, TaskCollection
+from gc3session.exceptions import RepairWarning
 from gc3session.persistence import DEFAULT_PROTOCOL, FilesystemStore, Serializer, Store, make_store, register
 from gc3session.persistence import store as store_module
 from gc3session.persistence.atomic import TEMP_PREFIX
@@ -511,7 +510,7 @@ def test_a_global_refused_once_is_refused_every_time_and_the_lists_are_read_only
     strict = open_store(allowed_classes=["gc3session"])
     for _ in range(2):  # looked-up globals are remembered: a refusal must not be
         strict.invalidate_cache()
-        with pytest.raises(LoadError, match="helpers.Point"):
+        with pytest.raises(LoadError, match=r"helpers\.Point"):
             strict.load(with_point)
     serializer = Serializer(class_map={"a.B": "c.D"}, allowed_classes=["gc3session"])
     with pytest.raises(TypeError):

@@ -148,7 +148,9 @@ class ForkServer:
                 raise AssertionError(f"the fork server gave no {word!r} for {name} in {timeout}s")
             time.sleep(0.001)
 
-    def start(self, script: str, args: Iterable[Any], name: str | None = None, env: dict[str, str] | None = None) -> Child:
+    def start(
+        self, script: str, args: Iterable[Any], name: str | None = None, env: dict[str, str] | None = None
+    ) -> Child:
         """Fork a child that runs ``script`` with ``sys.argv[1:] == args`` (and ``env`` added to its environment)."""
         self._count += 1
         name = f"{name or 'child'}-{self._count}"
@@ -224,7 +226,9 @@ class Child:
                 if fields and fields[0] == word:
                     return fields[1:]
             if exited:
-                raise AssertionError(f"{self.name} exited ({self.returncode}) before printing {word!r}:\n{self.stderr()}")
+                raise AssertionError(
+                    f"{self.name} exited ({self.returncode}) before printing {word!r}:\n{self.stderr()}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(f"{self.name} printed no {word!r} line in {timeout}s:\n{self.stderr()}")
             time.sleep(0.001)
@@ -262,9 +266,13 @@ def fork_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer
     server.close()
 
 
-@pytest.fixture
-def children(fork_server: ForkServer) -> Iterator[ForkServer]:
-    """The fork server; every child a test started is killed when the test ends."""
+@pytest.fixture(name="children")
+def children_fixture(fork_server: ForkServer) -> Iterator[ForkServer]:
+    """The fork server; every child a test started is killed when the test ends.
+
+    Tests ask for it as ``children``; import it as ``children_fixture`` so that the
+    parameter does not shadow an imported name.
+    """
     before = len(fork_server.children)
     yield fork_server
     for child in fork_server.children[before:]:
@@ -276,7 +284,11 @@ def open_checked(path: Path | str, context: str = "") -> Session:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         session = Session(path)
-    bad = [f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, (LoadWarning, RepairWarning))]
+    bad = [
+        f"{w.category.__name__}: {w.message}"
+        for w in caught
+        if issubclass(w.category, (LoadWarning, RepairWarning))
+    ]
     try:
         assert not bad, f"opening the session warned {context}: {bad}"
         assert session.load_errors == {}, f"tasks failed to load {context}: {session.load_errors}"

@@ -196,7 +196,7 @@ def _truncated_metadata(raw: Raw, oid: str, other: str) -> None:
 
 
 def _pickle_only(raw: Raw, oid: str, other: str) -> None:
-    meta, data = raw.get(oid)
+    _meta, data = raw.get(oid)
     if raw.sql:
         raw.put(oid, "", data)
     else:
@@ -204,12 +204,12 @@ def _pickle_only(raw: Raw, oid: str, other: str) -> None:
 
 
 def _metadata_not_json(raw: Raw, oid: str, other: str) -> None:
-    meta, data = raw.get(oid)
+    _meta, data = raw.get(oid)
     raw.put(oid, "{'id': 'not json'", data)
 
 
 def _metadata_binary(raw: Raw, oid: str, other: str) -> None:
-    meta, data = raw.get(oid)
+    _meta, data = raw.get(oid)
     if raw.sql:
         raw.put(oid, "\x01\x02\ufffd\x7f junk", data)
     else:
@@ -218,7 +218,7 @@ def _metadata_binary(raw: Raw, oid: str, other: str) -> None:
 
 def _metadata_json_of(value: Any) -> Damage:
     def damage(raw: Raw, oid: str, other: str) -> None:
-        meta, data = raw.get(oid)
+        _meta, data = raw.get(oid)
         raw.put(oid, meta_text(value), data)
 
     return damage
@@ -230,12 +230,12 @@ def _metadata_without_id(raw: Raw, oid: str, other: str) -> None:
 
 
 def _junk_pickle(raw: Raw, oid: str, other: str) -> None:
-    meta, data = raw.get(oid)
+    meta, _data = raw.get(oid)
     raw.put(oid, meta_text(with_checks(json.loads(meta), JUNK)), JUNK)
 
 
 def _junk_pickle_without_checks(raw: Raw, oid: str, other: str) -> None:
-    meta, data = raw.get(oid)
+    meta, _data = raw.get(oid)
     raw.put(oid, meta_text(without_checks(json.loads(meta))), JUNK)
 
 
@@ -415,7 +415,7 @@ def test_metadata_fields_of_the_wrong_type_never_raise_a_bare_error(new_session,
     assert all(issubclass(w.category, LoadWarning) for w in caught), [str(w.message) for w in caught]
     assert set(again.load_errors) <= {victim}
     assert {ids["first"], ids["third"], ids["grid"]} <= set(again.list_ids())
-    for oid, meta in again.store.iter_metadata():
+    for _oid, meta in again.store.iter_metadata():
         assert isinstance(meta, (dict, LoadError))
     list(again.store.iter_summaries())
     again.add(Task(jobname="new"))

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import pytest
 from fault_helpers import Child, ForkServer, index_file_lines, open_checked, seeded_random
-from fault_helpers import children, fork_server  # noqa: F401 - fixtures
+
+# isort: split
+from fault_helpers import children_fixture, fork_server  # noqa: F401 - the fixtures "children", "fork_server"
 
 from gc3session import Session
 from gc3session.persistence import make_store
@@ -112,7 +114,7 @@ def run_at_once(gate: Path, jobs: list[tuple[ForkServer, str, list[object]]]) ->
         time.sleep(0.005)
     (gate / "go").touch()
     outputs = [child.finish() for child in started]
-    for child, lines in zip(started, outputs):
+    for child, lines in zip(started, outputs, strict=True):
         assert lines and lines[-1] == "finished", f"worker stopped early:\n{child.stderr()}"
         child.assert_quiet("(a worker)")
     return outputs
@@ -179,7 +181,9 @@ def test_eight_adders_while_two_processes_remove_and_re_add(kind, tmp_path, stor
     new_session(path, kind, store_url_of)
     gate = tmp_path / "gate"
     jobs = [(children, WORKER, ["add", path, f"a{n}", ADDS, gate, 0]) for n in range(ADDERS)]
-    jobs += [(children, WORKER, ["churn", path, f"c{n}", CHURNS, gate, rng.randrange(2**32)]) for n in range(CHURNERS)]
+    jobs += [
+        (children, WORKER, ["churn", path, f"c{n}", CHURNS, gate, rng.randrange(2**32)]) for n in range(CHURNERS)
+    ]
     outputs = run_at_once(gate, jobs)
     present, removed, owner = replay(outputs)
     adders = {oid for oid, worker in owner.items() if worker < ADDERS}
@@ -216,7 +220,8 @@ while not Path(gate, "go").exists():
     time.sleep(0.002)
 
 def say(kind, task):
-    print(json.dumps({"kind": kind, "id": task.persistent_id, "jobname": task.jobname, "token": task.token}), flush=True)
+    record = {"kind": kind, "id": task.persistent_id, "jobname": task.jobname, "token": task.token}
+    print(json.dumps(record), flush=True)
 
 mine = []
 for i in range(count):
@@ -317,12 +322,16 @@ def test_two_machines_sharing_one_store(kind, tmp_path, store_url_of, machines):
             for oid, task in loaded.items()
             if content[oid] != {"jobname": task.jobname, "token": task.token}
         }
-        assert not overwritten, f"{len(overwritten)} objects do not hold what was saved: {list(overwritten.items())[:3]}"
+        assert not overwritten, (
+            f"{len(overwritten)} objects do not hold what was saved: {list(overwritten.items())[:3]}"
+        )
     finally:
         store.close()
     for m in range(MACHINES):
         session_path = tmp_path / "machines" / f"m{m}" / "home" / "session"
-        assert set(index_file_lines(session_path)) == added_by_machine[f"m{m}"], f"machine m{m}'s session holds others' tasks"
+        assert set(index_file_lines(session_path)) == added_by_machine[f"m{m}"], (
+            f"machine m{m}'s session holds others' tasks"
+        )
         session = open_checked(session_path)
         try:
             assert {t.machine for t in session.tasks.values()} == {f"m{m}"}

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 from fault_helpers import Child, ForkServer, assert_no_temp_ids, index_file_lines, open_checked, seeded_random
-from fault_helpers import children, fork_server  # noqa: F401 - fixtures
+
+# isort: split
+from fault_helpers import children_fixture, fork_server  # noqa: F401 - the fixtures "children", "fork_server"
 
 from gc3session import Session, Task
 from gc3session.persistence import make_store
@@ -213,7 +215,9 @@ def test_kill_during_remove_save_all_and_flush_of_a_big_session(kind, tmp_path, 
             assert len(gone) <= batch, f"tasks lost that nobody removed {context}: {sorted(gone)[:10]}"
             assert now <= current, f"tasks appeared {context}"
             still_stored = removed & set(reopened.store.list())
-            assert not still_stored, f"acknowledged removals left records in the store {context}: {sorted(still_stored)[:5]}"
+            assert not still_stored, (
+                f"acknowledged removals left records in the store {context}: {sorted(still_stored)[:5]}"
+            )
             current = now
         finally:
             reopened.store.close()
@@ -257,7 +261,9 @@ def test_kill_during_remove_save_all_and_flush_of_a_big_session(kind, tmp_path, 
             assert now - current <= set(pending), f"tasks appeared that the child never added {context}"
             if done:
                 unflushed = set(pending) - now
-                assert not unflushed, f"flush returned but tasks are not in the session {context}: {sorted(unflushed)[:5]}"
+                assert not unflushed, (
+                    f"flush returned but tasks are not in the session {context}: {sorted(unflushed)[:5]}"
+                )
             current = now
         finally:
             reopened.store.close()
