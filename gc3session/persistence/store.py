@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..exceptions import Error, InvalidArgument, LoadError, NoSuchObject, SaveError
-from .idfactory import IdFactory, is_id, parse_id
+from .idfactory import ID_PATTERN, IdFactory, is_id, parse_id
 from .serialization import DEFAULT_PROTOCOL, FORMAT_VERSION, Serializer
 
 if TYPE_CHECKING:
@@ -533,8 +533,10 @@ def known_objects(url: str) -> weakref.WeakValueDictionary[str, Any]:
 def id_chunks(ids: Iterable[str], size: int) -> Iterator[list[str]]:
     """``ids`` in lists of ``size``, each id checked (InvalidArgument for one that is not valid)."""
     chunk: list[str] = []
+    valid = ID_PATTERN.fullmatch
     for oid in ids:
-        parse_id(oid)
+        if not (isinstance(oid, str) and valid(oid)):
+            parse_id(oid)  # raises the error that names it
         chunk.append(oid)
         if len(chunk) == size:
             yield chunk
