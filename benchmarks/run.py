@@ -18,7 +18,8 @@ Workloads:
      (the per-task cost of removing 500 tasks one at a time from a session of N)
   floor: pickle.dumps each task, then one executemany transaction into a bare
          two-column SQLite table, or one file per object with os.replace; then
-         read back and unpickled.  Measured before and after the workloads (the
+         read back and unpickled (with the cyclic garbage collector paused, as
+         the stores pause it).  Measured before and after the workloads (the
          lower of the two counts; for file writes, whose cost swings several-fold
          from one minute to the next on a shared machine, the ratios show both).
          With PostgreSQL, also its own floor: the same through psycopg alone,
@@ -28,6 +29,7 @@ Workloads:
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import os
@@ -40,7 +42,8 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from contextlib import redirect_stdout
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +86,30 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while unpickling, as the stores do: its passes over a growing
+    heap are not what reading costs (they took half the time of reading 100,000 tasks)."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def timed_read(key: str, read: Callable[[], list[Any]]) -> dict[str, float]:
+    """Seconds ``read`` takes with the garbage collector paused (``key``) and on (``key_gc``)."""
+    times = {}
+    for name, context in ((f"{key}_gc", nullcontext), (key, gc_paused)):
+        with context():
+            start = time.perf_counter()
+            objs = read()
+            times[name] = time.perf_counter() - start
+        assert len(objs) > 0
+        del objs
+    return times
+
+
 # -- workloads (each runs in its own process; returns a dict of measurements) ------
 
 
@@ -106,16 +133,18 @@ def w_floor(n: int, workdir: Path, kind: str) -> dict[str, Any]:
             f.write(pickle.dumps(t, protocol=4))
         os.replace(temp, folder / f"T.{i}")
     out["file_write"] = time.perf_counter() - start
-    start = time.perf_counter()
-    objs = []
-    for i in range(n):
-        with open(folder / f"T.{i}", "rb") as f:
-            objs.append(pickle.loads(f.read()))
-    out["file_read"] = time.perf_counter() - start
+    del tasks, blobs  # the reads start from an empty heap, as a reopening process does
+
+    def read_files() -> list[Any]:
+        objs = []
+        for i in range(n):
+            with open(folder / f"T.{i}", "rb") as f:
+                objs.append(pickle.loads(f.read()))
+        return objs
+
     db = sqlite3.connect(workdir / "floor.db")
-    start = time.perf_counter()
-    objs = [pickle.loads(data) for (data,) in db.execute("SELECT data FROM t")]
-    out["sqlite_read"] = time.perf_counter() - start
+    out.update(timed_read("file_read", read_files))
+    out.update(timed_read("sqlite_read", lambda: [pickle.loads(data) for (data,) in db.execute("SELECT data FROM t")]))
     db.close()
     tracemalloc.start()
     with open(workdir / "floor.db", "rb"):
@@ -144,11 +173,10 @@ def w_floor_postgresql(n: int, workdir: Path, kind: str) -> dict[str, Any]:
             cursor.executemany("INSERT INTO gc3bench_floor VALUES (%s, %s)", list(enumerate(blobs)))
         db.commit()
         out["postgresql_write"] = time.perf_counter() - start
-        start = time.perf_counter()
+        del tasks, blobs
         with db.cursor() as cursor:
-            objs = [pickle.loads(data) for (data,) in cursor.execute("SELECT data FROM gc3bench_floor").fetchall()]
-        out["postgresql_read"] = time.perf_counter() - start
-        assert len(objs) == n
+            query = "SELECT data FROM gc3bench_floor"
+            out.update(timed_read("postgresql_read", lambda: [pickle.loads(d) for (d,) in cursor.execute(query)]))
         db.execute("DROP TABLE gc3bench_floor")
         db.commit()
     return out
@@ -400,7 +428,8 @@ def ratios(results: dict[str, Any]) -> list[tuple[str, str, float, float, float 
             ratio = [f"{seconds / f:.{digits}f}" for f in reversed(floors)]
             return ratio[-1] if floors[-1] < 1.25 * floors[0] else f"{ratio[0]}-{ratio[-1]}"
 
-        read_floor = floor["file_read"] if kind == "file" else floor["sqlite_read"]
+        read_key = "file_read" if kind == "file" else "sqlite_read"
+        read_floor, read_floor_gc = floor[read_key], floor.get(f"{read_key}_gc")
         own_write, own_read = (floor.get("postgresql_write"), floor.get("postgresql_read")) if kind == "postgresql" \
             else (None, None)
         w1 = res["1-add-flush"]
@@ -414,7 +443,8 @@ def ratios(results: dict[str, Any]) -> list[tuple[str, str, float, float, float 
         lazy = w3.get("lazy_time")
         lazy_text = f"; lazy {lazy / w3['time']:.3f}x full" if lazy else "; lazy: n/a"
         rows.append((kind, "3 reopen", w3["time"], n / w3["time"], w3["peak_rss_mib"],
-                     f"{w3['time'] / read_floor:.2f}x read floor{versus(w3['time'], own_read)}; "
+                     f"{w3['time'] / read_floor:.2f}x read floor{versus(w3['time'], own_read)}"
+                     + (f" ({w3['time'] / read_floor_gc:.2f}x with GC on)" if read_floor_gc else "") + "; "
                      f"memory {memory['mib'] / floor['objects_mib']:.2f}x objects{lazy_text}"))
         w4 = res["4-save-all"]
         rows.append((kind, "4 change state + save_all", w4["time"], n / w4["time"], w4["peak_rss_mib"],
@@ -439,7 +469,8 @@ def print_table(results: dict[str, Any]) -> None:
     file_writes = sorted(f["file_write"] for f in results.get("floors", [floor]))
     file_write = "-".join(f"{seconds:.2f}" for seconds in file_writes)
     print(f"N = {n:,}; floor: write {file_write} s (files), {floor['sqlite_write']:.2f} s (SQLite); "
-          f"read+unpickle {floor['file_read']:.2f} s (files), {floor['sqlite_read']:.2f} s (SQLite); "
+          f"read+unpickle {floor['file_read']:.2f} s (files), {floor['sqlite_read']:.2f} s (SQLite), "
+          f"with GC on {floor.get('file_read_gc', 0):.2f} s, {floor.get('sqlite_read_gc', 0):.2f} s; "
           f"objects {floor['objects_mib']:.1f} MiB")
     if "postgresql_write" in floor:
         print(f"PostgreSQL floor (psycopg alone): write {floor['postgresql_write']:.2f} s; "

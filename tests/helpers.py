@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from gc3session import Persistable, Task
@@ -49,6 +49,21 @@ class FitTask(Task):
     def __init__(self, jobname: str | None = None, alpha: float = 0.0, **attributes: Any) -> None:
         super().__init__(jobname, **attributes)
         self.alpha = alpha
+
+
+class GcWitness(Task):
+    """A task that notes, as it is unpickled, whether Python's cyclic garbage collector is on."""
+
+    seen: ClassVar[list[bool]] = []
+    fail: ClassVar[bool] = False
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import gc
+
+        GcWitness.seen.append(gc.isenabled())
+        if GcWitness.fail:
+            raise RuntimeError("refused to unpickle")
+        self.__dict__.update(state)
 
 
 def make_helper_store(url: str, **kwargs: Any) -> Any:

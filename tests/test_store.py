@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import datetime
 import decimal
+import gc
 import importlib.metadata
 import json
 import os
@@ -21,7 +22,7 @@ import zlib
 
 import helpers
 import pytest
-from helpers import Bare, FitTask, NewTask, OldTask, Point, make_helper_store
+from helpers import Bare, FitTask, GcWitness, NewTask, OldTask, Point, make_helper_store
 
 import gc3session
 from gc3session import InvalidArgument, LoadError, NoSuchObject, SaveError, State, StoreError, Task, TaskCollection
@@ -459,6 +460,26 @@ def test_load_many_collects_errors_when_asked(store):
     with pytest.raises(LoadError) as excinfo:
         store.load_many([good, "Task.9999"])
     assert excinfo.value.id == "Task.9999"
+
+
+def test_loading_pauses_the_cyclic_garbage_collector_and_restores_it(store, open_store, monkeypatch):
+    ids = [store.save(GcWitness(jobname=f"w{i}")) for i in range(3)]
+    monkeypatch.setattr(GcWitness, "seen", [])
+    assert gc.isenabled()
+    loaded = open_store().load_many(ids)
+    assert [t.jobname for t in loaded.values()] == ["w0", "w1", "w2"]
+    assert GcWitness.seen == [False, False, False] and gc.isenabled()
+    monkeypatch.setattr(GcWitness, "fail", True)
+    with pytest.raises(LoadError, match="refused to unpickle"):
+        open_store().load(ids[0])
+    assert gc.isenabled()  # back on after a failed load too
+    monkeypatch.setattr(GcWitness, "fail", False)
+    gc.disable()
+    try:  # a collector the program turned off stays off
+        assert list(open_store().load_many([ids[1]])) == [ids[1]]
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_a_record_whose_class_is_gone_fails_to_load_naming_its_id(store, open_store, monkeypatch):
