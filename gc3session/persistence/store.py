@@ -539,7 +539,9 @@ def gc_paused() -> Iterator[None]:
     Every object unpickled is a new container the collector would scan
     again and again while the heap grows: that took half the time of
     opening a session of 100,000 tasks.  Unpickling makes almost no cyclic
-    garbage, so there is nothing for the collector to find meanwhile.
+    garbage, so there is nothing for the collector to find meanwhile.  The
+    switch is the whole process's: when threads load at once, the first to
+    finish turns it back on, which costs the others speed, nothing else.
     """
     if not gc.isenabled():
         yield
