@@ -97,15 +97,15 @@ def gc_paused() -> Iterator[None]:
         gc.enable()
 
 
-def timed_read(key: str, read: Callable[[], list[Any]]) -> dict[str, float]:
-    """Seconds ``read`` takes with the garbage collector paused (``key``) and on (``key_gc``)."""
+def timed_read(key: str, read: Callable[[], list[Any]], n: int) -> dict[str, float]:
+    """Seconds ``read`` (of ``n`` objects) takes with the garbage collector paused (``key``) and on (``key_gc``)."""
     times = {}
     for name, context in ((f"{key}_gc", nullcontext), (key, gc_paused)):
         with context():
             start = time.perf_counter()
             objs = read()
             times[name] = time.perf_counter() - start
-        assert len(objs) > 0
+        assert len(objs) == n, len(objs)
         del objs
     return times
 
@@ -143,8 +143,8 @@ def w_floor(n: int, workdir: Path, kind: str) -> dict[str, Any]:
         return objs
 
     db = sqlite3.connect(workdir / "floor.db")
-    out.update(timed_read("file_read", read_files))
-    out.update(timed_read("sqlite_read", lambda: [pickle.loads(data) for (data,) in db.execute("SELECT data FROM t")]))
+    out.update(timed_read("file_read", read_files, n))
+    out.update(timed_read("sqlite_read", lambda: [pickle.loads(d) for (d,) in db.execute("SELECT data FROM t")], n))
     db.close()
     tracemalloc.start()
     with open(workdir / "floor.db", "rb"):
@@ -176,7 +176,7 @@ def w_floor_postgresql(n: int, workdir: Path, kind: str) -> dict[str, Any]:
         del tasks, blobs
         with db.cursor() as cursor:
             query = "SELECT data FROM gc3bench_floor"
-            out.update(timed_read("postgresql_read", lambda: [pickle.loads(d) for (d,) in cursor.execute(query)]))
+            out.update(timed_read("postgresql_read", lambda: [pickle.loads(d) for (d,) in cursor.execute(query)], n))
         db.execute("DROP TABLE gc3bench_floor")
         db.commit()
     return out

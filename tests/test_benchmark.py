@@ -1,0 +1,28 @@
+"""The benchmark script runs end to end (at a small N; its figures are checked by people, not here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+
+
+def test_benchmark_runs_every_workload_and_prints_ratios(tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    command = [sys.executable, str(SCRIPT), "--n", "200", "--stores", "file,sqlite", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    assert results["n"] == 200
+    assert set(results["stores"]) == {"file", "sqlite"}
+    for key in ("file_read", "file_read_gc", "sqlite_read", "sqlite_read_gc", "sqlite_write", "file_write"):
+        assert results["floor"][key] > 0, key
+    for workloads in results["stores"].values():
+        assert {"1-add-flush", "2-add-batch", "3-reopen", "5-ls", "6-remove"} <= set(workloads)
+        assert workloads["3-reopen"]["count"] == 200 and workloads["5-ls"]["count"] == 200
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("file ", "sqlite "))]
+    assert len(rows) == 12
+    assert all("x" in line.split("  ")[-1] for line in rows)  # every figure is a ratio to the floor
