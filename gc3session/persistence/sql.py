@@ -434,15 +434,11 @@ class SqlStore(Store):
         by_number: dict[int, list[str]] = {}
         for oid in ids:
             by_number.setdefault(parse_id(oid)[1], []).append(oid)
-        numbers = list(by_number)
+        one_each = [oids[0] for oids in by_number.values()]  # one id per number picks the row
+        chunks = (one_each[start : start + BATCH] for start in range(0, len(one_each), BATCH))
         table = self.table
         found: dict[str, dict[str, Any] | LoadError] = {}
-        for start in range(0, len(numbers), BATCH):
-            query = sa.select(table.c.id, table.c.persistent_id, *self._meta_columns).where(
-                self._one_of(table.c.id, numbers[start : start + BATCH])
-            )
-            with self._failures("cannot read"), self.engine.connect() as conn:
-                rows = conn.execute(query).all()
+        for _, rows in self._select_chunks((table.c.id, table.c.persistent_id, *self._meta_columns), chunks):
             for number, holder, *fields in rows:
                 for oid in by_number[number]:
                     found[oid] = _metadata(holder, fields)
