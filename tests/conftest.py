@@ -58,7 +58,7 @@ def drop_table(url: str, table: str) -> None:
 
     engine = sqlalchemy.create_engine(url)
     with engine.begin() as conn:
-        conn.execute(sqlalchemy.text(f"DROP TABLE IF EXISTS {table}"))
+        conn.execute(sqlalchemy.text(f"DROP TABLE IF EXISTS {engine.dialect.identifier_preparer.quote(table)}"))
         inspector = sqlalchemy.inspect(conn)
         if inspector.has_table("gc3session_counters"):
             conn.execute(sqlalchemy.text("DELETE FROM gc3session_counters WHERE name = :n"), {"n": table})
@@ -85,16 +85,17 @@ def close_every_store(monkeypatch: Any) -> Iterator[None]:
 
 @pytest.fixture
 def store_url_of(tmp_path: Any) -> Iterator[Callable[[str], str]]:
-    """A function giving a fresh store URL of a kind; server tables are dropped afterwards."""
+    """A function giving a fresh store URL of a kind (and table, if given); server tables are dropped afterwards."""
     tables: list[tuple[str, str]] = []
 
-    def url_of(kind: str) -> str:
+    def url_of(kind: str, table: str | None = None) -> str:
         if kind == "file":
             return str(tmp_path / f"store-{secrets.token_hex(3)}")
         if kind == "sqlite":
-            return f"sqlite:///{tmp_path}/store-{secrets.token_hex(3)}.db"
+            fragment = "" if table is None else f"#table={table}"
+            return f"sqlite:///{tmp_path}/store-{secrets.token_hex(3)}.db{fragment}"
         base = server_url(kind)
-        table = f"t_{secrets.token_hex(6)}"
+        table = table or f"t_{secrets.token_hex(6)}"
         tables.append((base, table))
         return f"{base}#table={table}"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 import subprocess
 import sys
@@ -25,8 +26,13 @@ SQL_KINDS = ["sqlite", "postgresql", "mysql"]
 
 
 @pytest.fixture(params=SQL_KINDS)
-def sql_url(request: Any, store_url_of: Callable[[str], str]) -> str:
-    return store_url_of(request.param)
+def sql_kind(request: Any) -> str:
+    return request.param
+
+
+@pytest.fixture
+def sql_url(sql_kind: str, store_url_of: Callable[[str], str]) -> str:
+    return store_url_of(sql_kind)
 
 
 @pytest.fixture
@@ -147,6 +153,50 @@ def test_a_damaged_children_column_is_logged_and_counts_as_none(opened: Any, cap
         conn.execute(sa.update(store.table).values(children="{not json"))
     assert store.metadata(oid)["children"] == []
     assert "children column" in caplog.text and oid in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["flipped-byte", "truncated-data", "meta-not-json", "meta-of-another-id"])
+def test_a_damaged_row_gives_a_load_error_naming_the_id(opened: Any, damage: str) -> None:
+    store = opened()
+    oid = store.save(Task(jobname="victim", payload=list(range(50))))
+    good = store.save(Task(jobname="good"))
+    table = store.table
+    row = table.c.persistent_id == oid
+    with store.engine.connect() as conn:
+        data, meta = conn.execute(sa.select(table.c.data, table.c.meta).where(row)).one()
+    middle = len(data) // 2
+    values = {
+        "flipped-byte": {"data": data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]},
+        "truncated-data": {"data": data[:middle]},
+        "meta-not-json": {"meta": meta[: len(meta) // 2]},
+        "meta-of-another-id": {"meta": json.dumps({**json.loads(meta), "id": good})},
+    }[damage]
+    with store.engine.begin() as conn:
+        conn.execute(sa.update(table).where(row).values(**values))
+    store.invalidate_cache()
+    with pytest.raises(LoadError) as excinfo:
+        store.load(oid)
+    assert excinfo.value.id == oid
+    errors: dict[str, LoadError] = {}
+    assert list(store.load_many([oid, good], errors=errors)) == [good]
+    assert errors[oid].id == oid
+
+
+def test_a_table_name_that_needs_quoting(opened: Any, store_url_of: Callable[..., str], sql_kind: str) -> None:
+    # a SQL keyword in SQLite's own database; on the shared servers a unique name that only quoting keeps mixed-case
+    table = "order" if sql_kind == "sqlite" else f"Order_{secrets.token_hex(4)}"
+    url = store_url_of(sql_kind, table)
+    child = Task(jobname="child")
+    oid = opened(url).save(TaskCollection(jobname="parent", tasks=[child]))
+    kid = child.persistent_id
+    fresh = opened(url)
+    assert fresh.table_name == table
+    assert fresh.load(oid).tasks[0].jobname == "child"
+    assert {i: m["jobname"] for i, m in fresh.iter_summaries([oid, kid])} == {oid: "parent", kid: "child"}
+    assert fresh.metadata(kid)["jobname"] == "child" and fresh.occupants([oid])[oid]["id"] == oid
+    assert [i for i, entry in fresh.export([oid, kid]) if not isinstance(entry, LoadError)] == [oid, kid]
+    fresh.remove_many([oid, kid])
+    assert fresh.list() == []
 
 
 def test_a_new_sqlite_database_gets_big_pages_and_a_write_ahead_log(tmp_path: Any) -> None:

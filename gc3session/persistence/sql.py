@@ -119,7 +119,6 @@ class SqlStore(Store):
         except BaseException:
             self.engine.dispose()
             raise
-        self._meta_columns = [self.table.c.meta, *(self.table.c[name] for name in META_COLUMNS)]
         dialect = self.engine.dialect
         # extra fields may have types that convert values (JSON, dates, enums): their bind processors, or None
         self._extra_processors = [column.type.dialect_impl(dialect).bind_processor(dialect) for column in self._extra]
@@ -366,18 +365,26 @@ class SqlStore(Store):
         return row + tuple(extra)
 
     def _read(self, ids: list[str]) -> dict[str, tuple[dict[str, Any], bytes] | LoadError]:
-        table = self.table
-        wanted = {parse_id(oid)[1]: oid for oid in ids}
-        found: dict[str, tuple[dict[str, Any], bytes] | LoadError] = {}
+        return self._read_rows(ids, META_COLUMNS)
+
+    def _read_for_load(self, ids: list[str]) -> dict[str, tuple[dict[str, Any], bytes] | LoadError]:
+        """The pickle and the ``meta`` JSON only: the other columns hold listing fields, which loading never checks."""
+        return self._read_rows(ids, ())
+
+    def _read_rows(
+        self, ids: list[str], columns: Sequence[str]
+    ) -> dict[str, tuple[dict[str, Any], bytes] | LoadError]:
+        """The records of ``ids``, their metadata from ``meta`` and the META_COLUMNS among ``columns``."""
+        wanted = {number_of(oid): oid for oid in ids}
         numbers = list(wanted)
+        found: dict[str, tuple[dict[str, Any], bytes] | LoadError] = {}
         with self._failures("cannot read"), self.engine.connect() as conn:
             for start in range(0, len(numbers), BATCH):
-                chunk = numbers[start : start + BATCH]
-                query = sa.select(table.c.id, table.c.data, *self._meta_columns).where(self._one_of(table.c.id, chunk))
-                for row in conn.execute(query).all():
-                    oid = wanted[row[0]]
-                    meta = _metadata(oid, row[2:])
-                    found[oid] = meta if isinstance(meta, LoadError) else (meta, bytes(row[1] or b""))
+                sql, params = self._by_number(("id", "data", "meta", *columns), numbers[start : start + BATCH])
+                for number, data, *fields in conn.exec_driver_sql(sql, params).all():
+                    oid = wanted[number]
+                    meta = _metadata(oid, fields, columns)
+                    found[oid] = meta if isinstance(meta, LoadError) else (meta, _bytes(data))
         return found
 
     def _delete(self, ids: list[str]) -> None:
@@ -412,9 +419,9 @@ class SqlStore(Store):
 
     def _read_metadata(self, ids: list[str] | None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
         table = self.table
-        columns = (table.c.persistent_id, *self._meta_columns)
+        columns = ("persistent_id", "meta", *META_COLUMNS)
         if ids is None:
-            query = sa.select(*columns).order_by(table.c.id)
+            query = sa.select(*(table.c[name] for name in columns)).order_by(table.c.id)
             with self._failures("cannot list"), self.engine.connect() as conn:
                 result = conn.execution_options(yield_per=BATCH).execute(query)
                 for row in result:
@@ -436,9 +443,8 @@ class SqlStore(Store):
             by_number.setdefault(parse_id(oid)[1], []).append(oid)
         one_each = [oids[0] for oids in by_number.values()]  # one id per number picks the row
         chunks = (one_each[start : start + BATCH] for start in range(0, len(one_each), BATCH))
-        table = self.table
         found: dict[str, dict[str, Any] | LoadError] = {}
-        for _, rows in self._select_chunks((table.c.id, table.c.persistent_id, *self._meta_columns), chunks):
+        for _, rows in self._select_chunks(("id", "persistent_id", "meta", *META_COLUMNS), chunks):
             for number, holder, *fields in rows:
                 for oid in by_number[number]:
                     found[oid] = _metadata(holder, fields)
@@ -446,9 +452,7 @@ class SqlStore(Store):
 
     def iter_summaries(self, ids: Iterable[str] | None = None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
         """Listing fields straight from the columns: no JSON to parse but the children."""
-        table = self.table
-        columns = [table.c.persistent_id, table.c.jobname, table.c.state, table.c.cls, table.c.returncode,
-                   table.c.modified, table.c.children]
+        columns = ("persistent_id", "jobname", "state", "cls", "returncode", "modified", "children")
 
         def summary(row: Any) -> dict[str, Any]:
             oid, jobname, state, cls, returncode, modified, children = row
@@ -457,7 +461,9 @@ class SqlStore(Store):
 
         if ids is None:
             with self._failures("cannot list"), self.engine.connect() as conn:
-                result = conn.execution_options(yield_per=BATCH).execute(sa.select(*columns).order_by(table.c.id))
+                table = self.table
+                query = sa.select(*(table.c[name] for name in columns)).order_by(table.c.id)
+                result = conn.execution_options(yield_per=BATCH).execute(query)
                 for row in result:
                     yield row[0], summary(row)
             return
@@ -468,7 +474,7 @@ class SqlStore(Store):
                 yield oid, summary(row) if row is not None else missing(oid, self)
 
     def _select_chunks(
-        self, columns: Sequence[sa.Column[Any]], chunks: Iterable[list[str]]
+        self, columns: Sequence[str], chunks: Iterable[list[str]]
     ) -> Iterator[tuple[list[str], Sequence[Any]]]:
         """``(chunk, rows)``: the ``columns`` of the rows of each chunk of ids, selected by number.
 
@@ -477,15 +483,30 @@ class SqlStore(Store):
         a pool checkout and its ping for every chunk, nor hold one snapshot
         from start to end.
         """
-        table = self.table
         with self._failures("cannot read"), self.engine.connect() as conn:
             if self.engine.dialect.name != "sqlite":  # SQLite's transactions are ours (see _tune_sqlite)
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             for chunk in chunks:
-                query = sa.select(*columns).where(self._one_of(table.c.id, [number_of(oid) for oid in chunk]))
-                rows = conn.execute(query).all()
+                rows = conn.exec_driver_sql(*self._by_number(columns, [number_of(oid) for oid in chunk])).all()
                 conn.rollback()  # ends SQLite's read transaction; nothing to do in autocommit
                 yield chunk, rows
+
+    def _by_number(self, columns: Sequence[str], numbers: list[int]) -> tuple[str, tuple[Any, ...]]:
+        """The driver's SQL that selects ``columns`` of the rows numbered ``numbers``, and its parameters.
+
+        Written out, not built by SQLAlchemy: building the statement and
+        processing each row through it costs more than the database's own
+        work (reading 10,000 records from SQLite: 4 µs a record this way,
+        against 8 µs).  PostgreSQL takes the numbers as one array parameter,
+        rather than hundreds of values to parse for every query.
+        """
+        dialect = self.engine.dialect
+        quote = dialect.identifier_preparer.quote
+        head = f"SELECT {', '.join(map(quote, columns))} FROM {quote(self.table_name)} WHERE id"
+        if dialect.name == "postgresql":
+            return f"{head} = ANY(%s::bigint[])", (numbers,)
+        mark = "?" if dialect.paramstyle == "qmark" else "%s"  # the other drivers we support take "format"
+        return f"{head} IN ({', '.join([mark] * len(numbers))})", tuple(numbers)
 
     def size(self) -> int | None:
         """Bytes the table takes in the database, where the database tells."""
@@ -628,23 +649,28 @@ def _text(value: Any) -> Any:
     return value
 
 
-def _metadata(oid: str, row: Sequence[Any]) -> dict[str, Any] | LoadError:
-    """The metadata record of a row, from its ``meta`` column and the META_COLUMNS that follow it in ``row``.
+def _metadata(oid: str, row: Sequence[Any], columns: Sequence[str] = META_COLUMNS) -> dict[str, Any] | LoadError:
+    """The metadata record of a row: its ``meta`` column, then the values of ``columns`` that follow it in ``row``.
 
     What the JSON holds wins: a value a column could not hold exactly, and
     every field of rows that repeat the columns in ``meta``.
     """
-    text, *columns = row
+    text, *values = row
     try:
         meta = decode_json(text.decode() if isinstance(text, bytes) else text)
     except (TypeError, ValueError):
         return LoadError(oid, "metadata is not valid JSON")
     if not isinstance(meta, dict):
         return LoadError(oid, "metadata is not a JSON object")
-    for name, value in zip(META_COLUMNS, columns, strict=True):
+    for name, value in zip(columns, values, strict=True):
         if name not in meta:
             meta[name] = _child_list(oid, value) if name == "children" else value
     return meta
+
+
+def _bytes(data: Any) -> bytes:
+    """A BLOB as bytes (some drivers give a memoryview)."""
+    return data if type(data) is bytes else bytes(data or b"")
 
 
 def _child_list(oid: str, text: Any) -> list[Any]:

@@ -289,21 +289,19 @@ class Store(abc.ABC):
         A failure raises :class:`LoadError`; with an ``errors`` dict given,
         failures are put there instead and the other objects are returned.
         """
-        ids = list(dict.fromkeys(ids))
-        for oid in ids:
-            parse_id(oid)
+        chunks = list(id_chunks(dict.fromkeys(ids), LOAD_BATCH))  # every id checked before anything is read
         loaded: dict[str, Any] = {}
         with self._lock, gc_paused():
             self._check_pid()
-            for start in range(0, len(ids), LOAD_BATCH):
-                chunk = ids[start : start + LOAD_BATCH]
+            for chunk in chunks:
                 self._load_chunk(chunk, loaded, errors)
         return loaded
 
     def _load_chunk(self, ids: list[str], loaded: dict[str, Any], errors: dict[str, LoadError] | None) -> None:
         wanted = [oid for oid in ids if oid not in self._cache]
-        raw = self._read(wanted) if wanted else {}
+        raw = self._read_for_load(wanted) if wanted else {}
         loading: dict[str, None] = {}  # the records being unpickled, innermost last
+        fresh: list[Any] = []  # the objects unpickled, for the plugins to watch
 
         def resolve(ref: str) -> Any:
             obj = self._cache.get(ref)
@@ -316,18 +314,24 @@ class Store(abc.ABC):
                 raise LoadError(ref, "reference cycle between stored objects")
             loading[ref] = None
             try:
-                entry = raw.pop(ref) if ref in raw else self._read([ref]).get(ref)
-                return self._decode(ref, entry, resolve)
+                entry = raw.pop(ref) if ref in raw else self._read_for_load([ref]).get(ref)
+                obj = self._decode(ref, entry, resolve)
+                fresh.append(obj)
+                return obj
             finally:
                 loading.pop(ref, None)
 
-        for oid in ids:
-            try:
-                loaded[oid] = resolve(oid)
-            except LoadError as error:
-                if errors is None:
-                    raise
-                errors[oid] = error
+        try:
+            for oid in ids:
+                try:
+                    loaded[oid] = resolve(oid)
+                except LoadError as error:
+                    if errors is None:
+                        raise
+                    errors[oid] = error
+        finally:
+            if fresh and self.hooks is not None:
+                self.hooks.watch(fresh)
 
     def _decode(
         self, oid: str, entry: tuple[dict[str, Any], bytes] | LoadError | None, resolve: Callable[[str], Any]
@@ -349,9 +353,9 @@ class Store(abc.ABC):
         obj.changed = False
         self._cache[oid] = obj
         self._known[oid] = obj
-        self._remember_refs(oid, meta.get("references") or ())
-        if self.hooks is not None:
-            self.hooks.watch((obj,))
+        refs = meta.get("references")
+        if refs or oid in self._refs:  # most records refer to nothing
+            self._remember_refs(oid, refs or ())
         return obj
 
     # -- metadata, listing, removal ---------------------------------------------
@@ -415,11 +419,7 @@ class Store(abc.ABC):
 
     def export(self, ids: Iterable[str]) -> Iterator[tuple[str, tuple[dict[str, Any], bytes] | LoadError]]:
         """``(id, (metadata, pickle))`` of each id, as stored, without unpickling; a failure as a LoadError."""
-        ids = list(ids)
-        for oid in ids:
-            parse_id(oid)
-        for start in range(0, len(ids), LOAD_BATCH):
-            chunk = ids[start : start + LOAD_BATCH]
+        for chunk in list(id_chunks(ids, LOAD_BATCH)):  # every id checked before anything is read
             with self._lock:
                 self._check_pid()
                 raw = self._read(chunk)
@@ -508,6 +508,15 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def _read(self, ids: list[str]) -> dict[str, tuple[dict[str, Any], bytes] | LoadError]:
         """``{id: (metadata, data)}``; a missing id is left out, a damaged one maps to a LoadError."""
+
+    def _read_for_load(self, ids: list[str]) -> dict[str, tuple[dict[str, Any], bytes] | LoadError]:
+        """What loading reads: :meth:`_read`, unless a store overrides it to read less.
+
+        Loading checks only the metadata fields ``id``, ``size``, ``crc32``
+        and ``references``; a store that can skip reading the others (the
+        SQL stores keep them in columns of their own) may return just those.
+        """
+        return self._read(ids)
 
     @abc.abstractmethod
     def _delete(self, ids: list[str]) -> None:
