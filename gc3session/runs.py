@@ -111,20 +111,19 @@ def _user() -> str | None:
 
 @functools.lru_cache(maxsize=8)
 def _git_state(cwd: str) -> dict[str, Any] | None:
-    """The commit and dirty flag of the git checkout at ``cwd``, or None."""
+    """The commit and dirty flag of the git checkout at ``cwd``, or None (one ``git`` process, not two)."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=False
-        )
-        if commit.returncode != 0:
-            return None
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain=v2", "--branch", "--untracked-files=no"],
             cwd=cwd, capture_output=True, text=True, timeout=5, check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    lines = status.stdout.splitlines()
+    commit = next((line.split()[2] for line in lines if line.startswith("# branch.oid ")), None)
+    if status.returncode != 0 or commit in (None, "(initial)"):  # not a checkout, or nothing committed yet
+        return None
+    return {"commit": commit, "dirty": any(not line.startswith("#") for line in lines)}
 
 
 __all__ = ["RUNS_FILENAME", "error_record", "new_run", "read_runs", "update_runs"]

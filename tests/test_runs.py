@@ -45,6 +45,15 @@ def test_git_commit_and_dirty_flag_are_recorded(tmp_path, monkeypatch):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     monkeypatch.chdir(repo)
     assert Session(tmp_path / "s").runs[0]["git"] == {"commit": head, "dirty": False}
+    (repo / "f.txt").write_text("two")
+    (repo / "sub").mkdir()
+    monkeypatch.chdir(repo / "sub")  # another directory: the state is looked up again
+    assert Session(tmp_path / "d").runs[0]["git"] == {"commit": head, "dirty": True}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    subprocess.run([*git, "init", "-q"], cwd=empty, check=True)
+    monkeypatch.chdir(empty)
+    assert Session(tmp_path / "e").runs[0]["git"] is None  # nothing committed yet
     plain = tmp_path / "plain"
     plain.mkdir()
     monkeypatch.chdir(plain)
