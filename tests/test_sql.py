@@ -199,6 +199,16 @@ def test_a_table_name_that_needs_quoting(opened: Any, store_url_of: Callable[...
     assert fresh.list() == []
 
 
+def test_a_driver_without_positional_parameters_is_a_clear_error(tmp_path: Any) -> None:
+    store = SqlStore(f"sqlite:///{tmp_path}/s.db")
+    oid = store.save(Task())
+    store.invalidate_cache()
+    store.engine.dialect.paramstyle = "named"  # as a driver that takes only :name parameters would have it
+    with pytest.raises(StoreError, match="'named' parameters"):
+        store.load(oid)
+    store.close()
+
+
 def test_a_new_sqlite_database_gets_big_pages_and_a_write_ahead_log(tmp_path: Any) -> None:
     make_store(f"sqlite:///{tmp_path}/new.db").close()
     with sqlite3.connect(tmp_path / "new.db") as db:
