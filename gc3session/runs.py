@@ -111,19 +111,17 @@ def _user() -> str | None:
 
 @functools.lru_cache(maxsize=8)
 def _git_state(cwd: str) -> dict[str, Any] | None:
-    """The commit and dirty flag of the git checkout at ``cwd``, or None (one ``git`` process, not two)."""
+    """The commit and dirty flag of the git checkout at ``cwd``, or None."""
+    # two plain commands that git has had for ever (clusters keep old versions), read as UTF-8 whatever the locale
+    text = {"capture_output": True, "encoding": "utf-8", "errors": "replace", "timeout": 5, "check": False}
     try:
-        status = subprocess.run(
-            ["git", "status", "--porcelain=v2", "--branch", "--untracked-files=no"],
-            cwd=cwd, capture_output=True, text=True, timeout=5, check=False,
-        )
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, **text)
+        if commit.returncode != 0:
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, **text)
     except (OSError, subprocess.SubprocessError):
         return None
-    lines = status.stdout.splitlines()
-    commit = next((line.split()[2] for line in lines if line.startswith("# branch.oid ")), None)
-    if status.returncode != 0 or commit in (None, "(initial)"):  # not a checkout, or nothing committed yet
-        return None
-    return {"commit": commit, "dirty": any(not line.startswith("#") for line in lines)}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
 __all__ = ["RUNS_FILENAME", "error_record", "new_run", "read_runs", "update_runs"]

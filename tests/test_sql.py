@@ -195,8 +195,21 @@ def test_a_table_name_that_needs_quoting(opened: Any, store_url_of: Callable[...
     assert {i: m["jobname"] for i, m in fresh.iter_summaries([oid, kid])} == {oid: "parent", kid: "child"}
     assert fresh.metadata(kid)["jobname"] == "child" and fresh.occupants([oid])[oid]["id"] == oid
     assert [i for i, entry in fresh.export([oid, kid]) if not isinstance(entry, LoadError)] == [oid, kid]
+    assert fresh.size() > 0
     fresh.remove_many([oid, kid])
     assert fresh.list() == []
+
+
+def test_text_in_the_data_column_is_a_load_error(tmp_path: Any) -> None:
+    store = SqlStore(f"sqlite:///{tmp_path}/s.db")  # only SQLite lets a BLOB column hold text
+    oid, good = store.save(Task()), store.save(Task(jobname="good"))
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE store SET data = 'not a pickle' WHERE persistent_id = :o"), {"o": oid})
+    store.invalidate_cache()
+    errors: dict[str, LoadError] = {}
+    assert list(store.load_many([oid, good], errors=errors)) == [good]
+    assert errors[oid].id == oid and "holds str" in str(errors[oid])
+    store.close()
 
 
 def test_a_driver_without_positional_parameters_is_a_clear_error(tmp_path: Any) -> None:

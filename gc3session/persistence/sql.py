@@ -386,6 +386,8 @@ class SqlStore(Store):
                 for number, data, *fields in conn.exec_driver_sql(sql, params).all():
                     oid = wanted[number]
                     meta = _metadata(oid, fields, columns)
+                    if not isinstance(data, (bytes, bytearray, memoryview)):
+                        meta = LoadError(oid, f"the data column holds {type(data).__name__}, not a pickle")
                     found[oid] = meta if isinstance(meta, LoadError) else (meta, _bytes(data))
         return found
 
@@ -519,7 +521,8 @@ class SqlStore(Store):
         dialect = self.engine.dialect.name
         with self._failures("cannot measure"), self.engine.connect() as conn:
             if dialect == "postgresql":
-                return conn.execute(sa.text("SELECT pg_total_relation_size(:t)"), {"t": self.table_name}).scalar()
+                quoted = self.engine.dialect.identifier_preparer.quote(self.table_name)  # as a regclass reads it
+                return conn.execute(sa.text("SELECT pg_total_relation_size(:t)"), {"t": quoted}).scalar()
             if dialect in ("mysql", "mariadb"):
                 query = sa.text(
                     "SELECT data_length + index_length FROM information_schema.tables "
@@ -674,9 +677,9 @@ def _metadata(oid: str, row: Sequence[Any], columns: Sequence[str] = META_COLUMN
     return meta
 
 
-def _bytes(data: Any) -> bytes:
+def _bytes(data: bytes | bytearray | memoryview) -> bytes:
     """A BLOB as bytes (some drivers give a memoryview)."""
-    return data if type(data) is bytes else bytes(data or b"")
+    return data if type(data) is bytes else bytes(data)
 
 
 def _child_list(oid: str, text: Any) -> list[Any]:
