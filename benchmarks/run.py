@@ -42,8 +42,8 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, redirect_stdout
+from collections.abc import Callable
+from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -86,30 +86,21 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off while unpickling, as the stores do: its passes over a growing
-    heap are not what reading costs (they took half the time of reading 100,000 tasks)."""
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
 def timed_read(key: str, read: Callable[[], list[Any]], n: int) -> dict[str, float]:
     """Seconds ``read`` (of ``n`` objects) takes with the garbage collector paused (``key``) and on (``key_gc``).
 
     Paused, the time includes the collector's one pass over the new objects once it is back on, which
     reopening pays too (it would come with the next allocation; here it is asked for).
     """
+    from gc3session.persistence.store import gc_paused
+
     start = time.perf_counter()
     objs = read()
     times = {f"{key}_gc": time.perf_counter() - start}
     assert len(objs) == n, len(objs)
     del objs
     gc.collect()  # whatever the first read left behind is not the second one's to sweep
-    with gc_paused():
+    with gc_paused():  # the stores' own switch: the floor reads as they load
         start = time.perf_counter()
         objs = read()
     gc.collect(0)

@@ -385,10 +385,7 @@ class SqlStore(Store):
                 sql, params = self._by_number(("id", "data", "meta", *columns), numbers[start : start + BATCH])
                 for number, data, *fields in conn.exec_driver_sql(sql, params).all():
                     oid = wanted[number]
-                    meta = _metadata(oid, fields, columns)
-                    if not isinstance(data, (bytes, bytearray, memoryview)):
-                        meta = LoadError(oid, f"the data column holds {type(data).__name__}, not a pickle")
-                    found[oid] = meta if isinstance(meta, LoadError) else (meta, _bytes(data))
+                    found[oid] = _record(oid, _metadata(oid, fields, columns), data)
         return found
 
     def _delete(self, ids: list[str]) -> None:
@@ -677,9 +674,15 @@ def _metadata(oid: str, row: Sequence[Any], columns: Sequence[str] = META_COLUMN
     return meta
 
 
-def _bytes(data: bytes | bytearray | memoryview) -> bytes:
-    """A BLOB as bytes (some drivers give a memoryview)."""
-    return data if type(data) is bytes else bytes(data)
+def _record(oid: str, meta: dict[str, Any] | LoadError, data: Any) -> tuple[dict[str, Any], bytes] | LoadError:
+    """A row's metadata and pickle, or what is wrong with them."""
+    if isinstance(meta, LoadError):
+        return meta
+    if type(data) is bytes:
+        return meta, data
+    if isinstance(data, (bytearray, memoryview)):  # what some drivers give for a BLOB
+        return meta, bytes(data)
+    return LoadError(oid, f"the data column holds {type(data).__name__}, not a pickle")
 
 
 def _child_list(oid: str, text: Any) -> list[Any]:
