@@ -10,6 +10,7 @@ atomically, merging with whatever other processes appended meanwhile.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
@@ -22,14 +23,14 @@ from collections import deque
 from collections.abc import Callable, ItemsView, Iterable, Iterator, MutableMapping, ValuesView
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from filelock import FileLock
 
 from .exceptions import InvalidArgument, LoadError, LoadWarning, SaveError, SessionError
 from .persistence.atomic import write_atomically
 from .persistence.filesystem import FilesystemStore
-from .persistence.idfactory import id_list, is_id, parse_id
+from .persistence.idfactory import PLAIN_ID_LINES, id_list, is_id, parse_id
 from .persistence.store import Store, expand_variables, make_store, mask_password, url_scheme
 from .plugins import Hooks
 from .runs import error_record, new_run, read_runs, update_runs
@@ -724,8 +725,11 @@ def read_index(path: str, strict: bool = True) -> list[str]:
     SessionError when ``strict``, and is kept as it is otherwise (so a
     rewrite never drops what a person may want to fix by hand).
     """
-    with _index_file(path) as lines:
-        return list(dict.fromkeys(_index_ids(lines, path, strict)))
+    unique: dict[str, None] = {}
+    with _index_file(path) as f:
+        for ids in _index_ids(f, path, strict):
+            unique.update(dict.fromkeys(ids))
+    return list(unique)
 
 
 def iter_index(path: str) -> Iterator[str]:
@@ -736,48 +740,73 @@ def iter_index(path: str) -> Iterator[str]:
     raises SessionError when the stream reaches it.
     """
     seen = IdSet()
-    with _index_file(path) as lines:
-        for oid in _index_ids(lines, path, strict=True):
-            if seen.add(oid):
-                yield oid
+    with _index_file(path) as f:
+        for ids in _index_ids(f, path, strict=True):
+            yield from seen.new(ids)
+
+
+#: How much of an index file is read at a time.
+INDEX_BLOCK = 1 << 16
 
 
 @contextmanager
-def _index_file(path: str) -> Iterator[Iterable[bytes]]:
-    """The lines of an index file (none if it does not exist); SessionError if it cannot be read."""
+def _index_file(path: str) -> Iterator[BinaryIO]:
+    """An index file open for reading (empty if it does not exist); SessionError if it cannot be read."""
     if os.path.isdir(path):
         raise SessionError(path, "is a directory, expected the session index file")
     try:
-        f = open(path, "rb")  # closed below, once the caller is done with it
+        f: BinaryIO = open(path, "rb")  # closed below, once the caller is done with it
     except FileNotFoundError:
-        f = None
+        f = io.BytesIO()
     except OSError as error:
         raise SessionError(path, f"cannot read the index: {error.strerror}") from error
-    if f is None:
-        yield ()
-        return
     with f:
         yield f
 
 
-def _index_ids(lines: Iterable[bytes], path: str, strict: bool) -> Iterator[str]:
-    """The ids on ``lines`` of index file ``path``, repeats included (see :func:`read_index`)."""
+def _index_ids(f: BinaryIO, path: str, strict: bool) -> Iterator[list[str]]:
+    """The ids in index file ``path``, open as ``f``, a list at a time, repeats included (see :func:`read_index`).
+
+    The file is read a block at a time.  A block of plain ids (no blanks,
+    spaces or other line ends) is checked by one regular expression and
+    split; any other block goes line by line.
+    """
+    lines_before = 0
+    tail = b""  # the start of a line that the last block cut
     try:
-        for number, raw in enumerate(lines, 1):
-            line = raw.strip()
-            if not line:
-                continue
-            text = line.decode("utf-8", "replace")
-            if is_id(text):
-                yield text
-            elif not raw.endswith(b"\n"):  # only the last line can lack it: a write cut short
-                log.debug("%s: ignoring incomplete last line %r", path, text[:60])
-            elif strict:
-                raise SessionError(path, f"line {number}: {line[:60]!r} is not a task id")
+        while block := f.read(INDEX_BLOCK):
+            block = tail + block
+            end = block.rfind(b"\n") + 1
+            block, tail = block[:end], block[end:]
+            if PLAIN_ID_LINES.fullmatch(block):
+                ids = block.decode("ascii").split("\n")
+                ids.pop()  # what follows the last newline: nothing
+                yield ids
             else:
-                yield text
+                for oid in _line_ids(io.BytesIO(block), path, strict, lines_before):
+                    yield [oid]
+            lines_before += block.count(b"\n")
+        for oid in _line_ids([tail] if tail else [], path, strict, lines_before):
+            yield [oid]
     except OSError as error:
         raise SessionError(path, f"cannot read the index: {error.strerror}") from error
+
+
+def _line_ids(lines: Iterable[bytes], path: str, strict: bool, lines_before: int) -> Iterator[str]:
+    """The ids on ``lines``, which follow ``lines_before`` lines of index file ``path``, one at a time."""
+    for number, raw in enumerate(lines, lines_before + 1):
+        line = raw.strip()
+        if not line:
+            continue
+        text = line.decode("utf-8", "replace")
+        if is_id(text):
+            yield text
+        elif not raw.endswith(b"\n"):  # only the last line can lack it: a write cut short
+            log.debug("%s: ignoring incomplete last line %r", path, text[:60])
+        elif strict:
+            raise SessionError(path, f"line {number}: {line[:60]!r} is not a task id")
+        else:
+            yield text
 
 
 class IdSet:
@@ -797,23 +826,34 @@ class IdSet:
 
     def add(self, oid: str) -> bool:
         """Add ``oid``, a valid id; True if it was not in the set yet."""
-        prefix, _, digits = oid.rpartition(".")
-        number = int(digits)
-        base, bits = self._bits.get(prefix) or self._bits.setdefault(prefix, (number, bytearray()))
-        offset = number - base
-        if not 0 <= offset < self.SPAN:
-            if oid in self._others:
-                return False
-            self._others.add(oid)
-            return True
-        byte = offset >> 3
-        if byte >= len(bits):
-            bits.extend(bytes(min(max(byte + 1, 2 * len(bits)), self.SPAN >> 3) - len(bits)))
-        mask = 1 << (offset & 7)
-        if bits[byte] & mask:
-            return False
-        bits[byte] |= mask
-        return True
+        return bool(self.new([oid]))
+
+    def new(self, ids: Iterable[str]) -> list[str]:
+        """Add ``ids``, valid ids; those that were not in the set yet, in order, once each."""
+        fresh = []
+        bitmaps = self._bits
+        span = self.SPAN
+        for oid in ids:
+            prefix, _, digits = oid.rpartition(".")
+            number = int(digits)
+            bitmap = bitmaps.get(prefix)
+            if bitmap is None:
+                bitmap = bitmaps[prefix] = (number, bytearray())
+            base, bits = bitmap
+            offset = number - base
+            if not 0 <= offset < span:
+                if oid not in self._others:
+                    self._others.add(oid)
+                    fresh.append(oid)
+                continue
+            byte = offset >> 3
+            if byte >= len(bits):
+                bits.extend(bytes(min(max(byte + 1, 2 * len(bits)), span >> 3) - len(bits)))
+            mask = 1 << (offset & 7)
+            if not bits[byte] & mask:
+                bits[byte] |= mask
+                fresh.append(oid)
+        return fresh
 
 
 def shorten(text: str, limit: int = 300) -> str:

@@ -8,12 +8,15 @@ from __future__ import annotations
 import gc
 import os
 import stat
+import string
 import tempfile
 from pathlib import Path
 
 import helpers
 import pytest
 from helpers import NewTask, OldTask
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gc3session import (
     InvalidArgument,
@@ -25,10 +28,12 @@ from gc3session import (
     TaskCollection,
     TemporarySession,
 )
+from gc3session import session as session_module
 from gc3session.exceptions import LoadWarning
 from gc3session.persistence import FilesystemStore, make_store
 from gc3session.persistence import store as store_module
 from gc3session.persistence.atomic import TEMP_PREFIX
+from gc3session.persistence.idfactory import PLAIN_ID_LINES, is_id
 from gc3session.session import IdSet, iter_index, read_index
 
 
@@ -1104,6 +1109,49 @@ def test_iter_index_stops_at_a_line_that_is_no_id_naming_file_and_line(tmp_path)
     assert excinfo.value.path == str(index)
     with pytest.raises(SessionError, match="is a directory"):
         list(iter_index(str(tmp_path)))
+
+
+@pytest.mark.parametrize("block", [1, 2, 7, 64, 1 << 16])
+def test_index_is_read_the_same_whatever_the_block_size(tmp_path, monkeypatch, block):
+    """Blocks of plain ids go through one regular expression, others line by line: both agree at every cut."""
+    monkeypatch.setattr(session_module, "INDEX_BLOCK", block)
+    index = tmp_path / "index.txt"
+    plain = [f"Task.{n}" for n in range(1, 3000)]
+    lines = [*plain[:1000], " Task.5000 ", "", "Tâche.7", "Task.1", *plain[1000:], "Task.6000\r", "Task.7000"]
+    index.write_bytes(("\n".join(lines) + "\nTask.8000").encode())  # the last line torn, but a valid id
+    expected = [*plain[:1000], "Task.5000", "Tâche.7", *plain[1000:], "Task.6000", "Task.7000", "Task.8000"]
+    assert read_index(str(index)) == expected
+    assert list(iter_index(str(index))) == expected
+    index.write_bytes(("\n".join(plain) + "\nTask.9 cut").encode())  # torn, and no id: left out
+    assert read_index(str(index)) == list(iter_index(str(index))) == plain
+
+
+@pytest.mark.parametrize("block", [3, 1 << 16])
+def test_a_bad_line_far_into_the_index_is_named_by_its_number(tmp_path, monkeypatch, block):
+    monkeypatch.setattr(session_module, "INDEX_BLOCK", block)
+    index = tmp_path / "index.txt"
+    index.write_bytes(b"".join(b"Task.%d\n" % n for n in range(1, 20001)) + b"\nTask.x\nTask.20001\n")
+    stream = iter_index(str(index))
+    assert [next(stream) for _ in range(20000)][-1] == "Task.20000"  # all the ids before it
+    with pytest.raises(SessionError, match=r"line 20002: b'Task\.x'"):
+        next(stream)
+    assert read_index(str(index), strict=False)[-2:] == ["Task.x", "Task.20001"]
+
+
+@settings(max_examples=300)
+@given(st.text(alphabet=string.printable + "éß٣_", max_size=30))
+def test_a_line_of_plain_ids_holds_valid_ids_only(text):
+    if PLAIN_ID_LINES.fullmatch(text.encode() + b"\n"):
+        assert is_id(text)
+    if text.isascii() and is_id(text):
+        assert PLAIN_ID_LINES.fullmatch(text.encode() + b"\n")
+
+
+def test_id_set_new_keeps_the_first_of_each_id_in_order():
+    ids = IdSet()
+    assert ids.new(["Task.3", "Task.1", "Task.3", "Other.3", f"Task.{10**17}", f"Task.{10**17}"]) == [
+        "Task.3", "Task.1", "Other.3", f"Task.{10**17}"]
+    assert ids.new(["Task.1", "Task.2", "Other.3"]) == ["Task.2"]
 
 
 def test_id_set_holds_what_a_set_holds_in_a_bit_per_number():

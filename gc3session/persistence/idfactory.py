@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 #: A valid id: a prefix that could be a Python name (at most 200 characters), a dot, a positive number
 #: without leading zeros of at most 18 digits (it must fit a 64-bit database column).
 ID_PATTERN = re.compile(r"([^\W\d]\w{0,199})\.([1-9][0-9]{0,17})")
+#: Lines that are all ids of ASCII letters, digits and ``_``, each ended by a newline and nothing else: a
+#: block of an index file that matches holds only valid ids (the common case, checked in one pass).
+PLAIN_ID_LINES = re.compile(rb"(?:[A-Za-z_][A-Za-z0-9_]{0,199}\.[1-9][0-9]{0,17}\n)*")
 #: Environment variable that moves the per-user data directory (for the global counter).
 DATA_DIR_VARIABLE = "GC3SESSION_DATA_DIR"
 
