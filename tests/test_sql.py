@@ -20,6 +20,7 @@ from gc3session import Session, State, Task, TaskCollection
 from gc3session.exceptions import InvalidArgument, LoadError, SaveError, StoreError
 from gc3session.persistence import SqlStore, make_store
 from gc3session.persistence.accessors import GET
+from gc3session.persistence.idfactory import parse_id
 from gc3session.persistence.sql import META_COLUMNS, SQLITE_PAGE_SIZE
 
 SQL_KINDS = ["sqlite", "postgresql", "mysql"]
@@ -383,6 +384,43 @@ def test_existing_foreign_table_is_refused(opened: Any, sql_url: str) -> None:
 def test_create_false_refuses_missing_table(tmp_path: Any) -> None:
     with pytest.raises(StoreError, match="no table"):
         SqlStore(f"sqlite:///{tmp_path}/a.db", create=False)
+
+
+def test_create_false_refuses_a_missing_table_beside_others(opened: Any, sql_url: str) -> None:
+    opened().save(Task())  # the database, its counters table and one store table exist
+    missing = f"missing_{secrets.token_hex(4)}"
+    with pytest.raises(StoreError, match=f"no table '{missing}'"):
+        make_store(f"{sql_url.partition('#')[0]}#table={missing}", create=False)
+    assert not sa.inspect(opened().engine).has_table(missing)
+
+
+def test_opening_an_existing_store_reads_no_catalog(opened: Any, sql_url: str) -> None:
+    """Two empty SELECTs tell that both tables are there: reflection costs several ms an open."""
+    oid = opened().save(Task(jobname="kept"))
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        statements.append(statement)
+
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", record)
+    try:
+        store = opened(create=False)
+    finally:
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", record)
+    assert store.load(oid).jobname == "kept"
+    catalog = ("sqlite_master", "pg_catalog", "information_schema", "PRAGMA main.table_info", "pg_class")
+    assert not [s for s in statements if any(word in s for word in catalog)], statements
+    assert sum("WHERE 1 = 0" in s for s in statements) == 2
+
+
+def test_a_lost_counters_table_comes_back_above_the_highest_id(tmp_path: Any) -> None:
+    url = f"sqlite:///{tmp_path}/a.db"
+    with make_store(url) as store:
+        highest = max(parse_id(oid)[1] for oid in store.save_many([Task() for _ in range(3)]))
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE gc3session_counters")
+    with make_store(url) as store:
+        assert parse_id(store.save(Task()))[1] > highest
 
 
 def test_sqlite_runs_in_wal_mode(tmp_path: Any) -> None:

@@ -162,14 +162,16 @@ class SqlStore(Store):
         with self._failures("cannot open the store table"):
             for attempt in retries():  # several processes may be creating the same database at once
                 with attempt:
-                    inspector = sa.inspect(self.engine)
-                    if not inspector.has_table(self.table_name):
-                        if not create:
-                            raise StoreError(self._masked(), f"no table {self.table_name!r} (and create=False)")
-                        self._create_tables(metadata)
-                    elif not inspector.has_table(COUNTERS_TABLE):
-                        self._create_tables(metadata)
-                    table = self._adopt(wanted)
+                    present = self._existing_columns()
+                    if present is None:  # a table is missing: reflection says which
+                        inspector = sa.inspect(self.engine)
+                        if not inspector.has_table(self.table_name):
+                            if not create:
+                                raise StoreError(self._masked(), f"no table {self.table_name!r} (and create=False)")
+                            self._create_tables(metadata)
+                        elif not inspector.has_table(COUNTERS_TABLE):
+                            self._create_tables(metadata)
+                    table = self._adopt(wanted, present)
         if create:
             self.table, self.counters = table, counters
             self._reserve(0)  # creates this table's counter row now, before writers race for it
@@ -187,9 +189,25 @@ class SqlStore(Store):
             if not (inspector.has_table(self.table_name) and inspector.has_table(COUNTERS_TABLE)):
                 raise
 
-    def _adopt(self, wanted: sa.Table) -> sa.Table:
-        """Use the existing table as it is, adding any missing extra column."""
-        present = self._column_names()
+    def _existing_columns(self) -> set[str] | None:
+        """The store table's columns when it and the counters table exist, else None.
+
+        Two empty SELECTs: one round trip each, where reflection (``has_table``) costs several
+        milliseconds of SQLAlchemy's own work on every open.  A database that cannot be reached
+        fails here, as before; any error from the SELECTs themselves sends the caller to reflection.
+        """
+        quote = self.engine.dialect.identifier_preparer.quote
+        with self.engine.connect() as conn:
+            try:
+                conn.exec_driver_sql(f"SELECT * FROM {quote(COUNTERS_TABLE)} WHERE 1 = 0").close()
+                return set(conn.exec_driver_sql(f"SELECT * FROM {quote(self.table_name)} WHERE 1 = 0").keys())
+            except sa.exc.DBAPIError:
+                return None
+
+    def _adopt(self, wanted: sa.Table, present: set[str] | None = None) -> sa.Table:
+        """Use the existing table (with columns ``present``, if known) as it is, adding any missing extra column."""
+        if present is None:
+            present = self._column_names()
         missing_core = [name for name in CORE_COLUMNS if name not in present]
         if missing_core:
             raise StoreError(
