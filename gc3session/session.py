@@ -746,7 +746,7 @@ def iter_index(path: str) -> Iterator[str]:
 
 
 #: How much of an index file is read at a time.
-INDEX_BLOCK = 1 << 16
+INDEX_BLOCK = 1 << 14
 
 
 @contextmanager

@@ -52,10 +52,19 @@ class FitTask(Task):
 
 
 class GcWitness(Task):
-    """A task that notes, as it is unpickled, whether Python's cyclic garbage collector is on."""
+    """A task that notes, as it is pickled or unpickled, whether Python's cyclic garbage collector is on."""
 
     seen: ClassVar[list[bool]] = []
+    seen_saving: ClassVar[list[bool]] = []
     fail: ClassVar[bool] = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        import gc
+
+        GcWitness.seen_saving.append(gc.isenabled())
+        if GcWitness.fail:
+            raise RuntimeError("refused to pickle")
+        return self.__dict__
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         import gc

@@ -482,6 +482,24 @@ def test_loading_pauses_the_cyclic_garbage_collector_and_restores_it(store, open
         gc.enable()
 
 
+def test_saving_pauses_the_cyclic_garbage_collector_and_restores_it(store, monkeypatch):
+    """A batch makes containers, not garbage: a full collection in the middle of a flush cost a fifth of it."""
+    monkeypatch.setattr(GcWitness, "seen_saving", [])
+    store.save_many([GcWitness(jobname=f"w{i}") for i in range(3)])
+    assert GcWitness.seen_saving == [False, False, False] and gc.isenabled()
+    monkeypatch.setattr(GcWitness, "fail", True)
+    with pytest.raises(SaveError, match="refused to pickle"):
+        store.save(GcWitness(jobname="bad"))
+    assert gc.isenabled()  # back on after a failed save too
+    monkeypatch.setattr(GcWitness, "fail", False)
+    gc.disable()
+    try:  # a collector the program turned off stays off
+        store.save(GcWitness(jobname="more"))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_a_record_whose_class_is_gone_fails_to_load_naming_its_id(store, open_store, monkeypatch):
     oid = store.save(OldTask(jobname="old"))
     good = store.save(Task(jobname="good"))
