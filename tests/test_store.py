@@ -449,6 +449,22 @@ def test_loading_a_removed_id_raises_load_error(store, open_store):
     assert excinfo.value.id == oid
 
 
+def test_missing_ids_are_read_once_with_their_batch(store, open_store, monkeypatch):
+    """A session whose store lost its records must not cost one query for each of them."""
+    kept = store.save_many([Task(jobname="kept"), TaskCollection(tasks=[Task(jobname="child")])])
+    lost = [f"Task.{n}" for n in range(900_001, 900_301)]
+    other = open_store()
+    reads: list[list[str]] = []
+    real = other._read_for_load
+    monkeypatch.setattr(other, "_read_for_load", lambda ids: reads.append(list(ids)) or real(ids))
+    errors: dict[str, LoadError] = {}
+    loaded = other.load_many([*lost, *kept], errors=errors)
+    assert list(loaded) == kept and loaded[kept[1]].tasks[0].jobname == "child"
+    assert sorted(errors) == sorted(lost) and all(isinstance(e, NoSuchObject) for e in errors.values())
+    assert len(reads) == 2, [len(r) for r in reads]  # the batch, then the collection's child
+    assert len(reads[0]) == len(lost) + len(kept)
+
+
 def test_load_many_collects_errors_when_asked(store):
     good = store.save(Task(jobname="good"))
     errors: dict[str, LoadError] = {}

@@ -300,6 +300,7 @@ class Store(abc.ABC):
     def _load_chunk(self, ids: list[str], loaded: dict[str, Any], errors: dict[str, LoadError] | None) -> None:
         wanted = [oid for oid in ids if oid not in self._cache]
         raw = self._read_for_load(wanted) if wanted else {}
+        absent = set(wanted).difference(raw)  # read with the chunk and not there: no need to ask again
         loading: dict[str, None] = {}  # the records being unpickled, innermost last
         fresh: list[Any] = []  # the objects unpickled, for the plugins to watch
 
@@ -314,7 +315,10 @@ class Store(abc.ABC):
                 raise LoadError(ref, "reference cycle between stored objects")
             loading[ref] = None
             try:
-                entry = raw.pop(ref) if ref in raw else self._read_for_load([ref]).get(ref)
+                if ref in raw:
+                    entry = raw.pop(ref)
+                else:  # a reference outside the chunk, or one whose record failed to decode: read it alone
+                    entry = None if ref in absent else self._read_for_load([ref]).get(ref)
                 obj = self._decode(ref, entry, resolve)
                 fresh.append(obj)
                 return obj
