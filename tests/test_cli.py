@@ -292,6 +292,15 @@ def test_copy_refuses_an_sql_row_held_by_an_id_with_another_prefix(tmp_path: Pat
     assert [t.jobname for t in Session(tmp_path / "a")] == ["a"]
 
 
+@pytest.mark.parametrize("command", [["ls"], ["stats"], ["verify"]])
+def test_a_session_whose_sqlite_file_is_gone_is_an_error_leaving_no_file(tmp_path: Path, command: list[str]) -> None:
+    Session(tmp_path / "s", store_or_url=f"sqlite:///{tmp_path}/tasks.db").add(Task(jobname="a"))
+    (tmp_path / "tasks.db").unlink()
+    result = run(*command, tmp_path / "s")
+    assert result.exit_code == 1 and f"no database file {tmp_path}/tasks.db" in result.output, result.output
+    assert not (tmp_path / "tasks.db").exists()
+
+
 def test_not_a_session_and_debug(tmp_path: Path) -> None:
     result = run("ls", tmp_path)
     assert result.exit_code == 1 and "not a session" in result.output and "Traceback" not in result.output

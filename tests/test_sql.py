@@ -382,8 +382,16 @@ def test_existing_foreign_table_is_refused(opened: Any, sql_url: str) -> None:
 
 
 def test_create_false_refuses_missing_table(tmp_path: Any) -> None:
+    sqlite3.connect(tmp_path / "a.db").close()
     with pytest.raises(StoreError, match="no table"):
         SqlStore(f"sqlite:///{tmp_path}/a.db", create=False)
+
+
+def test_create_false_refuses_a_missing_sqlite_file_without_creating_it(tmp_path: Any) -> None:
+    with pytest.raises(StoreError, match=f"no database file {tmp_path}/gone.db") as info:
+        SqlStore(f"sqlite:///{tmp_path}/gone.db", create=False)
+    assert info.value.url == f"sqlite:///{tmp_path}/gone.db"
+    assert not (tmp_path / "gone.db").exists()
 
 
 def test_create_false_refuses_a_missing_table_beside_others(opened: Any, sql_url: str) -> None:

@@ -111,6 +111,10 @@ class SqlStore(Store):
         self._address = _with_default_driver(address)
         self._secrets = [str(p) for p in (self._address.password, self._address.query.get("password")) if p]
         self.fsync = fsync
+        database = self._address.database
+        if not create and self._address.get_backend_name() == "sqlite" and database and database != ":memory:":
+            if not database.startswith("file:") and not os.path.exists(database):  # connecting would create it
+                raise StoreError(self._masked(), f"no database file {database} (and create=False)")
         self.engine = self._make_engine()
         self._extra = {_fresh(column): getter for column, getter in (extra_fields or {}).items()}
         for column in self._extra:
