@@ -796,6 +796,49 @@ def test_records_use_the_default_protocol(store, open_store):
         assert data[:2] == pickle.PROTO + bytes([DEFAULT_PROTOCOL])
 
 
+class DescribesBadly(Serializer):
+    """A serializer whose own describe() adds a field of the test's choosing."""
+
+    def __init__(self, extra):
+        super().__init__()
+        self.extra = extra
+
+    def describe(self, obj):
+        if self.extra == "raise":
+            raise KeyError("no such field")
+        return {**super().describe(obj), **self.extra}
+
+
+def _circular():
+    loop: list = []
+    loop.append(loop)
+    return loop
+
+
+@pytest.mark.parametrize(("extra", "reason"), [
+    ({"site": _circular()}, "contains itself"),
+    ({"when": datetime.datetime(2026, 1, 1)}, "datetime is not JSON serializable"),
+    ({"id": "Task.99"}, "fields that the store fills itself: id"),
+    ("raise", "no such field"),
+])
+def test_metadata_a_custom_describe_cannot_give_is_a_save_error_naming_the_task(store, open_store, extra, reason):
+    handle = open_store(serializer=DescribesBadly(extra))
+    task = Task(jobname="t")
+    with pytest.raises(SaveError, match=reason) as info:
+        handle.save(task)
+    assert info.value.target == task.persistent_id and "cannot make the metadata of Task" in str(info.value)
+    assert store.list() == []
+    assert open_store(serializer=DescribesBadly({"site": "lab"})).save(Task()) in store.list()
+
+
+def test_a_history_entry_that_is_no_time_and_state_is_a_save_error(store):
+    task = Task(jobname="t")
+    task.execution.history.append(("yesterday", "RUNNING"))
+    with pytest.raises(SaveError, match="cannot make the metadata of Task") as info:
+        store.save(task)
+    assert info.value.target == task.persistent_id and store.list() == []
+
+
 class Unpicklable:
     def __reduce__(self):
         raise TypeError("not today")

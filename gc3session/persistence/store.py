@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from .._version import __version__
 from ..exceptions import Error, InvalidArgument, LoadError, NoSuchObject, SaveError
 from .idfactory import ID_PATTERN, IdFactory, is_id, parse_id
-from .serialization import DEFAULT_PROTOCOL, FORMAT_VERSION, Serializer
+from .serialization import DEFAULT_PROTOCOL, FORMAT_VERSION, Serializer, encode_json
 
 if TYPE_CHECKING:
     from ..plugins import Hooks
@@ -151,6 +151,7 @@ class Store(abc.ABC):
             return child_id
 
         dumps, describe = self.serializer.dumps, self.serializer.describe
+        custom = type(self.serializer).describe is not Serializer.describe  # its fields need checking
         now = time.time()  # the batch is written at once: one modification time for all
         while pending:
             obj = pending.popleft()
@@ -164,12 +165,18 @@ class Store(abc.ABC):
                 raise
             except Exception as error:
                 raise SaveError(oid, f"cannot serialize {type(obj).__name__}: {error}") from error
+            try:
+                fields = describe(obj)
+                if custom:
+                    check_fields(fields)
+            except Exception as error:  # a history entry that is no (time, state), a describe() of one's own
+                raise SaveError(oid, f"cannot make the metadata of {type(obj).__name__}: {error}") from error
             refs = tuple(sorted(set(edges[oid]))) if oid in edges else ()
             meta = {
                 "format": FORMAT_VERSION,
                 "version": __version__,
                 "id": oid,
-                **describe(obj),
+                **fields,
                 "references": refs,
                 "created": created,
                 "modified": now,
@@ -587,6 +594,23 @@ def id_chunks(ids: Iterable[str], size: int) -> Iterator[list[str]]:
 def missing(oid: str, store: Store) -> NoSuchObject:
     """The error for an id that ``store`` does not hold."""
     return NoSuchObject(oid, f"no such object in {store}")
+
+
+#: The metadata fields the store fills itself, which a serializer's ``describe`` must leave alone.
+STORE_FIELDS = frozenset({"format", "version", "id", "references", "created", "modified", "size", "crc32"})
+
+
+def check_fields(fields: Any) -> None:
+    """Raise unless ``fields``, from a serializer's own ``describe``, can go into a metadata record."""
+    if not isinstance(fields, dict):
+        raise TypeError(f"describe() gave a {type(fields).__name__}, not a dict")
+    taken = sorted(STORE_FIELDS.intersection(fields))
+    if taken:
+        raise ValueError(f"describe() gave fields that the store fills itself: {', '.join(taken)}")
+    try:
+        encode_json(fields)
+    except RecursionError:
+        raise ValueError("describe() gave a value that contains itself") from None
 
 
 def check_metadata(oid: str, meta: Any, data: bytes) -> None:
