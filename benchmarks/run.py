@@ -338,6 +338,8 @@ def run_worker(name: str, n: int, workdir: str, kind: str) -> None:
 
     if kind == "postgresql":
         import psycopg  # noqa: F401 - the driver too (about 0.15 s, which the first connection would pay)
+    if hasattr(os, "sync"):  # the kernel writes back what the last workload left dirty now, not during this one
+        os.sync()
     result = WORKLOADS[name](n, Path(workdir), kind)
     result["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(result))
