@@ -322,7 +322,7 @@ def log(session: str) -> None:
       session-tool log runs/sweep1 | tail
     """
     view = SessionView(session)
-    events = []
+    events: list[tuple[float, str, str, str]] = []
     for oid, meta in view.all_metadata():
         if isinstance(meta, dict):
             events.extend((when, oid, str(meta.get("jobname") or ""), state) for when, state in history_of(meta))
@@ -343,8 +343,8 @@ def stats(session: str) -> None:
       session-tool stats runs/sweep1
     """
     view = SessionView(session)
-    top = Counter()
-    every = Counter()
+    top: Counter[str] = Counter()
+    every: Counter[str] = Counter()
     top_ids = set(view.ids)
     for oid, meta in view.all_metadata():
         state = meta.get("state") if isinstance(meta, dict) else "UNREADABLE"
@@ -542,7 +542,7 @@ def copy_records(view: SessionView, target: Session) -> list[LoadError]:
     queue = deque(view.ids)
     with progress(len(view.ids), "copying") as bar:
         while queue:
-            batch = []
+            batch: list[str] = []
             while queue and len(batch) < 1000:
                 oid = queue.popleft()
                 if oid not in seen:

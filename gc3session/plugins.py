@@ -21,7 +21,7 @@ import threading
 import weakref
 from collections.abc import Iterable
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
 
@@ -83,7 +83,7 @@ class _Manager(pluggy.PluginManager):
     def parse_hookimpl_opts(self, plugin: object, name: str) -> Any:
         opts = super().parse_hookimpl_opts(plugin, name)
         if opts is None and name in HOOK_NAMES and callable(getattr(plugin, name, None)):
-            opts = {}
+            opts = cast("pluggy.HookimplOpts", {})  # every option left out: pluggy fills in the defaults
         return opts
 
 

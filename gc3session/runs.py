@@ -113,7 +113,9 @@ def _user() -> str | None:
 def _git_state(cwd: str) -> dict[str, Any] | None:
     """The commit and dirty flag of the git checkout at ``cwd``, or None."""
     # two plain commands that git has had for ever (clusters keep old versions), read as UTF-8 whatever the locale
-    text = {"capture_output": True, "encoding": "utf-8", "errors": "replace", "timeout": 5, "check": False}
+    text: dict[str, Any] = {
+        "capture_output": True, "encoding": "utf-8", "errors": "replace", "timeout": 5, "check": False,
+    }
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, **text)
         if commit.returncode != 0:

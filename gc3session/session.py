@@ -294,7 +294,7 @@ class Session:
         if self._doomed:  # added back before the flush that would have deleted it (and its children)
             self._doomed.pop(oid, None)
             for child in self._walk([task] if task is not None else []):
-                self._doomed.pop(getattr(child, "persistent_id", None), None)
+                self._doomed.pop(getattr(child, "persistent_id", ""), None)
 
     def save(self, obj: Any) -> str:
         """Save ``obj`` to the store without adding it to the session; return its id."""
@@ -441,7 +441,7 @@ class Session:
         """Ids of the session's top-level tasks."""
         return list(self.tasks)
 
-    def list_names(self) -> list[str]:
+    def list_names(self) -> list[str | None]:
         """Job names of the session's top-level tasks."""
         return [getattr(task, "jobname", None) for task in self.tasks.values()]
 
@@ -666,16 +666,16 @@ class TaskMap(MutableMapping[str, Any]):
     def clear(self) -> None:
         self._tasks.clear()
 
-    def pop(self, oid: str, default: Any = None) -> Any:  # type: ignore[override]
+    def pop(self, oid: str, default: Any = None) -> Any:
         """Remove ``oid``; return its task if it was loaded (never loads it)."""
         task = self._tasks.pop(oid, default)
         return None if task is _UNLOADED else task
 
-    def values(self) -> ValuesView[Any]:  # type: ignore[override]
+    def values(self) -> ValuesView[Any]:
         self._load_missing()
         return self._tasks.values()
 
-    def items(self) -> ItemsView[str, Any]:  # type: ignore[override]
+    def items(self) -> ItemsView[str, Any]:
         self._load_missing()
         return self._tasks.items()
 

@@ -139,7 +139,7 @@ class Task(Persistable):
         if name not in ("changed", "state"):  # setting the state marks the execution when it changes
             object.__setattr__(self, "changed", True)
 
-    @property  # type: ignore[override]
+    @property
     def changed(self) -> bool:
         execution = self.__dict__.get("execution")
         return self.__dict__.get("changed", True) or bool(getattr(execution, "changed", False))

@@ -68,6 +68,7 @@ def trace(data: bytes, persistent_load: Callable[[Any], Any]) -> Trace:
     marks: list[int] = []
     memo: dict[int, Any] = {}
     names: set[str] = set()
+    arg: Any  # the opcode's argument, whose type the opcode decides (genops says only Any | None)
 
     def pop() -> Any:
         if len(stack) <= (marks[-1] if marks else 0):

@@ -63,7 +63,7 @@ def _json_encoder() -> Callable[[Any], str]:
     metadata made of plain fields does not need).
     """
     fallback = json.JSONEncoder(separators=(",", ":")).encode
-    make = getattr(json.encoder, "c_make_encoder", None)
+    make: Any = getattr(json.encoder, "c_make_encoder", None)  # private and untyped; None raises the TypeError below
     try:
         iterencode = make(None, _unencodable, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
     except TypeError:  # pragma: no cover - no C accelerator (None), or one that takes other arguments
@@ -73,7 +73,8 @@ def _json_encoder() -> Callable[[Any], str]:
 
 #: ``value`` as compact ASCII JSON (like ``json.dumps(value, separators=(",", ":"))``).
 encode_json = _json_encoder()
-_json_scan = json.scanner.make_scanner(json.JSONDecoder())  # the C scanner where there is one
+# the C scanner where there is one; typeshed asks for a make_scanner as context, json itself passes a JSONDecoder
+_json_scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
 _json_space = re.compile(r"[ \t\n\r]*")
 
 

@@ -259,14 +259,15 @@ class SqlStore(Store):
         table = self.table
         names = [c.name for c in table.columns]
         dialect = self.engine.dialect.name
+        upsert: sa.Insert
         if dialect in ("postgresql", "sqlite"):
             insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
             upsert = insert.on_conflict_do_update(
                 index_elements=[table.c.id], set_={name: insert.excluded[name] for name in names[1:]}
             )
         elif dialect in ("mysql", "mariadb"):
-            insert = mysql.insert(table)
-            upsert = insert.on_duplicate_key_update({name: insert.inserted[name] for name in names[1:]})
+            mysql_insert = mysql.insert(table)
+            upsert = mysql_insert.on_duplicate_key_update({name: mysql_insert.inserted[name] for name in names[1:]})
         else:  # pragma: no cover
             raise InvalidArgument(f"SQL store does not support the {dialect!r} database")
         compiled = upsert.compile(dialect=self.engine.dialect, column_keys=names)
@@ -321,7 +322,7 @@ class SqlStore(Store):
                     taken = self.table.c.id.between(after - n, after - 1)
                     if n and conn.execute(sa.select(sa.func.count()).where(taken)).scalar():
                         # the counter is behind the rows (edited or restored by hand): move it past them
-                        highest = conn.execute(sa.select(sa.func.max(self.table.c.id))).scalar()
+                        highest = conn.execute(sa.select(sa.func.max(self.table.c.id))).scalar_one()
                         warnings.warn(f"{self}: id counter was behind the table; moved past {highest}",
                                       RepairWarning, stacklevel=6)
                         conn.execute(sa.update(counters).where(where).values(next_id=highest + 1 + n))
@@ -493,8 +494,8 @@ class SqlStore(Store):
         for chunk, found in self._select_chunks(columns, id_chunks(ids, BATCH)):
             rows = {row[0]: row for row in found}
             for oid in chunk:
-                row = rows.get(oid)
-                yield oid, summary(row) if row is not None else missing(oid, self)
+                hit = rows.get(oid)
+                yield oid, summary(hit) if hit is not None else missing(oid, self)
 
     def _select_chunks(
         self, columns: Sequence[str], chunks: Iterable[list[str]]

@@ -10,6 +10,7 @@ implements seven storage primitives: ``_reserve``, ``_bump``, ``_write``, ``_rea
 from __future__ import annotations
 
 import abc
+import builtins
 import gc
 import logging
 import os
@@ -321,6 +322,7 @@ class Store(abc.ABC):
             if ref in loading:
                 raise LoadError(ref, "reference cycle between stored objects")
             loading[ref] = None
+            entry: tuple[dict[str, Any], bytes] | LoadError | None
             try:
                 if ref in raw:
                     entry = raw.pop(ref)
@@ -503,6 +505,7 @@ class Store(abc.ABC):
         return mask_password(self.url)
 
     # -- storage primitives ---------------------------------------------------
+    # (``builtins.list``: in the class body after the method ``list``, a bare ``list`` would name the method)
 
     @abc.abstractmethod
     def _reserve(self, n: int) -> range:
@@ -513,14 +516,14 @@ class Store(abc.ABC):
         """Make sure the counter never hands out ``number`` or anything below it."""
 
     @abc.abstractmethod
-    def _write(self, records: list[Record]) -> None:
+    def _write(self, records: builtins.list[Record]) -> None:
         """Write the records, each atomically; raise SaveError naming what failed."""
 
     @abc.abstractmethod
-    def _read(self, ids: list[str]) -> dict[str, tuple[dict[str, Any], bytes] | LoadError]:
+    def _read(self, ids: builtins.list[str]) -> dict[str, tuple[dict[str, Any], bytes] | LoadError]:
         """``{id: (metadata, data)}``; a missing id is left out, a damaged one maps to a LoadError."""
 
-    def _read_for_load(self, ids: list[str]) -> dict[str, tuple[dict[str, Any], bytes] | LoadError]:
+    def _read_for_load(self, ids: builtins.list[str]) -> dict[str, tuple[dict[str, Any], bytes] | LoadError]:
         """What loading reads: :meth:`_read`, unless a store overrides it to read less.
 
         Loading checks only the metadata fields ``id``, ``size``, ``crc32``
@@ -530,15 +533,15 @@ class Store(abc.ABC):
         return self._read(ids)
 
     @abc.abstractmethod
-    def _delete(self, ids: list[str]) -> None:
+    def _delete(self, ids: builtins.list[str]) -> None:
         """Delete the records that exist among ``ids``."""
 
     @abc.abstractmethod
-    def _list(self, filters: dict[str, Any]) -> list[str]:
+    def _list(self, filters: dict[str, Any]) -> builtins.list[str]:
         """Ids of all records matching ``filters``, by number."""
 
     @abc.abstractmethod
-    def _read_metadata(self, ids: list[str] | None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
+    def _read_metadata(self, ids: builtins.list[str] | None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
         """Metadata of ``ids`` (of all records when None), streaming."""
 
 
