@@ -772,12 +772,15 @@ def _index_ids(f: BinaryIO, path: str, strict: bool) -> Iterator[list[str]]:
     split; any other block goes line by line.
     """
     lines_before = 0
-    tail = b""  # the start of a line that the last block cut
+    cut: list[bytes] = []  # the start of a line that the blocks before cut, in pieces (a long line costs no copies)
     try:
-        while block := f.read(INDEX_BLOCK):
-            block = tail + block
-            end = block.rfind(b"\n") + 1
-            block, tail = block[:end], block[end:]
+        while data := f.read(INDEX_BLOCK):
+            end = data.rfind(b"\n") + 1
+            if not end:
+                cut.append(data)
+                continue
+            block = b"".join([*cut, data[:end]]) if cut else data[:end]
+            cut = [data[end:]] if end < len(data) else []
             if PLAIN_ID_LINES.fullmatch(block):
                 ids = block.decode("ascii").split("\n")
                 ids.pop()  # what follows the last newline: nothing
@@ -786,7 +789,7 @@ def _index_ids(f: BinaryIO, path: str, strict: bool) -> Iterator[list[str]]:
                 for oid in _line_ids(io.BytesIO(block), path, strict, lines_before):
                     yield [oid]
             lines_before += block.count(b"\n")
-        for oid in _line_ids([tail] if tail else [], path, strict, lines_before):
+        for oid in _line_ids([b"".join(cut)] if cut else [], path, strict, lines_before):
             yield [oid]
     except OSError as error:
         raise SessionError(path, f"cannot read the index: {error.strerror}") from error

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from helpers import Bare
 
 from gc3session import Session, State, Task, TaskCollection
 from gc3session.exceptions import InvalidArgument, LoadError, SaveError, StoreError
@@ -145,6 +146,26 @@ def test_a_jobname_a_column_cannot_hold_stays_exact_in_the_metadata(opened: Any)
         column = conn.execute(sa.select(store.table.c.jobname)).scalar_one()
     assert column == "lone ? surrogate"  # UTF-8 cannot hold a lone surrogate
     assert store.metadata(oid)["jobname"] == "lone \ud800 surrogate"
+
+
+@pytest.mark.parametrize("returncode", [3221225477, -(2**31) - 1, 2**70])  # a Windows crash code, and beyond
+def test_values_the_columns_cannot_hold_stay_exact_in_the_metadata(opened: Any, returncode: int) -> None:
+    store = opened()
+    task = Task(jobname="ran")
+    task.execution.returncode = returncode
+    state = "WAITING_FOR_A_LICENCE_SERVER_TO_ANSWER"  # longer than the state column's 32 characters
+    stateful = Bare("no execution: describe() takes its state")
+    stateful.state = state
+    oid, odd = store.save_many([task, stateful])
+    with store.engine.connect() as conn:
+        columns = dict(conn.execute(sa.select(store.table.c.persistent_id, store.table.c.returncode)).all())
+        states = dict(conn.execute(sa.select(store.table.c.persistent_id, store.table.c.state)).all())
+    assert columns[oid] is None and states[odd] is None  # the columns hold NULL ...
+    assert store.metadata(oid)["returncode"] == returncode  # ... and the metadata the exact values
+    assert store.metadata(odd)["state"] == state
+    store.invalidate_cache()
+    assert store.load(oid).execution.returncode == returncode
+    assert store.load(odd).state == state
 
 
 def test_a_damaged_children_column_is_logged_and_counts_as_none(opened: Any, caplog: Any) -> None:

@@ -27,7 +27,15 @@ from helpers import Bare, FitTask, GcWitness, NewTask, OldTask, Point, make_help
 import gc3session
 from gc3session import InvalidArgument, LoadError, NoSuchObject, SaveError, State, StoreError, Task, TaskCollection
 from gc3session.exceptions import RepairWarning
-from gc3session.persistence import DEFAULT_PROTOCOL, FilesystemStore, Serializer, Store, make_store, register
+from gc3session.persistence import (
+    DEFAULT_PROTOCOL,
+    FilesystemStore,
+    Serializer,
+    SqlStore,
+    Store,
+    make_store,
+    register,
+)
 from gc3session.persistence import store as store_module
 from gc3session.persistence.atomic import TEMP_PREFIX
 from gc3session.persistence.filesystem import COUNTER_FILENAME
@@ -449,6 +457,21 @@ def test_loading_a_removed_id_raises_load_error(store, open_store):
     assert excinfo.value.id == oid
 
 
+def test_ids_that_share_a_number_in_one_batch_each_get_their_own_answer(store, open_store):
+    """SQL rows are keyed by number: the id that holds the row loads, the other is told whose it is."""
+    oid = store.save(Task(jobname="held"))
+    other = f"Other.{oid.partition('.')[2]}"
+    errors: dict[str, LoadError] = {}
+    loaded = open_store().load_many([oid, other], errors=errors)
+    assert list(loaded) == [oid] and loaded[oid].jobname == "held"
+    assert list(errors) == [other]
+    if isinstance(store, SqlStore):
+        assert f"holds object {oid!r}" in str(errors[other])
+    errors.clear()
+    loaded = open_store().load_many([other, oid], errors=errors)  # in the other order too
+    assert list(loaded) == [oid] and list(errors) == [other]
+
+
 def test_missing_ids_are_read_once_with_their_batch(store, open_store, monkeypatch):
     """A session whose store lost its records must not cost one query for each of them."""
     kept = store.save_many([Task(jobname="kept"), TaskCollection(tasks=[Task(jobname="child")])])
@@ -819,6 +842,8 @@ def _circular():
     ({"site": _circular()}, "contains itself"),
     ({"when": datetime.datetime(2026, 1, 1)}, "datetime is not JSON serializable"),
     ({"id": "Task.99"}, "fields that the store fills itself: id"),
+    ({1: "one"}, "field names that are no strings: 1"),
+    ({"children": "Task.5"}, "children that are no list of ids"),
     ("raise", "no such field"),
 ])
 def test_metadata_a_custom_describe_cannot_give_is_a_save_error_naming_the_task(store, open_store, extra, reason):
@@ -829,6 +854,14 @@ def test_metadata_a_custom_describe_cannot_give_is_a_save_error_naming_the_task(
     assert info.value.target == task.persistent_id and "cannot make the metadata of Task" in str(info.value)
     assert store.list() == []
     assert open_store(serializer=DescribesBadly({"site": "lab"})).save(Task()) in store.list()
+
+
+def test_a_describe_set_on_the_serializer_itself_is_checked_too(store, open_store):
+    serializer = Serializer()
+    serializer.describe = lambda obj: {"id": "Task.999"}  # type: ignore[method-assign]
+    with pytest.raises(SaveError, match="fields that the store fills itself: id"):
+        open_store(serializer=serializer).save(Task())
+    assert store.list() == []
 
 
 def test_a_history_entry_that_is_no_time_and_state_is_a_save_error(store):

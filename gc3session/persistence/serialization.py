@@ -162,12 +162,13 @@ class Serializer:
     def describe(self, obj: Any) -> dict[str, Any]:
         """The metadata fields that can be read without unpickling (besides id and times).
 
-        A subclass may add fields of its own: a dict of plain JSON values
-        (str, int, float, bool, None, lists, dicts with str keys), without
-        the fields the store fills itself (``format``, ``version``, ``id``,
-        ``references``, ``created``, ``modified``, ``size``, ``crc32``).
-        Anything else, or an exception, makes saving the object raise
-        SaveError naming it, and nothing of that batch is written.
+        A subclass may add fields of its own: a dict with str keys and plain
+        JSON values (str, int, float, bool, None, lists, dicts with str
+        keys), ``children`` a list of ids, and none of the fields the store
+        fills itself (``format``, ``version``, ``id``, ``references``,
+        ``created``, ``modified``, ``size``, ``crc32``).  Anything else, or
+        an exception, makes saving the object raise SaveError naming it, and
+        nothing of that batch is written.
         """
         execution = getattr(obj, "execution", None)
         state = getattr(execution, "state", None) if execution is not None else getattr(obj, "state", None)

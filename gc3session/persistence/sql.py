@@ -352,21 +352,22 @@ class SqlStore(Store):
         """The values of the table's columns, in order, ready for the driver (bytes, str, int, float or None)."""
         meta = record.meta
         children = meta.get("children")
-        jobname, cls = _text(meta.get("jobname")), _text(meta.get("cls"))
+        state, jobname, cls = _text(meta.get("state"), 32), _text(meta.get("jobname")), _text(meta.get("cls"), 255)
+        returncode = _int32(meta.get("returncode"))
         rest = meta.copy()  # the fields without a column of their own
         for name in META_COLUMNS:
             rest.pop(name, None)
-        for name, column in (("jobname", jobname), ("cls", cls)):
-            if column is not meta.get(name):  # the column cannot hold it exactly: the JSON keeps it
+        for name, held in (("state", state), ("jobname", jobname), ("cls", cls), ("returncode", returncode)):
+            if held is not meta.get(name):  # the column cannot hold it exactly: the JSON keeps it
                 rest[name] = meta[name]
         row = (
             record.number,
             record.id,
             record.data,
-            meta.get("state"),
+            state,
             jobname,
             cls,
-            meta.get("returncode"),
+            returncode,
             encode_json(children) if children else "[]",
             meta.get("created"),
             meta.get("modified"),
@@ -399,8 +400,14 @@ class SqlStore(Store):
     def _read_rows(
         self, ids: list[str], columns: Sequence[str]
     ) -> dict[str, tuple[dict[str, Any], bytes] | LoadError]:
-        """The records of ``ids``, their metadata from ``meta`` and the META_COLUMNS among ``columns``."""
+        """The records of ``ids``, their metadata from ``meta`` and the META_COLUMNS among ``columns``.
+
+        Rows are keyed by number: ids that share one (``Task.1``, ``Other.1``)
+        all get its row, and the metadata says which object it holds.
+        """
         wanted = {number_of(oid): oid for oid in ids}
+        sharing = [oid for oid in ids if wanted[number_of(oid)] != oid] if len(wanted) < len(ids) else []
+        shared: dict[int, tuple[Any, list[Any]]] = {}  # the rows that the ids in ``sharing`` need too
         numbers = list(wanted)
         found: dict[str, tuple[dict[str, Any], bytes] | LoadError] = {}
         with self._failures("cannot read"), self.engine.connect() as conn:
@@ -409,6 +416,12 @@ class SqlStore(Store):
                 for number, data, *fields in conn.exec_driver_sql(sql, params).all():
                     oid = wanted[number]
                     found[oid] = _record(oid, _metadata(oid, fields, columns), data)
+                    if sharing:
+                        shared[number] = data, fields
+        for oid in sharing:
+            row = shared.get(number_of(oid))
+            if row is not None:
+                found[oid] = _record(oid, _metadata(oid, row[1], columns), row[0])
         return found
 
     def _delete(self, ids: list[str]) -> None:
@@ -667,17 +680,25 @@ def _fresh(column: sa.Column[Any]) -> sa.Column[Any]:
     return sa.Column(column.name, column.type, nullable=column.nullable, index=column.index)
 
 
-def _text(value: Any) -> Any:
-    """``value`` fit for a text column: lone surrogates (which UTF-8 cannot hold) become "?".
+def _text(value: Any, size: int | None = None) -> str | None:
+    """``value`` fit for a text column of ``size`` characters (NULL if it is no string, or longer).
 
-    The pickle and the ``meta`` JSON keep the exact string; only the column shows the replacement.
+    Lone surrogates (which UTF-8 cannot hold) become "?".  The pickle and
+    the ``meta`` JSON keep the exact value; only the column differs.
     """
-    if isinstance(value, str) and not value.isascii():
+    if not isinstance(value, str) or (size is not None and len(value) > size):
+        return None
+    if not value.isascii():
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
             return value.encode("utf-8", "replace").decode("utf-8")
     return value
+
+
+def _int32(value: Any) -> int | None:
+    """``value`` if an INTEGER column holds it (32 bits on PostgreSQL and MariaDB), else NULL."""
+    return value if type(value) is int and -(2**31) <= value < 2**31 else None
 
 
 def _metadata(oid: str, row: Sequence[Any], columns: Sequence[str] = META_COLUMNS) -> dict[str, Any] | LoadError:

@@ -152,7 +152,7 @@ class Store(abc.ABC):
             return child_id
 
         dumps, describe = self.serializer.dumps, self.serializer.describe
-        custom = type(self.serializer).describe is not Serializer.describe  # its fields need checking
+        custom = getattr(describe, "__func__", None) is not Serializer.describe  # its fields need checking
         now = time.time()  # the batch is written at once: one modification time for all
         while pending:
             obj = pending.popleft()
@@ -607,6 +607,12 @@ def check_fields(fields: Any) -> None:
     """Raise unless ``fields``, from a serializer's own ``describe``, can go into a metadata record."""
     if not isinstance(fields, dict):
         raise TypeError(f"describe() gave a {type(fields).__name__}, not a dict")
+    odd = [key for key in fields if not isinstance(key, str)]
+    if odd:
+        raise TypeError(f"describe() gave field names that are no strings: {odd[0]!r}")
+    children = fields.get("children", [])
+    if not (isinstance(children, (list, tuple)) and all(isinstance(child, str) for child in children)):
+        raise TypeError(f"describe() gave children that are no list of ids: {str(children)[:80]!r}")
     taken = sorted(STORE_FIELDS.intersection(fields))
     if taken:
         raise ValueError(f"describe() gave fields that the store fills itself: {', '.join(taken)}")
