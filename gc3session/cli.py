@@ -8,6 +8,7 @@ someone else wrote.  Read-only commands write nothing at all.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import fnmatch
@@ -379,7 +380,7 @@ def run_line(run: Any) -> str:
     git = run.get("git") or {}
     commit = f" git {str(git.get('commit'))[:10]}{'+dirty' if git.get('dirty') else ''}" if git else ""
     params = f" params {json.dumps(run.get('params'))}" if run.get("params") else ""
-    command = " ".join(str(a) for a in run.get("argv") or [])
+    command = " ".join(mask_password(str(a)) for a in run.get("argv") or [])  # records written before masking
     return (f"{local_time(run.get('start'))} - {local_time(run.get('end'))}  {outcome}  {who}  "
             f"{command}{commit}{params}")
 
@@ -520,12 +521,22 @@ def copy(session: str, dest: str, store_url: str | None, renumber: bool) -> None
     view = SessionView(session)
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise click.ClickException(f"{dest} exists and is not an empty directory")
+    existed = os.path.isdir(dest)
     target = Session(dest, store_or_url=store_url)
     try:
         missing = renumber_into(view, target) if renumber else copy_records(view, target)
     except BaseException:
         target.store.close()
-        shutil.rmtree(target.path, ignore_errors=True)
+        if existed:  # it was empty: take out what the copy put in, and leave the directory
+            for entry in os.listdir(target.path):
+                entry_path = os.path.join(target.path, entry)
+                if os.path.isdir(entry_path) and not os.path.islink(entry_path):
+                    shutil.rmtree(entry_path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry_path)
+        else:
+            shutil.rmtree(target.path, ignore_errors=True)
         raise
     target.store.close()
     click.echo(f"copied {len(view.ids) - len(missing)} task(s) to {target.path} ({mask_password(target.store_url)})")

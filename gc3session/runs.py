@@ -24,6 +24,7 @@ from typing import Any
 from ._version import __version__
 from .exceptions import SaveError, SessionError
 from .persistence.atomic import write_atomically
+from .persistence.store import mask_password
 
 #: The file of run records in a session directory.
 RUNS_FILENAME = "session.json"
@@ -56,7 +57,7 @@ def new_run(params: dict[str, Any] | None) -> dict[str, Any]:
         "user": _user(),
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "argv": list(sys.argv),
+        "argv": [mask_password(arg) for arg in sys.argv],  # a store URL given on the command line
         "cwd": cwd,
         "python": platform.python_version(),
         "gc3session": __version__,

@@ -76,6 +76,11 @@ class Session:
         autoload_plugins: bool | None = None,
         **extra_args: Any,
     ) -> None:
+        # an empty string (an unset shell variable, often) would mean the current directory
+        if isinstance(path, str) and not path.strip():
+            raise InvalidArgument("the session path is empty")
+        if isinstance(store_or_url, (str, os.PathLike)) and not str(os.fspath(store_or_url)).strip():
+            raise InvalidArgument(f"the store URL for session {os.path.abspath(path)} is empty")
         self.path = os.path.abspath(os.fspath(path))
         #: The session's plugins (see :mod:`gc3session.plugins`).
         self.hooks = Hooks(plugins, autoload=autoload_plugins)

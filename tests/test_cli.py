@@ -283,6 +283,27 @@ def test_copy_refuses_to_overwrite_other_objects(tmp_path: Path) -> None:
     assert [t.jobname for t in Session(tmp_path / "a")] == ["a"]
 
 
+def test_copy_to_an_empty_name_is_refused_and_the_current_directory_kept(tmp_path: Path, monkeypatch: Any) -> None:
+    Session(tmp_path / "a").add(Task(jobname="a"))
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path / "work")
+    for args in (["copy", tmp_path / "a", ""], ["copy", tmp_path / "a", tmp_path / "b", "--store", " "]):
+        result = run(*args)
+        assert result.exit_code == 1 and "is empty" in result.output, result.output
+    assert os.listdir(tmp_path / "work") == ["notes.txt"] and not (tmp_path / "b").exists()
+
+
+def test_a_failed_copy_into_an_empty_directory_leaves_it_empty(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/shared.db"
+    Session(tmp_path / "a", store_or_url=url).add(Task(jobname="a"))
+    Session(tmp_path / "b").add(Task(jobname="b"))  # same id Task.1, other content: the copy is refused
+    (tmp_path / "c").mkdir()
+    refused = run("copy", tmp_path / "b", tmp_path / "c", "--store", url)
+    assert refused.exit_code == 1 and "--renumber" in refused.output
+    assert (tmp_path / "c").is_dir() and os.listdir(tmp_path / "c") == []
+
+
 def test_copy_refuses_an_sql_row_held_by_an_id_with_another_prefix(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/shared.db"
     Session(tmp_path / "a", store_or_url=url).add(Task(jobname="a"))  # Task.1: row 1

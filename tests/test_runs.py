@@ -91,6 +91,23 @@ def test_session_tool_prints_run_records(tmp_path):
     assert show.exit_code == 0 and "session runs:" in show.output
 
 
+def test_a_password_on_the_command_line_is_neither_recorded_nor_shown(tmp_path, monkeypatch):
+    url = "postgresql+psycopg://me:my/s3cr3t@db.example.org/test"
+    monkeypatch.setattr(sys, "argv", ["session-tool", "copy", "a", "b", "--store", url, f"--url={url}"])
+    session = Session(tmp_path / "s")
+    session.add(Task())
+    session.close()
+    recorded = (tmp_path / "s" / RUNS_FILENAME).read_text()
+    assert "s3cr3t" not in recorded and "me:***@db.example.org" in recorded
+    runs = json.loads(recorded)  # a record written before passwords were masked is masked when shown
+    runs["runs"][0]["argv"] = ["session-tool", "copy", "--store", "mysql+pymysql://root:p@ss@localhost/test"]
+    (tmp_path / "s" / RUNS_FILENAME).write_text(json.dumps(runs))
+    for command in (["stats", str(tmp_path / "s")], ["show", str(tmp_path / "s"), "Task.1"]):
+        shown = CliRunner().invoke(main, command)
+        assert shown.exit_code == 0 and "root:***@localhost" in shown.output, shown.output
+        assert "s3cr3t" not in shown.output and "p@ss" not in shown.output and "ss@localhost" not in shown.output
+
+
 def test_run_records_are_bounded_keeping_the_first_and_the_newest(tmp_path, monkeypatch):
     from gc3session import runs as runs_module
 

@@ -286,6 +286,15 @@ def test_a_damaged_store_url_is_a_session_error_naming_the_file(session, problem
     assert "store.url" in str(excinfo.value)
 
 
+def test_an_empty_session_path_or_store_url_is_refused_creating_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidArgument, match="session path is empty"):
+        Session("")
+    with pytest.raises(InvalidArgument, match="store URL for session .*/s is empty"):
+        Session(tmp_path / "s", store_or_url="  ")
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_missing_index_is_recreated(session):
     oid = session.add(Task())
     os.unlink(Path(session.path, "index.txt"))

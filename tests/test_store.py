@@ -978,6 +978,17 @@ def test_store_str_and_repr_hide_a_password(tmp_path, private_registry):
         assert "user:***@localhost" in text
 
 
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://me:my/secret@db/test#table=t", "postgresql://me:***@db/test#table=t"),  # "/" in it
+    ("mysql+pymysql://root:p@ss@localhost/test", "mysql+pymysql://root:***@localhost/test"),  # "@" in it
+    ("postgresql://me@db/test?password=x&sslmode=require", "postgresql://me@db/test?password=***&sslmode=require"),
+    ("postgresql://db:5432/test", "postgresql://db:5432/test"),
+    ("sqlite:////data/a@b/tasks.db", "sqlite:////data/a@b/tasks.db"),
+])
+def test_mask_password_hides_every_part_of_a_password(url, shown):
+    assert store_module.mask_password(url) == shown
+
+
 # -- the exceptions -------------------------------------------------------------------
 
 

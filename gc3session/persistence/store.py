@@ -672,7 +672,9 @@ def matches(meta: dict[str, Any], filters: dict[str, Any]) -> bool:
 # -- URLs and the factory -------------------------------------------------------
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
-_PASSWORD = re.compile(r"(://[^:/@]*):[^@/]*@")
+# the password runs to the last "@": it may hold "/" (SQLAlchemy takes that) or "@" (which it cannot, but a
+# user may try); masking too much of a URL is harmless, showing part of a password is not
+_PASSWORD = re.compile(r"(://[^:/@]*):.*@")
 _QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pwd)=)[^&#]*", re.IGNORECASE)
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _registry: dict[str, Callable[..., Store]] = {}
