@@ -421,15 +421,14 @@ def rm(session: str, task_ids: tuple[str, ...], keep_in_store: bool, dry_run: bo
     if unknown:
         raise click.ClickException(f"not in session {view.path}: {', '.join(unknown)}")
     opened = Session(view.path, create=False, task_ids=[])
-    doomed = opened._descendants(task_ids)
     verb = "would remove" if dry_run else "removed"
     where = "from the session" if keep_in_store else "from the session and the store"
+    for oid in task_ids:  # nothing is written before the flush, which a dry run leaves out
+        (opened.forget if keep_in_store else opened.remove)(oid, flush=False)
+    removed = list(task_ids) if keep_in_store else opened.pending_deletions()
     if not dry_run:
-        for oid in task_ids:
-            (opened.forget if keep_in_store else opened.remove)(oid, flush=False)
         opened.flush()
     opened.store.close()
-    removed = list(task_ids) if keep_in_store else doomed
     click.echo(f"{verb} {len(removed)} task(s) {where}: {' '.join(removed)}")
 
 

@@ -91,7 +91,7 @@ class Session:
         self._added: dict[str, None] = {}
         self._removed: set[str] = set()
         self._unsaved: dict[str, Any] = {}
-        self._doomed: dict[str, None] = {}
+        self._doomed: dict[str, bool] = {}  # id -> named by remove() (else: doomed as a descendant)
         self._mutex = threading.RLock()
         self._file_lock = FileLock(self._file(self.LOCK_FILENAME))
         self._lock_pid = os.getpid()
@@ -327,8 +327,21 @@ class Session:
             self._added.clear()
             self._removed.clear()
             if self._doomed:
-                self.store.remove_many(list(self._doomed))
+                self.store.remove_many(self.pending_deletions())
                 self._doomed.clear()
+
+    def pending_deletions(self) -> list[str]:
+        """The records the next :meth:`flush` deletes.
+
+        They are the tasks removed, and those of their descendants that no
+        other task of the session still holds (a collection that shares a
+        child, say).
+        """
+        with self._mutex:
+            if all(self._doomed.values()):  # no descendants among them: nothing to look up
+                return list(self._doomed)
+            held = set(self._descendants([*self._index, *self.tasks]))
+            return [oid for oid, named in self._doomed.items() if named or oid not in held]
 
     def load(self, id: str, add: bool = True, flush: bool = True) -> Any:  # noqa: A002
         """Load task ``id`` from the store; with ``add`` it becomes part of the session."""
@@ -384,15 +397,19 @@ class Session:
     def remove(self, id: str, flush: bool = True) -> None:  # noqa: A002
         """Remove task ``id`` and its children from the session and from the store.
 
-        Without ``flush`` the records are deleted at the next :meth:`flush`,
-        after the index no longer names them.
+        A child that another task of the session still holds (a collection
+        that shares it, or the session itself when it is also a top-level
+        task) keeps its record; telling reads the ``children`` of the
+        session's tasks that are not loaded.  Without ``flush`` the records
+        are deleted at the next :meth:`flush`, after the index no longer
+        names them.
         """
         with self._mutex:
             doomed = self._descendants([id])
             self._drop(id)
             for oid in doomed:
                 self._unsaved.pop(oid, None)
-                self._doomed[oid] = None
+                self._doomed[oid] = oid == id or self._doomed.get(oid, False)
             if flush:
                 self.flush()
             self.hooks.call("task_removed", session=self, task_id=id)
@@ -410,22 +427,24 @@ class Session:
             self._removed.add(oid)
 
     def _descendants(self, ids: Iterable[str]) -> list[str]:
-        """``ids`` and the ids of all their children, breadth first, from memory or else metadata."""
+        """``ids`` and the ids of all their children, a generation at a time, from memory or else metadata."""
         found: dict[str, None] = {}
-        queue: deque[tuple[str, Any]] = deque((oid, self.tasks.peek(oid)) for oid in ids)
-        while queue:
-            oid, task = queue.popleft()
-            if oid in found:
-                continue
-            found[oid] = None
-            if task is not None:
-                children = getattr(task, "tasks", None)
-                if isinstance(children, (list, tuple)):
-                    queue.extend((c.persistent_id, c) for c in children if getattr(c, "persistent_id", None))
-                continue
-            meta = next(iter(self.store.iter_metadata([oid])))[1]
-            if isinstance(meta, dict):
-                queue.extend((c, None) for c in id_list(meta.get("children")))
+        generation: dict[str, Any] = {oid: self.tasks.peek(oid) for oid in ids}
+        while generation:
+            found.update(dict.fromkeys(generation))
+            children: dict[str, Any] = {}
+            unloaded = []
+            for oid, task in generation.items():
+                if task is None:
+                    unloaded.append(oid)
+                    continue
+                held = getattr(task, "tasks", None)
+                if isinstance(held, (list, tuple)):
+                    children.update((c.persistent_id, c) for c in held if getattr(c, "persistent_id", None))
+            for _, meta in self.store.iter_metadata(unloaded) if unloaded else ():  # read in batches
+                if isinstance(meta, dict):
+                    children.update((c, self.tasks.peek(c)) for c in id_list(meta.get("children")))
+            generation = {oid: task for oid, task in children.items() if oid not in found}
         return list(found)
 
     def destroy(self) -> None:

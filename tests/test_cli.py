@@ -322,6 +322,22 @@ def test_a_session_whose_sqlite_file_is_gone_is_an_error_leaving_no_file(tmp_pat
     assert not (tmp_path / "tasks.db").exists()
 
 
+def test_rm_keeps_and_does_not_name_a_child_that_another_collection_holds(tmp_path: Path) -> None:
+    session = Session(tmp_path / "s")
+    shared, own = Task(jobname="shared"), Task(jobname="own")
+    first = session.add(TaskCollection(jobname="first", tasks=[shared, own]))
+    second = session.add(TaskCollection(jobname="second", tasks=[shared]))
+    session.close()
+    expected = f"{first} {own.persistent_id}"
+    dry = run("rm", tmp_path / "s", first, "--dry-run")
+    assert dry.exit_code == 0 and dry.output.strip().endswith(f"the store: {expected}"), dry.output
+    assert sorted(Session(tmp_path / "s").list_ids()) == sorted([first, second])
+    done = run("rm", tmp_path / "s", first)
+    assert done.exit_code == 0 and done.output.strip().endswith(f"the store: {expected}"), done.output
+    verified = run("verify", tmp_path / "s")
+    assert verified.exit_code == 0, verified.output
+
+
 def test_not_a_session_and_debug(tmp_path: Path) -> None:
     result = run("ls", tmp_path)
     assert result.exit_code == 1 and "not a session" in result.output and "Traceback" not in result.output

@@ -290,7 +290,7 @@ def test_an_empty_session_path_or_store_url_is_refused_creating_nothing(tmp_path
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InvalidArgument, match="session path is empty"):
         Session("")
-    with pytest.raises(InvalidArgument, match="store URL for session .*/s is empty"):
+    with pytest.raises(InvalidArgument, match=r"store URL for session .*/s is empty"):
         Session(tmp_path / "s", store_or_url="  ")
     assert os.listdir(tmp_path) == []
 
@@ -684,6 +684,24 @@ def test_remove_a_task_not_loaded_uses_the_stored_children(any_session, open_sto
     assert open_store().list() == [kept]
     assert index_lines(partial) == [kept]
     partial.store.close()
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_remove_keeps_the_children_that_another_task_still_holds(any_session, open_store, lazy):
+    shared, own, listed = Task(jobname="shared"), Task(jobname="own"), Task(jobname="also top-level")
+    first = any_session.add(TaskCollection(jobname="first", tasks=[shared, own, listed]))
+    second = any_session.add(TaskCollection(jobname="second", tasks=[shared]))
+    top = any_session.add(listed)
+    any_session.store.close()
+    session = Session(any_session.path, lazy=lazy)
+    session.remove(first)
+    assert sorted(open_store().list()) == sorted([second, shared.persistent_id, top])  # only "own" went
+    session.store.close()
+    again = Session(any_session.path)
+    assert not again.load_errors
+    assert [t.jobname for t in again.tasks[second].tasks] == ["shared"]
+    assert again.tasks[top].jobname == "also top-level"
+    again.store.close()
 
 
 def test_remove_without_flush_waits_for_flush(any_session, open_store):
