@@ -242,7 +242,7 @@ def table_cells(oid: str, meta: dict[str, Any] | LoadError, depth: int = 0) -> t
         str(meta.get("jobname") or ""),
         str(meta.get("state") or ""),
         str(meta.get("cls") or "").rpartition(".")[2],
-        _table_second(int(modified)) if isinstance(modified, (int, float)) else "",
+        _table_second(second) if (second := whole_second(modified)) is not None else "",
     )
 
 
@@ -250,11 +250,22 @@ def cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def whole_second(value: Any) -> int | None:
+    """``value`` (Unix time) as a whole second that a date can show, or None (no number, NaN, year 10000)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        second = int(value)
+        _iso_second(second)
+    except (OverflowError, OSError, ValueError):
+        return None
+    return second
+
+
 def iso_time(value: Any) -> str | None:
     """``value`` (Unix time) as local ISO 8601 with its offset, to the second."""
-    if not isinstance(value, (int, float)):
-        return None
-    return _iso_second(int(value))
+    second = whole_second(value)
+    return None if second is None else _iso_second(second)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -269,9 +280,10 @@ def _table_second(second: int) -> str:
 
 
 def local_time(value: Any) -> str:
-    if not isinstance(value, (int, float)) or value < 0:
+    second = whole_second(value)
+    if second is None or second < 0:
         return "-"
-    return datetime.datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.datetime.fromtimestamp(second).strftime("%Y-%m-%d %H:%M:%S")
 
 
 # -- show, log, stats -----------------------------------------------------------
@@ -375,7 +387,8 @@ def run_line(run: Any) -> str:
     if not isinstance(run, dict):
         return f"<unreadable run record {run!r}>"
     error = run.get("error")
-    outcome = "open" if run.get("end") is None else ("ok" if not error else f"failed: {error.get('type')}")
+    failure = error.get("type") if isinstance(error, dict) else error  # a record edited by hand may hold text
+    outcome = "open" if run.get("end") is None else ("ok" if not error else f"failed: {failure}")
     who = f"{run.get('user')}@{run.get('host')} pid {run.get('pid')}"
     git = run.get("git") or {}
     commit = f" git {str(git.get('commit'))[:10]}{'+dirty' if git.get('dirty') else ''}" if git else ""

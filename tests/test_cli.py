@@ -338,6 +338,31 @@ def test_rm_keeps_and_does_not_name_a_child_that_another_collection_holds(tmp_pa
     assert verified.exit_code == 0, verified.output
 
 
+def test_times_no_date_can_show_are_listed_without_a_traceback(tmp_path: Path) -> None:
+    session = Session(tmp_path / "s")
+    ids = [session.add(Task(jobname=f"t{i}")) for i in range(4)]
+    session.close()
+    odd = [(1e20, 1e300), (float("nan"), float("inf")), (-1e20, -1e300), (1.7e9, 1.7e9)]
+    for oid, (modified, created) in zip(ids, odd, strict=True):
+        record = tmp_path / "s" / "jobs" / oid
+        line, _, data = record.read_bytes().partition(b"\n")
+        meta = json.loads(line)
+        meta.update(modified=modified, created=created, history=[[modified, "NEW"], ["x", "RUNNING"]])
+        record.write_bytes(json.dumps(meta).encode() + b"\n" + data)
+    runs_file = tmp_path / "s" / "session.json"
+    runs = json.loads(runs_file.read_text())
+    runs["runs"][0].update(error="killed", end=1e20)  # a record edited by hand
+    runs_file.write_text(json.dumps(runs))
+    commands = [["ls"], ["ls", "--format", "json"], ["ls", "--format", "csv"], ["log"], ["stats"],
+                *(["show", oid] for oid in ids)]
+    for command in commands:
+        result = run(command[0], tmp_path / "s", *command[1:])
+        assert result.exit_code == 0 and "Traceback" not in result.output, (command, result.output)
+    listed = run("ls", tmp_path / "s", "--format", "json")
+    assert [row["modified"] for row in json.loads(listed.output)][:3] == [None, None, None]
+    assert "failed: killed" in run("stats", tmp_path / "s").output
+
+
 def test_not_a_session_and_debug(tmp_path: Path) -> None:
     result = run("ls", tmp_path)
     assert result.exit_code == 1 and "not a session" in result.output and "Traceback" not in result.output
