@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
 import pickle
 import shutil
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -361,6 +363,32 @@ def test_times_no_date_can_show_are_listed_without_a_traceback(tmp_path: Path) -
     listed = run("ls", tmp_path / "s", "--format", "json")
     assert [row["modified"] for row in json.loads(listed.output)][:3] == [None, None, None]
     assert "failed: killed" in run("stats", tmp_path / "s").output
+
+
+def test_reading_commands_leave_a_sqlite_file_as_it_is(tmp_path: Path) -> None:
+    """No switch to WAL (which network file systems break) and no counters table from ls, show, verify."""
+    db = tmp_path / "tasks.db"
+    session = Session(tmp_path / "s", store_or_url=f"sqlite:///{db}")
+    oid = session.add(Task(jobname="a"))
+    session.close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA journal_mode=DELETE")
+        conn.execute("DROP TABLE gc3session_counters")
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    for command in (["ls"], ["show", oid], ["verify"], ["stats"], ["log"]):
+        result = run(command[0], tmp_path / "s", *command[1:])
+        assert result.exit_code == 0, (command, result.output)
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_a_store_url_a_driver_cannot_use_is_a_one_line_error(tmp_path: Path) -> None:
+    Session(tmp_path / "s").close()
+    (tmp_path / "s" / "store.url").write_text("postgresql+psycopg://me:pw@127.0.0.1:54x2/test\n")
+    result = run("ls", tmp_path / "s")
+    assert result.exit_code == 1 and "not a valid database URL" in result.output and "Traceback" not in result.output
+    assert "pw@" not in result.output
 
 
 def test_not_a_session_and_debug(tmp_path: Path) -> None:

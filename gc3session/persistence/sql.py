@@ -28,7 +28,7 @@ from sqlalchemy import event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
 
-from ..exceptions import InvalidArgument, LoadError, RepairWarning, SaveError, StoreError
+from ..exceptions import Error, InvalidArgument, LoadError, RepairWarning, SaveError, StoreError
 from .idfactory import IdFactory, number_of, parse_id
 from .serialization import DEFAULT_PROTOCOL, decode_json, encode_json
 from .store import Record, Store, id_chunks, mask_password, missing, store_options
@@ -111,6 +111,7 @@ class SqlStore(Store):
         self._address = _with_default_driver(address)
         self._secrets = [str(p) for p in (self._address.password, self._address.query.get("password")) if p]
         self.fsync = fsync
+        self._create = create
         database = self._address.database
         if not create and self._address.get_backend_name() == "sqlite" and database and database != ":memory:":
             if not database.startswith("file:") and not os.path.exists(database):  # connecting would create it
@@ -122,6 +123,13 @@ class SqlStore(Store):
                 raise InvalidArgument(f"extra field {column.name!r} clashes with a column of the store table")
         try:
             self.table, self.counters = self._open_tables(create)
+        except Error:
+            self.engine.dispose()
+            raise
+        except Exception as error:  # a driver that fails on an option of the URL in a way of its own
+            self.engine.dispose()
+            reason = f"cannot open: {type(error).__name__}: {self._scrub(str(error))}"
+            raise StoreError(self._masked(), reason) from error
         except BaseException:
             self.engine.dispose()
             raise
@@ -151,7 +159,7 @@ class SqlStore(Store):
                 f"no database driver for {self._masked()} ({self._scrub(str(error))}){hint}"
             ) from None
         if backend == "sqlite":
-            _tune_sqlite(engine, self.fsync)
+            _tune_sqlite(engine, self.fsync, self._create)
         return engine
 
     def _open_tables(self, create: bool) -> tuple[sa.Table, sa.Table]:
@@ -173,7 +181,7 @@ class SqlStore(Store):
                             if not create:
                                 raise StoreError(self._masked(), f"no table {self.table_name!r} (and create=False)")
                             self._create_tables(metadata)
-                        elif not inspector.has_table(COUNTERS_TABLE):
+                        elif create and not inspector.has_table(COUNTERS_TABLE):  # reading needs none
                             self._create_tables(metadata)
                     table = self._adopt(wanted, present)
         if create:
@@ -626,17 +634,18 @@ def is_transient(error: BaseException) -> bool:
     return "database is locked" in str(orig)
 
 
-def _tune_sqlite(engine: Engine, fsync: bool) -> None:
-    """WAL, a busy timeout, and explicit transactions (BEGIN IMMEDIATE for writers)."""
+def _tune_sqlite(engine: Engine, fsync: bool, create: bool) -> None:
+    """WAL (unless only reading), a busy timeout, and explicit transactions (BEGIN IMMEDIATE for writers)."""
 
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves, below
         cursor = dbapi_connection.cursor()
-        # 16 KiB pages for a new database (an existing one keeps its own): records are about 1 KiB of pickle,
-        # and bigger pages cut the work of writing them through the WAL by a fifth
-        cursor.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")
-        cursor.execute("PRAGMA journal_mode=WAL")
+        if create:  # a store opened only to read (create=False) leaves the file as it is
+            # 16 KiB pages for a new database (an existing one keeps its own): records are about 1 KiB of
+            # pickle, and bigger pages cut the work of writing them through the WAL by a fifth
+            cursor.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")
+            cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         cursor.close()
 
@@ -664,7 +673,7 @@ def _split_fragment(url: str) -> tuple[str, str | None]:
 def _with_default_driver(address: str) -> sa.URL:
     try:
         url = make_url(address)
-    except sa.exc.ArgumentError as error:
+    except (sa.exc.ArgumentError, ValueError) as error:  # ValueError: a port that is no number
         raise InvalidArgument(f"{mask_password(address)} is not a valid database URL: {error}") from None
     if "+" not in url.drivername and url.drivername in _DEFAULT_DRIVERS:
         url = url.set(drivername=_DEFAULT_DRIVERS[url.drivername])
