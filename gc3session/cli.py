@@ -536,6 +536,11 @@ def copy(session: str, dest: str, store_url: str | None, renumber: bool) -> None
     existed = os.path.isdir(dest)
     target = Session(dest, store_or_url=store_url)
     try:
+        if not renumber and same_store(view.store, target.store):
+            raise click.ClickException(
+                f"{target.path} would store its tasks in {view.path}'s own store, sharing their records "
+                "(destroying one session would destroy the other): use --renumber to copy them under new ids"
+            )
         missing = renumber_into(view, target) if renumber else copy_records(view, target)
     except BaseException:
         target.store.close()
@@ -556,6 +561,24 @@ def copy(session: str, dest: str, store_url: str | None, renumber: bool) -> None
         for error in missing:
             click.echo(str(error), err=True)
         sys.exit(1)
+
+
+def same_store(one: Store, other: Store) -> bool:
+    """True when ``one`` and ``other`` hold their records in the same place (directory, or database table)."""
+    if isinstance(one, FilesystemStore) and isinstance(other, FilesystemStore):
+        return os.path.realpath(one.directory) == os.path.realpath(other.directory)
+    places = [_table_place(store) for store in (one, other)]  # SQL stores (not imported here: SQLAlchemy is slow)
+    return places[0] is not None and places[0] == places[1]
+
+
+def _table_place(store: Store) -> tuple[Any, ...] | None:
+    """Where a SQL store keeps its records: database server, database and table; None for other stores."""
+    engine, table = getattr(store, "engine", None), getattr(store, "table_name", None)
+    if engine is None or table is None:
+        return None
+    url = engine.url
+    database = os.path.realpath(url.database) if url.get_backend_name() == "sqlite" and url.database else url.database
+    return url.get_backend_name(), url.host, url.port, database, table
 
 
 def copy_records(view: SessionView, target: Session) -> list[LoadError]:

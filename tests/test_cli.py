@@ -391,6 +391,22 @@ def test_a_store_url_a_driver_cannot_use_is_a_one_line_error(tmp_path: Path) -> 
     assert "pw@" not in result.output
 
 
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+def test_copy_into_the_sessions_own_store_is_refused_but_with_renumber(tmp_path: Path, kind: str) -> None:
+    url = str(tmp_path / "a" / "jobs") if kind == "file" else f"sqlite:///{tmp_path}/a.db"
+    session = Session(tmp_path / "a", store_or_url=None if kind == "file" else url)
+    session.add(TaskCollection(jobname="c", tasks=[Task(jobname="t")]))
+    session.close()
+    refused = run("copy", tmp_path / "a", tmp_path / "b", "--store", url)
+    assert refused.exit_code == 1 and "own store" in refused.output and "--renumber" in refused.output
+    assert not (tmp_path / "b").exists()
+    renumbered = run("copy", tmp_path / "a", tmp_path / "b", "--store", url, "--renumber")
+    assert renumbered.exit_code == 0, renumbered.output
+    assert run("destroy", tmp_path / "b", "--yes").exit_code == 0
+    verified = run("verify", tmp_path / "a")
+    assert verified.exit_code == 0, verified.output
+
+
 def test_not_a_session_and_debug(tmp_path: Path) -> None:
     result = run("ls", tmp_path)
     assert result.exit_code == 1 and "not a session" in result.output and "Traceback" not in result.output
