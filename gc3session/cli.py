@@ -135,6 +135,10 @@ def main(ctx: click.Context, debug: bool) -> None:
       session-tool ls runs/sweep1 --state TERMINATED
     """
     ctx.meta["gc3session.debug"] = debug
+    for stream in (sys.stdout, sys.stderr):  # a name holding bytes that are no UTF-8 must not stop the output
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
 
 
 # -- ls -------------------------------------------------------------------------
@@ -430,6 +434,7 @@ def rm(session: str, task_ids: tuple[str, ...], keep_in_store: bool, dry_run: bo
       session-tool rm runs/sweep1 Task.17 Task.18 --dry-run
     """
     view = SessionView(session)
+    task_ids = tuple(dict.fromkeys(task_ids))  # an id named twice is removed once
     unknown = [oid for oid in task_ids if oid not in view.ids]
     if unknown:
         raise click.ClickException(f"not in session {view.path}: {', '.join(unknown)}")
@@ -503,7 +508,12 @@ def verify(session: str, allowed: tuple[str, ...]) -> None:
     problems += len(errors)
     folders = [view.path] + ([str(store.directory)] if isinstance(store, FilesystemStore) else [])
     for folder in folders:
-        for name in sorted(os.listdir(folder)):
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError as error:  # the records could not be read either: each said so above
+            click.echo(f"note: cannot list {folder}: {error.strerror or error}")
+            continue
+        for name in names:
             if name.startswith(TEMP_PREFIX):
                 click.echo(f"note: {os.path.join(folder, name)} is a temporary file left by an interrupted write "
                            "(never taken for a task; safe to delete when no process uses the session)")

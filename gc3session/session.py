@@ -450,11 +450,21 @@ class Session:
     def destroy(self) -> None:
         """Remove every task of the session from the store, then the session directory."""
         with self._mutex:
-            store_inside = isinstance(self.store, FilesystemStore) and is_inside(self.store.directory, self.path)
+            records = self.store.directory if isinstance(self.store, FilesystemStore) else None
+            store_inside = records is not None and is_inside(records, self.path)
             if not store_inside:
                 self.store.remove_many(self._descendants([*self._index, *self.tasks, *self._doomed]))
             self.store.close()
-            shutil.rmtree(self.path)
+            real = os.path.realpath(self.path)  # a session reached through a symbolic link: its target goes
+            try:
+                if records is not None and store_inside:  # the records first: if that fails, the index names all
+                    shutil.rmtree(os.path.realpath(records))
+                shutil.rmtree(real)
+                if real != self.path and os.path.islink(self.path):
+                    os.unlink(self.path)
+            except OSError as error:
+                where = error.filename or real
+                raise SaveError(str(where), f"cannot remove: {error.strerror or error}") from error
             self.tasks.clear()
             self._index.clear()
             self._unsaved.clear()

@@ -521,6 +521,27 @@ def test_installed_script_runs(tmp_path: Path, sample: Path) -> None:
     assert missing.stdout == ""
 
 
+def test_a_name_of_bytes_that_are_no_utf8_does_not_stop_the_output(tmp_path: Path) -> None:
+    session = Session(tmp_path / "s")
+    oid = session.add(Task(jobname=os.fsdecode(b"bad-\xff-name")))  # as a name read from a file system comes
+    session.close()
+    script = shutil.which("session-tool", path=os.path.dirname(sys.executable)) or shutil.which("session-tool")
+    assert script
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}  # strict, as under an installed UTF-8 locale
+    for command in (["ls"], ["ls", "--format", "csv"], ["show", oid], ["log"]):
+        done = subprocess.run([script, command[0], str(tmp_path / "s"), *command[1:]], capture_output=True, env=env)
+        assert done.returncode == 0 and b"bad-\\udcff-name" in done.stdout, (command, done.stderr)
+
+
+def test_rm_of_an_id_named_twice_removes_it_once(tmp_path: Path) -> None:
+    session = Session(tmp_path / "s")
+    oid, kept = session.add(Task()), session.add(Task())
+    session.close()
+    result = run("rm", tmp_path / "s", oid, oid)
+    assert result.exit_code == 0 and result.output.strip().endswith(f"the store: {oid}"), result.output
+    assert Session(tmp_path / "s").list_ids() == [kept]
+
+
 def test_verify_notes_leftover_temporary_files(tmp_path: Path) -> None:
     session = Session(tmp_path / "s")
     session.add(Task())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import stat
 import string
 import tempfile
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from gc3session import (
     InvalidArgument,
     LoadError,
+    SaveError,
     Session,
     SessionError,
     State,
@@ -750,6 +752,32 @@ def test_destroy_removes_the_directory_and_its_store(session):
     session.destroy()
     assert not os.path.exists(session.path)
     assert len(session) == 0
+
+
+def test_destroy_through_a_symbolic_link_removes_the_session_and_the_link(tmp_path, store_url, open_store):
+    real = Session(tmp_path / "real", store_or_url=store_url)
+    real.add(Task())
+    real.close()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    Session(tmp_path / "link").destroy()
+    assert not (tmp_path / "real").exists() and not os.path.lexists(tmp_path / "link")
+    assert open_store().list() == []
+
+
+def test_destroy_that_cannot_remove_the_records_keeps_the_index_and_says_where(session, monkeypatch):
+    ids = [session.add(Task()) for _ in range(2)]
+    real_rmtree = shutil.rmtree
+
+    def refuse_records(path, *args, **kwargs):
+        if str(path).endswith("jobs"):
+            raise PermissionError(13, "Permission denied", os.path.join(path, ids[0]))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", refuse_records)
+    with pytest.raises(SaveError, match="cannot remove: Permission denied") as info:
+        session.destroy()
+    assert info.value.target.endswith(ids[0])
+    assert Session(session.path).list_ids() == ids  # nothing hidden: the index still names them
 
 
 def test_destroy_of_sessions_sharing_a_store(tmp_path, store_url, open_store):

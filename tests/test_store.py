@@ -969,6 +969,18 @@ def test_post_fork_keeps_the_store_usable(store, open_store):
     assert sorted(open_store().list()) == sorted([first, second])
 
 
+def test_size_of_a_store_directory_that_cannot_be_listed_is_unknown(tmp_path, monkeypatch):
+    store = FilesystemStore(tmp_path / "s")
+    store.save(Task())
+    assert store.size() > 0
+
+    def refuse():
+        raise PermissionError(13, "Permission denied", str(tmp_path / "s"))
+
+    monkeypatch.setattr(store, "_names", refuse)
+    assert store.size() is None
+
+
 def test_store_str_and_repr_hide_a_password(tmp_path, private_registry):
     register("gc3test", make_helper_store)
     store = make_store(f"gc3test://user:hunter2@localhost{tmp_path}/s")

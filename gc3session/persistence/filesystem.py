@@ -146,10 +146,14 @@ class FilesystemStore(Store):
             if dir_fd is not None:
                 os.close(dir_fd)
 
-    def size(self) -> int:
-        """Bytes the records take on disk."""
+    def size(self) -> int | None:
+        """Bytes the records take on disk; None if the directory cannot be listed."""
         total = 0
-        for oid in self._names():
+        try:
+            names = list(self._names())
+        except OSError:
+            return None
+        for oid in names:
             try:
                 total += self._path(oid).stat().st_size
             except OSError:
