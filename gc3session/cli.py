@@ -73,14 +73,29 @@ class SessionView:
                 yield from self._children(oid, meta, 1, {oid})
 
     def _children(self, parent: str, meta: dict[str, Any], depth: int, seen: set[str]) -> Iterator[Any]:
-        children = [c for c in id_list(meta.get("children")) if c not in seen]
+        """The descendants of ``parent``, depth first, each right under its parent.
+
+        A stack of generators, not recursion: a chain of collections
+        thousands deep lists as well as a flat one.
+        """
+        levels = [self._child_rows(parent, meta, depth, seen)]
+        while levels:
+            row = next(levels[-1], None)
+            if row is None:
+                levels.pop()
+                continue
+            depth, parent, oid, child, path = row
+            yield depth, parent, oid, child
+            if isinstance(child, dict):
+                levels.append(self._child_rows(oid, child, depth + 1, path | {oid}))
+
+    def _child_rows(self, parent: str, meta: dict[str, Any], depth: int, path: set[str]) -> Iterator[Any]:
+        children = [c for c in id_list(meta.get("children")) if c not in path]  # ``path``: the ancestors
         for start in range(0, len(children), CHILD_BATCH):
             # each batch read to its end before going deeper: a stream open at every level of a deep
             # tree would hold one database connection per level
             for oid, child in list(self.store.iter_summaries(children[start : start + CHILD_BATCH])):
-                yield depth, parent, oid, child
-                if isinstance(child, dict):
-                    yield from self._children(oid, child, depth + 1, seen | {oid})
+                yield depth, parent, oid, child, path
 
     def all_metadata(self, follow: tuple[str, ...] = ("children",)) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
         """Metadata of every task of the session, children (or the ``follow`` fields) included, breadth first."""
@@ -88,7 +103,7 @@ class SessionView:
         queue = deque(self.ids)
         while queue:
             batch = [queue.popleft() for _ in range(min(len(queue), 500))]
-            batch = [oid for oid in batch if oid not in seen]
+            batch = list(dict.fromkeys(oid for oid in batch if oid not in seen))  # a child two collections share
             seen.update(batch)
             for oid, meta in self.metadata(batch):
                 if isinstance(meta, dict):

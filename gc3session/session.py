@@ -121,10 +121,19 @@ class Session:
         return any(os.path.lexists(self._file(n)) for n in (self.INDEX_FILENAME, self.STORE_URL_FILENAME))
 
     def _create(self, store_or_url: Store | str | os.PathLike[str] | None, extra_args: dict[str, Any]) -> None:
+        made = not os.path.isdir(self.path)
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as error:
             raise SaveError(self.path, f"cannot create session directory: {error.strerror}") from error
+        try:
+            self._create_files(store_or_url, extra_args)
+        except BaseException:
+            if made:  # a store that cannot be opened (a server down, say) leaves no empty session behind
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
+
+    def _create_files(self, store_or_url: Store | str | os.PathLike[str] | None, extra_args: dict[str, Any]) -> None:
         if store_or_url is None:
             url = self.DEFAULT_STORE_DIR
             self.store: Store = FilesystemStore(self._file(url), **extra_args)

@@ -407,6 +407,31 @@ def test_copy_into_the_sessions_own_store_is_refused_but_with_renumber(tmp_path:
     assert verified.exit_code == 0, verified.output
 
 
+def test_ls_recursive_lists_a_chain_of_collections_thousands_deep(tmp_path: Path) -> None:
+    inner = Task(jobname="leaf")
+    for level in range(1500):
+        inner = TaskCollection(jobname=f"level-{level}", tasks=[inner])
+    session = Session(tmp_path / "s")
+    session.add(inner)
+    session.close()
+    listed = run("ls", tmp_path / "s", "--recursive", "--format", "json")
+    assert listed.exit_code == 0, listed.output[-500:]
+    rows = json.loads(listed.output)
+    assert len(rows) == 1501 and rows[-1]["jobname"] == "leaf" and rows[-1]["depth"] == 1500
+
+
+def test_stats_and_log_count_a_shared_child_once(tmp_path: Path) -> None:
+    session = Session(tmp_path / "s")
+    shared = Task(jobname="shared")
+    session.add(TaskCollection(jobname="a", tasks=[shared]))
+    session.add(TaskCollection(jobname="b", tasks=[shared]))
+    session.close()
+    stats = run("stats", tmp_path / "s")
+    assert stats.exit_code == 0 and "3 with children" in stats.output, stats.output
+    log = run("log", tmp_path / "s")
+    assert log.output.count("shared") == 1, log.output
+
+
 def test_not_a_session_and_debug(tmp_path: Path) -> None:
     result = run("ls", tmp_path)
     assert result.exit_code == 1 and "not a session" in result.output and "Traceback" not in result.output

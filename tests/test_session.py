@@ -26,6 +26,7 @@ from gc3session import (
     Session,
     SessionError,
     State,
+    StoreError,
     Task,
     TaskCollection,
     TemporarySession,
@@ -295,6 +296,16 @@ def test_an_empty_session_path_or_store_url_is_refused_creating_nothing(tmp_path
     with pytest.raises(InvalidArgument, match=r"store URL for session .*/s is empty"):
         Session(tmp_path / "s", store_or_url="  ")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_session_whose_store_cannot_be_opened_is_not_left_behind(tmp_path):
+    with pytest.raises(StoreError):
+        Session(tmp_path / "s", store_or_url="postgresql+psycopg://nobody@127.0.0.1:1/test")  # nothing listens
+    assert not (tmp_path / "s").exists()
+    (tmp_path / "mine").mkdir()  # a directory that was there before stays
+    with pytest.raises(StoreError):
+        Session(tmp_path / "mine", store_or_url="postgresql+psycopg://nobody@127.0.0.1:1/test")
+    assert (tmp_path / "mine").is_dir()
 
 
 def test_a_missing_index_is_recreated(session):
