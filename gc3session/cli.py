@@ -67,16 +67,22 @@ class SessionView:
 
     def walk(self, recursive: bool) -> Iterator[tuple[int, str | None, str, dict[str, Any] | LoadError]]:
         """``(depth, parent, id, summary)`` of the tasks, children right under their parent when recursive."""
+        expanded: set[str] = set()  # the tasks whose children are listed: a shared one shows them once
         for oid, meta in self.store.iter_summaries(iter_index(self.index_path)):  # streamed, for huge sessions
             yield 0, None, oid, meta
-            if recursive and isinstance(meta, dict):
-                yield from self._children(oid, meta, 1, {oid})
+            if recursive and isinstance(meta, dict) and oid not in expanded:
+                expanded.add(oid)
+                yield from self._children(oid, meta, 1, {oid}, expanded)
 
-    def _children(self, parent: str, meta: dict[str, Any], depth: int, seen: set[str]) -> Iterator[Any]:
+    def _children(
+        self, parent: str, meta: dict[str, Any], depth: int, seen: set[str], expanded: set[str]
+    ) -> Iterator[Any]:
         """The descendants of ``parent``, depth first, each right under its parent.
 
         A stack of generators, not recursion: a chain of collections
-        thousands deep lists as well as a flat one.
+        thousands deep lists as well as a flat one.  A collection met again
+        (two others share it) is listed without its children the second
+        time, so that shared collections cannot multiply the listing.
         """
         levels = [self._child_rows(parent, meta, depth, seen)]
         while levels:
@@ -86,7 +92,8 @@ class SessionView:
                 continue
             depth, parent, oid, child, path = row
             yield depth, parent, oid, child
-            if isinstance(child, dict):
+            if isinstance(child, dict) and oid not in expanded:
+                expanded.add(oid)
                 levels.append(self._child_rows(oid, child, depth + 1, path | {oid}))
 
     def _child_rows(self, parent: str, meta: dict[str, Any], depth: int, path: set[str]) -> Iterator[Any]:
@@ -460,8 +467,9 @@ def rm(session: str, task_ids: tuple[str, ...], keep_in_store: bool, dry_run: bo
         (opened.forget if keep_in_store else opened.remove)(oid, flush=False)
     removed = list(task_ids) if keep_in_store else opened.pending_deletions()
     if not dry_run:
-        opened.flush()
-    opened.store.close()
+        opened.close()  # flushes, and ends this run's record
+    else:
+        opened.store.close()
     click.echo(f"{verb} {len(removed)} task(s) {where}: {' '.join(removed)}")
 
 
@@ -580,8 +588,9 @@ def copy(session: str, dest: str, store_url: str | None, renumber: bool) -> None
         else:
             shutil.rmtree(target.path, ignore_errors=True)
         raise
-    target.store.close()
-    click.echo(f"copied {len(view.ids) - len(missing)} task(s) to {target.path} ({mask_password(target.store_url)})")
+    copied = len(read_index(os.path.join(target.path, Session.INDEX_FILENAME)))  # what the copy's index names
+    target.close()
+    click.echo(f"copied {copied} task(s) to {target.path} ({mask_password(target.store_url)})")
     if missing:
         for error in missing:
             click.echo(str(error), err=True)

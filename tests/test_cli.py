@@ -432,6 +432,31 @@ def test_stats_and_log_count_a_shared_child_once(tmp_path: Path) -> None:
     assert log.output.count("shared") == 1, log.output
 
 
+def test_ls_recursive_lists_a_shared_collection_once_with_its_children(tmp_path: Path) -> None:
+    shared = TaskCollection(jobname="shared", tasks=[Task(jobname="leaf")])
+    top = TaskCollection(jobname="top", tasks=[TaskCollection(jobname="b1", tasks=[shared]),
+                                               TaskCollection(jobname="b2", tasks=[shared])])
+    session = Session(tmp_path / "s")
+    session.add(top)
+    session.close()
+    listed = run("ls", tmp_path / "s", "--recursive", "--format", "json")
+    names = [(row["depth"], row["jobname"]) for row in json.loads(listed.output)]
+    assert names == [(0, "top"), (1, "b1"), (2, "shared"), (3, "leaf"), (1, "b2"), (2, "shared")]
+
+
+def test_rm_and_copy_end_their_run_records(tmp_path: Path) -> None:
+    session = Session(tmp_path / "s")
+    oid = session.add(Task())
+    session.add(Task())
+    session.close()
+    assert run("rm", tmp_path / "s", oid).exit_code == 0
+    copied = run("copy", tmp_path / "s", tmp_path / "c")
+    assert copied.exit_code == 0 and "copied 1 task(s)" in copied.output
+    for path in (tmp_path / "s", tmp_path / "c"):
+        runs = json.loads((path / "session.json").read_text())["runs"]
+        assert all(record["end"] is not None for record in runs), runs
+
+
 def test_not_a_session_and_debug(tmp_path: Path) -> None:
     result = run("ls", tmp_path)
     assert result.exit_code == 1 and "not a session" in result.output and "Traceback" not in result.output
