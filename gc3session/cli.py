@@ -265,11 +265,18 @@ def table_cells(oid: str, meta: dict[str, Any] | LoadError, depth: int = 0) -> t
     modified = meta.get("modified")
     return (
         indent + oid,
-        str(meta.get("jobname") or ""),
-        str(meta.get("state") or ""),
-        str(meta.get("cls") or "").rpartition(".")[2],
+        cell(str(meta.get("jobname") or "")),
+        cell(str(meta.get("state") or "")),
+        cell(str(meta.get("cls") or "").rpartition(".")[2]),
         _table_second(second) if (second := whole_second(modified)) is not None else "",
     )
+
+
+def cell(text: str) -> str:
+    """``text`` with tabs, line ends and other control characters escaped, as they would break the rows."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def cut(text: str, width: int) -> str:

@@ -457,6 +457,17 @@ def test_rm_and_copy_end_their_run_records(tmp_path: Path) -> None:
         assert all(record["end"] is not None for record in runs), runs
 
 
+def test_control_characters_in_a_name_cannot_break_the_table(tmp_path: Path) -> None:
+    session = Session(tmp_path / "s")
+    session.add(Task(jobname="two\tcells\nand a line \x1b[31mred"))
+    session.add(Task(jobname="plain"))
+    session.close()
+    listed = run("ls", tmp_path / "s")
+    rows = listed.output.splitlines()
+    assert len(rows) == 3 and all(row.count("\t") == 4 for row in rows), rows
+    assert "two\\tcells\\nand a line \\x1b[31mred" in rows[1]
+
+
 def test_not_a_session_and_debug(tmp_path: Path) -> None:
     result = run("ls", tmp_path)
     assert result.exit_code == 1 and "not a session" in result.output and "Traceback" not in result.output
