@@ -25,7 +25,7 @@ from typing import Any
 import click
 
 from ._version import __version__
-from .exceptions import Error, LoadError, SessionError
+from .exceptions import Error, InvalidArgument, LoadError, SessionError
 from .migrate import import_gc3pie
 from .persistence.atomic import TEMP_PREFIX
 from .persistence.filesystem import FilesystemStore
@@ -44,6 +44,8 @@ class SessionView:
     """A session directory opened for reading: its index and its store, nothing written."""
 
     def __init__(self, path: str) -> None:
+        if not path.strip():  # an unset shell variable: not the current directory
+            raise InvalidArgument("the session path is empty")
         self.path = os.path.abspath(path)
         if not is_session(self.path):
             raise SessionError(self.path, "is not a session directory (it has no store.url)")
@@ -576,11 +578,6 @@ def copy(session: str, dest: str, store_url: str | None, renumber: bool) -> None
     existed = os.path.isdir(dest)
     target = Session(dest, store_or_url=store_url)
     try:
-        if not renumber and same_store(view.store, target.store):
-            raise click.ClickException(
-                f"{target.path} would store its tasks in {view.path}'s own store, sharing their records "
-                "(destroying one session would destroy the other): use --renumber to copy them under new ids"
-            )
         missing = renumber_into(view, target) if renumber else copy_records(view, target)
     except BaseException:
         target.store.close()
@@ -602,24 +599,6 @@ def copy(session: str, dest: str, store_url: str | None, renumber: bool) -> None
         for error in missing:
             click.echo(str(error), err=True)
         sys.exit(1)
-
-
-def same_store(one: Store, other: Store) -> bool:
-    """True when ``one`` and ``other`` hold their records in the same place (directory, or database table)."""
-    if isinstance(one, FilesystemStore) and isinstance(other, FilesystemStore):
-        return os.path.realpath(one.directory) == os.path.realpath(other.directory)
-    places = [_table_place(store) for store in (one, other)]  # SQL stores (not imported here: SQLAlchemy is slow)
-    return places[0] is not None and places[0] == places[1]
-
-
-def _table_place(store: Store) -> tuple[Any, ...] | None:
-    """Where a SQL store keeps its records: database server, database and table; None for other stores."""
-    engine, table = getattr(store, "engine", None), getattr(store, "table_name", None)
-    if engine is None or table is None:
-        return None
-    url = engine.url
-    database = os.path.realpath(url.database) if url.get_backend_name() == "sqlite" and url.database else url.database
-    return url.get_backend_name(), url.host, url.port, database, table
 
 
 def copy_records(view: SessionView, target: Session) -> list[LoadError]:
@@ -644,15 +623,19 @@ def copy_records(view: SessionView, target: Session) -> list[LoadError]:
                 records.append((oid, meta, data))
                 queue.extend({*id_list(meta.get("references")), *id_list(meta.get("children"))})
             copied = {oid: meta for oid, meta, _ in records}
-            clashes = [  # another object, or one that cannot be read, where a copy would go
-                oid
-                for oid, meta in target.store.occupants(list(copied)).items()
-                if not isinstance(meta, dict) or meta.get("id") != oid or meta.get("crc32") != copied[oid].get("crc32")
-            ]
-            if clashes:
+            occupied = target.store.occupants(list(copied))
+            if occupied:  # the copies would overwrite other objects, or share these very records
+                same = [oid for oid, meta in occupied.items() if isinstance(meta, dict) and meta.get("id") == oid
+                        and meta.get("crc32") == copied[oid].get("crc32")]
+                shown = ", ".join(list(occupied)[:5]) + (" ..." if len(occupied) > 5 else "")
+                if len(same) == len(occupied):
+                    raise click.ClickException(
+                        f"the destination store already holds these very records ({shown}): it is the session's "
+                        "own store, or holds an earlier copy, and two sessions sharing records lose them when one "
+                        "is destroyed; use --renumber"
+                    )
                 raise click.ClickException(
-                    f"the destination store already holds other objects with these ids: {', '.join(clashes[:5])}"
-                    f"{' ...' if len(clashes) > 5 else ''}; use --renumber"
+                    f"the destination store already holds other objects with these ids: {shown}; use --renumber"
                 )
             target.store.import_records(records)
             bar.update(sum(1 for oid in copied if oid in view.id_set))

@@ -10,6 +10,7 @@ atomically, merging with whatever other processes appended meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -92,6 +93,7 @@ class Session:
         self._removed: set[str] = set()
         self._unsaved: dict[str, Any] = {}
         self._doomed: dict[str, bool] = {}  # id -> named by remove() (else: doomed as a descendant)
+        self._pending: tuple[Any, list[str]] | None = None  # pending_deletions(), and what it was worked out from
         self._mutex = threading.RLock()
         self._file_lock = FileLock(self._file(self.LOCK_FILENAME))
         self._lock_pid = os.getpid()
@@ -129,8 +131,9 @@ class Session:
         try:
             self._create_files(store_or_url, extra_args)
         except BaseException:
-            if made:  # a store that cannot be opened (a server down, say) leaves no empty session behind
-                shutil.rmtree(self.path, ignore_errors=True)
+            if made:  # a store that cannot be opened (a server down, say) leaves no empty session behind,
+                with contextlib.suppress(OSError):  # but what another process put there meanwhile stays
+                    os.rmdir(self.path)
             raise
 
     def _create_files(self, store_or_url: Store | str | os.PathLike[str] | None, extra_args: dict[str, Any]) -> None:
@@ -338,6 +341,7 @@ class Session:
             if self._doomed:
                 self.store.remove_many(self.pending_deletions())
                 self._doomed.clear()
+                self._pending = None
 
     def pending_deletions(self) -> list[str]:
         """The records the next :meth:`flush` deletes.
@@ -349,8 +353,12 @@ class Session:
         with self._mutex:
             if all(self._doomed.values()):  # no descendants among them: nothing to look up
                 return list(self._doomed)
-            held = set(self._descendants([*self._index, *self.tasks]))
-            return [oid for oid, named in self._doomed.items() if named or oid not in held]
+            key = (tuple(self._doomed.items()), len(self._index), len(self.tasks))
+            if self._pending is None or self._pending[0] != key:  # session-tool rm asks, then flushes
+                named = [oid for oid, by_name in self._doomed.items() if by_name]  # they go: nothing holds through them
+                held = set(self._descendants([*self._index, *self.tasks], stop=named))
+                self._pending = key, [oid for oid, by_name in self._doomed.items() if by_name or oid not in held]
+            return list(self._pending[1])
 
     def load(self, id: str, add: bool = True, flush: bool = True) -> Any:  # noqa: A002
         """Load task ``id`` from the store; with ``add`` it becomes part of the session."""
@@ -435,10 +443,14 @@ class Session:
         else:
             self._removed.add(oid)
 
-    def _descendants(self, ids: Iterable[str]) -> list[str]:
-        """``ids`` and the ids of all their children, a generation at a time, from memory or else metadata."""
+    def _descendants(self, ids: Iterable[str], stop: Iterable[str] = ()) -> list[str]:
+        """``ids`` and the ids of all their children, a generation at a time, from memory or else metadata.
+
+        Ids in ``stop`` are left out, and so is what only they lead to.
+        """
+        stopped = set(stop)
         found: dict[str, None] = {}
-        generation: dict[str, Any] = {oid: self.tasks.peek(oid) for oid in ids}
+        generation: dict[str, Any] = {oid: self.tasks.peek(oid) for oid in ids if oid not in stopped}
         while generation:
             found.update(dict.fromkeys(generation))
             children: dict[str, Any] = {}
@@ -452,8 +464,9 @@ class Session:
                     children.update((c.persistent_id, c) for c in held if getattr(c, "persistent_id", None))
             for _, meta in self.store.iter_metadata(unloaded) if unloaded else ():  # read in batches
                 if isinstance(meta, dict):
-                    children.update((c, self.tasks.peek(c)) for c in id_list(meta.get("children")))
-            generation = {oid: task for oid, task in children.items() if oid not in found}
+                    for child in id_list(meta.get("children")):
+                        children.setdefault(child, self.tasks.peek(child))  # an object in memory wins
+            generation = {oid: task for oid, task in children.items() if oid not in found and oid not in stopped}
         return list(found)
 
     def destroy(self) -> None:
@@ -466,8 +479,8 @@ class Session:
             self.store.close()
             real = os.path.realpath(self.path)  # a session reached through a symbolic link: its target goes
             try:
-                if records is not None and store_inside:  # the records first: if that fails, the index names all
-                    shutil.rmtree(os.path.realpath(records))
+                if records is not None and store_inside and os.path.realpath(records) != real:
+                    shutil.rmtree(os.path.realpath(records))  # the records first: if that fails, the index names all
                 shutil.rmtree(real)
                 if real != self.path and os.path.islink(self.path):
                     os.unlink(self.path)

@@ -290,10 +290,17 @@ def test_copy_to_an_empty_name_is_refused_and_the_current_directory_kept(tmp_pat
     (tmp_path / "work").mkdir()
     (tmp_path / "work" / "notes.txt").write_text("mine")
     monkeypatch.chdir(tmp_path / "work")
+    Session(tmp_path / "work" / "inner").close()  # the current directory holds a session too
+    monkeypatch.chdir(tmp_path / "work" / "inner")
+    for args in (["destroy", "", "--yes"], ["rm", "", "Task.1"], ["ls", ""]):
+        result = run(*args)
+        assert result.exit_code == 1 and "session path is empty" in result.output, (args, result.output)
+    assert (tmp_path / "work" / "inner" / "store.url").exists()
+    monkeypatch.chdir(tmp_path / "work")
     for args in (["copy", tmp_path / "a", ""], ["copy", tmp_path / "a", tmp_path / "b", "--store", " "]):
         result = run(*args)
         assert result.exit_code == 1 and "is empty" in result.output, result.output
-    assert os.listdir(tmp_path / "work") == ["notes.txt"] and not (tmp_path / "b").exists()
+    assert sorted(os.listdir(tmp_path / "work")) == ["inner", "notes.txt"] and not (tmp_path / "b").exists()
 
 
 def test_a_failed_copy_into_an_empty_directory_leaves_it_empty(tmp_path: Path) -> None:
@@ -398,7 +405,7 @@ def test_copy_into_the_sessions_own_store_is_refused_but_with_renumber(tmp_path:
     session.add(TaskCollection(jobname="c", tasks=[Task(jobname="t")]))
     session.close()
     refused = run("copy", tmp_path / "a", tmp_path / "b", "--store", url)
-    assert refused.exit_code == 1 and "own store" in refused.output and "--renumber" in refused.output
+    assert refused.exit_code == 1 and "these very records" in refused.output and "--renumber" in refused.output
     assert not (tmp_path / "b").exists()
     renumbered = run("copy", tmp_path / "a", tmp_path / "b", "--store", url, "--renumber")
     assert renumbered.exit_code == 0, renumbered.output
@@ -466,6 +473,18 @@ def test_control_characters_in_a_name_cannot_break_the_table(tmp_path: Path) -> 
     rows = listed.output.splitlines()
     assert len(rows) == 3 and all(row.count("\t") == 4 for row in rows), rows
     assert "two\\tcells\\nand a line \\x1b[31mred" in rows[1]
+
+
+def test_copy_into_the_same_store_under_another_name_is_refused_too(tmp_path: Path) -> None:
+    """What counts is what the destination holds: a URL that names the same database differently is caught."""
+    session = Session(tmp_path / "a", store_or_url=f"sqlite:///{tmp_path}/a.db")
+    session.add(Task(jobname="t"))
+    session.close()
+    os.symlink(tmp_path / "a.db", tmp_path / "alias.db")
+    refused = run("copy", tmp_path / "a", tmp_path / "b", "--store", f"sqlite:///{tmp_path}/alias.db")
+    assert refused.exit_code == 1 and "these very records" in refused.output, refused.output
+    assert not (tmp_path / "b").exists()
+    assert run("verify", tmp_path / "a").exit_code == 0
 
 
 def test_not_a_session_and_debug(tmp_path: Path) -> None:

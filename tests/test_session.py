@@ -308,6 +308,17 @@ def test_a_session_whose_store_cannot_be_opened_is_not_left_behind(tmp_path):
     assert (tmp_path / "mine").is_dir()
 
 
+def test_a_failed_create_keeps_what_another_process_made_there_meanwhile(tmp_path, monkeypatch):
+    def another_process_meanwhile(url, **kwargs):
+        (tmp_path / "s" / "theirs").write_text("a session being made by someone else")
+        raise StoreError(str(url), "cannot connect")
+
+    monkeypatch.setattr(session_module, "make_store", another_process_meanwhile)
+    with pytest.raises(StoreError):
+        Session(tmp_path / "s", store_or_url="postgresql://nobody@127.0.0.1:1/test")
+    assert (tmp_path / "s" / "theirs").exists()
+
+
 def test_a_missing_index_is_recreated(session):
     oid = session.add(Task())
     os.unlink(Path(session.path, "index.txt"))
@@ -789,6 +800,23 @@ def test_destroy_that_cannot_remove_the_records_keeps_the_index_and_says_where(s
         session.destroy()
     assert info.value.target.endswith(ids[0])
     assert Session(session.path).list_ids() == ids  # nothing hidden: the index still names them
+
+
+def test_destroy_of_a_session_that_is_its_own_store_directory(tmp_path):
+    session = Session(tmp_path / "s", store_or_url=str(tmp_path / "s"))
+    session.add(Task())
+    session.destroy()
+    assert not (tmp_path / "s").exists()
+
+
+def test_removing_a_task_named_leaves_no_orphan_of_its_own_children(tmp_path):
+    session = Session(tmp_path / "s")
+    child = Task(jobname="its child")
+    named = TaskCollection(jobname="named", tasks=[child])
+    holder = session.add(TaskCollection(jobname="holder", tasks=[named]))
+    session.add(named)  # also top-level
+    session.remove(named.persistent_id)  # named goes: what only it holds goes with it
+    assert sorted(session.store.list()) == [holder]
 
 
 def test_destroy_of_sessions_sharing_a_store(tmp_path, store_url, open_store):

@@ -402,6 +402,20 @@ def test_existing_foreign_table_is_refused(opened: Any, sql_url: str) -> None:
             conn.exec_driver_sql("DROP TABLE not_ours_x")
 
 
+def test_a_password_holding_at_signs_is_masked_in_every_message(tmp_path: Any) -> None:
+    for url in ("postgresql+psycopg://me:pa@ss:wo@127.0.0.1/test", "postgresql+psycopg://me:pa@ssWORD@127.0.0.1:1/t"):
+        with pytest.raises((InvalidArgument, StoreError)) as info:
+            make_store(url)
+        text = str(info.value)
+        assert "'***@127.0.0.1'" in text, text  # what SQLAlchemy took for the host or port
+        assert not any(piece in text for piece in ("pa@", "ssWORD", "ss:wo", "'wo@")), text
+
+
+def test_a_url_option_the_driver_cannot_take_is_an_invalid_argument(tmp_path: Any) -> None:
+    with pytest.raises(InvalidArgument, match="could not convert string to float: 'abc'"):
+        make_store(f"sqlite:///{tmp_path}/a.db?timeout=abc")
+
+
 def test_create_false_refuses_missing_table(tmp_path: Any) -> None:
     sqlite3.connect(tmp_path / "a.db").close()
     with pytest.raises(StoreError, match="no table"):

@@ -109,7 +109,8 @@ class SqlStore(Store):
         if not isinstance(self.table_name, str) or not _TABLE_NAME.fullmatch(self.table_name):
             raise InvalidArgument(f"table name {self.table_name!r} is not a plain SQL identifier (letters, digits, _)")
         self._address = _with_default_driver(address)
-        self._secrets = [str(p) for p in (self._address.password, self._address.query.get("password")) if p]
+        self._secrets = [*(str(p) for p in (self._address.password, self._address.query.get("password")) if p),
+                         *_url_secrets(address)]
         self.fsync = fsync
         self._create = create
         database = self._address.database
@@ -158,6 +159,8 @@ class SqlStore(Store):
             raise InvalidArgument(
                 f"no database driver for {self._masked()} ({self._scrub(str(error))}){hint}"
             ) from None
+        except (sa.exc.ArgumentError, TypeError, ValueError) as error:  # an option of the URL, like ?timeout=abc
+            raise InvalidArgument(f"{self._masked()}: {self._scrub(str(error))}") from None
         if backend == "sqlite":
             _tune_sqlite(engine, self.fsync, self._create)
         return engine
@@ -670,11 +673,27 @@ def _split_fragment(url: str) -> tuple[str, str | None]:
     return address, value
 
 
+def _url_secrets(address: str) -> list[str]:
+    """The password as written in ``address``, whole and in the pieces between its "@" and ":", longest first.
+
+    SQLAlchemy takes a password only up to its first "@", so the rest of one
+    that holds "@" lands in the host and port, and from there in error
+    messages; every piece is masked there, even if that masks other words.
+    """
+    written = re.search(r"://[^:/@]*:(.*)@", address)
+    if written is None or not written[1]:
+        return []
+    return sorted({written[1], *(part for part in re.split("[@:]", written[1]) if part)}, key=len, reverse=True)
+
+
 def _with_default_driver(address: str) -> sa.URL:
     try:
         url = make_url(address)
     except (sa.exc.ArgumentError, ValueError) as error:  # ValueError: a port that is no number
-        raise InvalidArgument(f"{mask_password(address)} is not a valid database URL: {error}") from None
+        reason = str(error)
+        for secret in _url_secrets(address):
+            reason = reason.replace(secret, "***")
+        raise InvalidArgument(f"{mask_password(address)} is not a valid database URL: {reason}") from None
     if "+" not in url.drivername and url.drivername in _DEFAULT_DRIVERS:
         url = url.set(drivername=_DEFAULT_DRIVERS[url.drivername])
     return url
