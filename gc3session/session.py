@@ -863,7 +863,7 @@ def _line_ids(lines: Iterable[bytes], path: str, strict: bool, lines_before: int
         elif not raw.endswith(b"\n"):  # only the last line can lack it: a write cut short
             log.debug("%s: ignoring incomplete last line %r", path, text[:60])
         elif strict:
-            raise SessionError(path, f"line {number}: {line[:60]!r} is not a task id")
+            raise SessionError(path, f"line {number}: {shorten(text, 60)!r} is not a task id")
         else:
             yield text
 

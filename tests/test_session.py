@@ -1227,7 +1227,7 @@ def test_a_bad_line_far_into_the_index_is_named_by_its_number(tmp_path, monkeypa
     index.write_bytes(b"".join(b"Task.%d\n" % n for n in range(1, 20001)) + b"\nTask.x\nTask.20001\n")
     stream = iter_index(str(index))
     assert [next(stream) for _ in range(20000)][-1] == "Task.20000"  # all the ids before it
-    with pytest.raises(SessionError, match=r"line 20002: b'Task\.x'"):
+    with pytest.raises(SessionError, match=r"line 20002: 'Task\.x' is not a task id"):
         next(stream)
     assert read_index(str(index), strict=False)[-2:] == ["Task.x", "Task.20001"]
 
