@@ -352,9 +352,12 @@ def show(session: str, task_id: str) -> None:
     ]
     for name, value in fields:
         click.echo(f"{name + ':':<12}{'-' if value is None else value}")
-    runs = read_runs(view.path)["runs"]
-    last = f"; last {run_line(runs[-1])}" if runs else ""
-    click.echo(f"session runs: {len(runs)}{last}")
+    try:
+        runs = read_runs(view.path)["runs"]
+        last = f"; last {run_line(runs[-1])}" if runs else ""
+        click.echo(f"session runs: {len(runs)}{last}")
+    except SessionError as error:  # the task is shown all the same
+        click.echo(f"session runs: unreadable ({error})")
     click.echo("history:")
     for when, state in history_of(meta):
         click.echo(f"  {local_time(when)}  {state}")
@@ -411,7 +414,11 @@ def stats(session: str) -> None:
     click.echo("states (top-level / all):")
     for state in sorted(every):
         click.echo(f"  {state:<12}{top[state]:>8} {every[state]:>8}")
-    runs = read_runs(view.path)["runs"]
+    try:
+        runs = read_runs(view.path)["runs"]
+    except SessionError as error:  # the counts above stand all the same
+        click.echo(f"runs:      unreadable ({error})")
+        return
     click.echo(f"runs:      {len(runs)}")
     for run in runs:
         click.echo(f"  {run_line(run)}")

@@ -13,16 +13,18 @@ import getpass
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
 import time
 import traceback
 import uuid
+import warnings
 from typing import Any
 
 from ._version import __version__
-from .exceptions import SaveError, SessionError
+from .exceptions import RepairWarning, SaveError, SessionError
 from .persistence.atomic import write_atomically
 from .persistence.store import mask_password
 
@@ -72,7 +74,10 @@ def update_runs(session_path: str, run: dict[str, Any]) -> str:
 
     The caller holds the session's lock.
     """
-    content = read_runs(session_path)
+    try:
+        content = read_runs(session_path)
+    except SessionError as damaged:  # run records are history, not tasks: keep the file aside and go on
+        content = {"session_id": _set_aside(session_path, damaged), "runs": []}
     session_id = content.get("session_id") or uuid.uuid4().hex
     runs = [r for r in content["runs"] if not (isinstance(r, dict) and r.get("run_id") == run["run_id"])]
     runs.append(run)
@@ -92,6 +97,20 @@ def update_runs(session_path: str, run: dict[str, Any]) -> str:
     except OSError as error:
         raise SaveError(path, f"cannot write the run records: {error.strerror or error}") from error
     return session_id
+
+
+def _set_aside(session_path: str, damaged: SessionError) -> str | None:
+    """Rename a damaged ``session.json`` beside itself, warn, and return the session id it still shows."""
+    path = os.path.join(session_path, RUNS_FILENAME)
+    aside = f"{path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    try:
+        with open(path, "rb") as f:
+            found = re.search(rb'"session_id"\s*:\s*"([0-9a-f]{32})"', f.read())
+        os.replace(path, aside)
+    except OSError as error:
+        raise SaveError(path, f"cannot set the damaged run records aside: {error.strerror or error}") from damaged
+    warnings.warn(f"{damaged}; kept as {aside}, and new run records started", RepairWarning, stacklevel=5)
+    return found[1].decode() if found else None
 
 
 def error_record(error: BaseException) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from gc3session import Session, Task, __version__
 from gc3session.cli import main
-from gc3session.exceptions import SessionError
+from gc3session.exceptions import RepairWarning, SaveError
 from gc3session.runs import RUNS_FILENAME
 
 
@@ -73,11 +73,38 @@ def test_an_exception_in_the_block_is_recorded_and_goes_on(tmp_path):
     assert [t.jobname for t in Session(tmp_path / "s")] == ["saved anyway"]
 
 
-def test_damaged_run_file_is_a_session_error(tmp_path):
-    Session(tmp_path / "s")
+def test_a_damaged_run_file_is_set_aside_and_the_session_opens(tmp_path):
+    session = Session(tmp_path / "s")
+    oid = session.add(Task(jobname="kept"))
+    session.close()
+    damaged = '{"session_id": "' + session.session_id + '", "runs": [{"run_id": "x", "start": 1'  # cut short
+    (tmp_path / "s" / RUNS_FILENAME).write_text(damaged)
+    for command in (["stats"], ["show", oid]):  # reading commands say so, and show the rest
+        shown = CliRunner().invoke(main, [command[0], str(tmp_path / "s"), *command[1:]])
+        assert shown.exit_code == 0 and "unreadable" in shown.output and RUNS_FILENAME in shown.output, shown.output
+    with pytest.warns(RepairWarning, match="kept as .*session.json.damaged-"):
+        again = Session(tmp_path / "s")
+    assert again.tasks[oid].jobname == "kept" and again.session_id == session.session_id
+    again.close()
+    aside = [p for p in os.listdir(tmp_path / "s") if p.startswith(f"{RUNS_FILENAME}.damaged-")]
+    assert len(aside) == 1 and (tmp_path / "s" / aside[0]).read_text() == damaged
+    assert len(json.loads((tmp_path / "s" / RUNS_FILENAME).read_text())["runs"]) == 1
+
+
+def test_run_records_that_cannot_be_set_aside_are_a_save_error(tmp_path, monkeypatch):
+    Session(tmp_path / "s").close()
     (tmp_path / "s" / RUNS_FILENAME).write_text("{not json")
-    with pytest.raises(SessionError, match=RUNS_FILENAME):
+    real_replace = os.replace
+
+    def refuse(src, dst, *args, **kwargs):
+        if ".damaged-" in str(dst):
+            raise PermissionError(13, "Permission denied", str(src))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(SaveError, match="cannot set the damaged run records aside"):
         Session(tmp_path / "s")
+    assert (tmp_path / "s" / RUNS_FILENAME).read_text() == "{not json"
 
 
 def test_session_tool_prints_run_records(tmp_path):
