@@ -588,16 +588,16 @@ def copy(session: str, dest: str, store_url: str | None, renumber: bool) -> None
         missing = renumber_into(view, target) if renumber else copy_records(view, target)
     except BaseException:
         target.store.close()
-        if existed:  # it was empty: take out what the copy put in, and leave the directory
-            for entry in os.listdir(target.path):
-                entry_path = os.path.join(target.path, entry)
-                if os.path.isdir(entry_path) and not os.path.islink(entry_path):
-                    shutil.rmtree(entry_path, ignore_errors=True)
-                else:
-                    with contextlib.suppress(OSError):
-                        os.unlink(entry_path)
-        else:
-            shutil.rmtree(target.path, ignore_errors=True)
+        for entry in os.listdir(target.path):  # DEST was empty or new: all in it is the copy's
+            entry_path = os.path.join(target.path, entry)
+            if os.path.isdir(entry_path) and not os.path.islink(entry_path):
+                shutil.rmtree(entry_path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry_path)
+        if not existed:  # a directory that was there before stays
+            with contextlib.suppress(OSError):
+                os.rmdir(target.path)
         raise
     copied = len(read_index(os.path.join(target.path, Session.INDEX_FILENAME)))  # what the copy's index names
     target.close()

@@ -31,7 +31,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from ..exceptions import Error, InvalidArgument, LoadError, RepairWarning, SaveError, StoreError
 from .idfactory import IdFactory, number_of, parse_id
 from .serialization import DEFAULT_PROTOCOL, decode_json, encode_json
-from .store import Record, Store, id_chunks, mask_password, missing, store_options
+from .store import Record, Store, id_chunks, mask_password, missing, store_options, written_password
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ _DEFAULT_DRIVERS = {
 _EXTRAS = {"postgresql": "postgresql", "mysql": "mysql", "mariadb": "mysql"}
 #: The positional placeholder of each DB-API parameter style that has one (every driver of the three databases).
 _PLACEHOLDERS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
+#: The widths of the text columns that have one: a longer value is NULL there and kept in ``meta``.
+STATE_WIDTH, NAME_WIDTH = 32, 255
 _BIG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 _BIG_BLOB = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 #: Columns every store table has; ``data`` and ``meta`` are not for filtering.
@@ -68,11 +70,11 @@ def _core_columns() -> list[sa.Column[Any]]:
     return [
         # on SQLite, INTEGER PRIMARY KEY is the rowid itself (64 bits): no second index to keep
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=False),
-        sa.Column("persistent_id", sa.String(255), nullable=False),
+        sa.Column("persistent_id", sa.String(NAME_WIDTH), nullable=False),
         sa.Column("data", _BIG_BLOB, nullable=False),
-        sa.Column("state", sa.String(32), index=True),
+        sa.Column("state", sa.String(STATE_WIDTH), index=True),
         sa.Column("jobname", sa.Text),
-        sa.Column("cls", sa.String(255)),
+        sa.Column("cls", sa.String(NAME_WIDTH)),
         sa.Column("returncode", sa.Integer),
         sa.Column("children", _BIG_TEXT),
         sa.Column("created", sa.Double),
@@ -124,16 +126,13 @@ class SqlStore(Store):
                 raise InvalidArgument(f"extra field {column.name!r} clashes with a column of the store table")
         try:
             self.table, self.counters = self._open_tables(create)
-        except Error:
+        except BaseException as error:
             self.engine.dispose()
-            raise
-        except Exception as error:  # a driver that fails on an option of the URL in a way of its own
-            self.engine.dispose()
+            if isinstance(error, Error) or not isinstance(error, Exception):
+                raise
+            # a driver that fails on an option of the URL in a way of its own
             reason = f"cannot open: {type(error).__name__}: {self._scrub(str(error))}"
             raise StoreError(self._masked(), reason) from error
-        except BaseException:
-            self.engine.dispose()
-            raise
         dialect = self.engine.dialect
         # extra fields may have types that convert values (JSON, dates, enums): their bind processors, or None
         self._extra_processors = [column.type.dialect_impl(dialect).bind_processor(dialect) for column in self._extra]
@@ -211,11 +210,10 @@ class SqlStore(Store):
         milliseconds of SQLAlchemy's own work on every open.  A database that cannot be reached
         fails here, as before; any error from the SELECTs themselves sends the caller to reflection.
         """
-        quote = self.engine.dialect.identifier_preparer.quote
         with self.engine.connect() as conn:
             try:
-                conn.exec_driver_sql(f"SELECT * FROM {quote(COUNTERS_TABLE)} WHERE 1 = 0").close()
-                return set(conn.exec_driver_sql(f"SELECT * FROM {quote(self.table_name)} WHERE 1 = 0").keys())
+                self._columns_of(conn, COUNTERS_TABLE)
+                return self._columns_of(conn, self.table_name)
             except sa.exc.DBAPIError:
                 return None
 
@@ -246,9 +244,13 @@ class SqlStore(Store):
 
     def _column_names(self) -> set[str]:
         """The table's columns, from an empty SELECT: reflection costs 25 ms on PostgreSQL, this one round trip."""
-        quoted = self.engine.dialect.identifier_preparer.quote(self.table_name)
         with self.engine.connect() as conn:
-            return set(conn.exec_driver_sql(f"SELECT * FROM {quoted} WHERE 1 = 0").keys())
+            return self._columns_of(conn, self.table_name)
+
+    def _columns_of(self, conn: Connection, table: str) -> set[str]:
+        """The columns of ``table``, from an empty SELECT on ``conn`` (a DBAPIError if there is no such table)."""
+        quoted = self.engine.dialect.identifier_preparer.quote(table)
+        return set(conn.exec_driver_sql(f"SELECT * FROM {quoted} WHERE 1 = 0").keys())
 
     def _insert_ignore(self, table: sa.Table) -> Any:
         """An INSERT that does nothing when the row exists."""
@@ -363,7 +365,8 @@ class SqlStore(Store):
         """The values of the table's columns, in order, ready for the driver (bytes, str, int, float or None)."""
         meta = record.meta
         children = meta.get("children")
-        state, jobname, cls = _text(meta.get("state"), 32), _text(meta.get("jobname")), _text(meta.get("cls"), 255)
+        state, jobname = _text(meta.get("state"), STATE_WIDTH), _text(meta.get("jobname"))
+        cls = _text(meta.get("cls"), NAME_WIDTH)
         returncode = _int32(meta.get("returncode"))
         rest = meta.copy()  # the fields without a column of their own
         for name in META_COLUMNS:
@@ -680,10 +683,10 @@ def _url_secrets(address: str) -> list[str]:
     that holds "@" lands in the host and port, and from there in error
     messages; every piece is masked there, even if that masks other words.
     """
-    written = re.search(r"://[^:/@]*:(.*)@", address)
-    if written is None or not written[1]:
+    written = written_password(address)
+    if not written:
         return []
-    return sorted({written[1], *(part for part in re.split("[@:]", written[1]) if part)}, key=len, reverse=True)
+    return sorted({written, *(part for part in re.split("[@:]", written) if part)}, key=len, reverse=True)
 
 
 def _with_default_driver(address: str) -> sa.URL:

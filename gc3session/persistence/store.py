@@ -674,7 +674,7 @@ def matches(meta: dict[str, Any], filters: dict[str, Any]) -> bool:
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 # the password runs to the last "@": it may hold "/" (SQLAlchemy takes that) or "@" (which it cannot, but a
 # user may try); masking too much of a URL is harmless, showing part of a password is not
-_PASSWORD = re.compile(r"(://[^:/@]*):.*@")
+_PASSWORD = re.compile(r"(://[^:/@]*):(.*)@")
 _QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pwd)=)[^&#]*", re.IGNORECASE)
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _registry: dict[str, Callable[..., Store]] = {}
@@ -683,6 +683,12 @@ _registry: dict[str, Callable[..., Store]] = {}
 def mask_password(url: str) -> str:
     """``url`` with any password replaced by ``***``."""
     return _QUERY_PASSWORD.sub(r"\1***", _PASSWORD.sub(r"\1:***@", str(url)))
+
+
+def written_password(url: str) -> str:
+    """The password as written in ``url`` (all that :func:`mask_password` masks there), or ""."""
+    found = _PASSWORD.search(url)
+    return found[2] if found else ""
 
 
 def expand_variables(url: str) -> str:
