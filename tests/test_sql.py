@@ -23,6 +23,7 @@ from gc3session.persistence import SqlStore, make_store
 from gc3session.persistence.accessors import GET
 from gc3session.persistence.idfactory import parse_id
 from gc3session.persistence.sql import META_COLUMNS, SQLITE_PAGE_SIZE
+from gc3session.persistence.store import mask_password
 
 SQL_KINDS = ["sqlite", "postgresql", "mysql"]
 
@@ -507,6 +508,27 @@ def test_missing_driver_names_the_extra() -> None:
 def test_unreachable_server_is_a_store_error() -> None:
     with pytest.raises(StoreError, match=r"127\.0\.0\.1:1"):
         make_store("postgresql://nobody@127.0.0.1:1/nothing")
+
+
+def test_a_read_the_database_refuses_is_a_store_error(opened: Any) -> None:
+    store = opened()
+    oid = store.save(Task(jobname="gone"))
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP TABLE {store.table_name}")
+    reads = {
+        "load": lambda: store.load(oid),
+        "metadata": lambda: store.metadata(oid),
+        "summaries": lambda: list(store.iter_summaries([oid])),
+        "occupants": lambda: store.occupants([oid]),
+    }
+    for name, read in reads.items():
+        with pytest.raises(StoreError, match="cannot read") as info:
+            read()
+        assert store.table_name in str(info.value), name  # the driver's own words say which table
+        assert mask_password(store.url) in str(info.value), name
+    store.engine.dispose()  # no connection left in a failed state
+    with store.engine.begin() as conn:  # the table back, for the fixture to drop
+        store.table.metadata.create_all(conn)
 
 
 def test_threads_share_one_store(opened: Any) -> None:

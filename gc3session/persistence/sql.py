@@ -31,7 +31,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from ..exceptions import Error, InvalidArgument, LoadError, RepairWarning, SaveError, StoreError
 from .idfactory import IdFactory, number_of, parse_id
 from .serialization import DEFAULT_PROTOCOL, decode_json, encode_json
-from .store import Record, Store, id_chunks, mask_password, missing, store_options, written_password
+from .store import LOAD_BATCH, Record, Store, id_chunks, mask_password, missing, store_options, written_password
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,8 @@ class SqlStore(Store):
             reason = f"cannot open: {type(error).__name__}: {self._scrub(str(error))}"
             raise StoreError(self._masked(), reason) from error
         dialect = self.engine.dialect
+        # PostgreSQL takes the ids as one array, not a placeholder each: a whole load batch in one SELECT
+        self._read_batch = LOAD_BATCH if dialect.name == "postgresql" else BATCH
         # extra fields may have types that convert values (JSON, dates, enums): their bind processors, or None
         self._extra_processors = [column.type.dialect_impl(dialect).bind_processor(dialect) for column in self._extra]
         # a store dropped without close() still returns its connections
@@ -425,9 +427,10 @@ class SqlStore(Store):
         numbers = list(wanted)
         found: dict[str, tuple[dict[str, Any], bytes] | LoadError] = {}
         with self._failures("cannot read"), self.engine.connect() as conn:
-            for start in range(0, len(numbers), BATCH):
-                sql, params = self._by_number(("id", "data", "meta", *columns), numbers[start : start + BATCH])
-                for number, data, *fields in conn.exec_driver_sql(sql, params).all():
+            for start in range(0, len(numbers), self._read_batch):
+                chunk = numbers[start : start + self._read_batch]
+                sql, params = self._by_number(("id", "data", "meta", *columns), chunk)
+                for number, data, *fields in self._fetch(conn, sql, params):
                     oid = wanted[number]
                     found[oid] = _record(oid, _metadata(oid, fields, columns), data)
                     if sharing:
@@ -478,8 +481,7 @@ class SqlStore(Store):
                 for row in result:
                     yield row[0], _metadata(row[0], row[1:])
             return
-        chunks = (ids[start : start + BATCH] for start in range(0, len(ids), BATCH))
-        for chunk, found in self._select_chunks(columns, chunks):
+        for chunk, found in self._select_chunks(columns, id_chunks(ids, self._read_batch)):
             rows = {row[0]: row[1:] for row in found}
             for oid in chunk:
                 if oid in rows:
@@ -493,7 +495,7 @@ class SqlStore(Store):
         for oid in ids:
             by_number.setdefault(parse_id(oid)[1], []).append(oid)
         one_each = [oids[0] for oids in by_number.values()]  # one id per number picks the row
-        chunks = (one_each[start : start + BATCH] for start in range(0, len(one_each), BATCH))
+        chunks = id_chunks(one_each, self._read_batch)
         found: dict[str, dict[str, Any] | LoadError] = {}
         for _, rows in self._select_chunks(("id", "persistent_id", "meta", *META_COLUMNS), chunks):
             for number, holder, *fields in rows:
@@ -518,7 +520,7 @@ class SqlStore(Store):
                 for row in result:
                     yield row[0], summary(row)
             return
-        for chunk, found in self._select_chunks(columns, id_chunks(ids, BATCH)):
+        for chunk, found in self._select_chunks(columns, id_chunks(ids, self._read_batch)):
             rows = {row[0]: row for row in found}
             for oid in chunk:
                 hit = rows.get(oid)
@@ -538,9 +540,26 @@ class SqlStore(Store):
             if self.engine.dialect.name != "sqlite":  # SQLite's transactions are ours (see _tune_sqlite)
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             for chunk in chunks:
-                rows = conn.exec_driver_sql(*self._by_number(columns, [number_of(oid) for oid in chunk])).all()
-                conn.rollback()  # ends SQLite's read transaction; nothing to do in autocommit
-                yield chunk, rows
+                yield chunk, self._fetch(conn, *self._by_number(columns, [number_of(oid) for oid in chunk]))
+
+    def _fetch(self, conn: Connection, sql: str, params: tuple[Any, ...]) -> Sequence[Any]:
+        """The rows of the driver's ``sql``, through the driver's own cursor.
+
+        SQLAlchemy's result layer costs more per row than the read itself
+        (listing 10,000 tasks from SQLite: 23 ms this way, 27 ms through
+        ``exec_driver_sql``).  Outside SQLAlchemy's transactions, a SELECT
+        on SQLite runs on its own, as it would in autocommit.  A driver
+        error becomes SQLAlchemy's, for :meth:`_failures`.
+        """
+        dbapi_error = self.engine.dialect.loaded_dbapi.Error
+        cursor = conn.connection.cursor()
+        try:
+            cursor.execute(sql, params)
+            return cursor.fetchall()
+        except dbapi_error as error:
+            raise sa.exc.DBAPIError.instance(sql, params, error, dbapi_error) from error
+        finally:
+            cursor.close()
 
     def _by_number(self, columns: Sequence[str], numbers: list[int]) -> tuple[str, tuple[Any, ...]]:
         """The driver's SQL that selects ``columns`` of the rows numbered ``numbers``, and its parameters.
