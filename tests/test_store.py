@@ -696,6 +696,24 @@ def test_iter_metadata(store):
     assert some["Task.77777"].id == "Task.77777"
 
 
+@pytest.mark.parametrize("skip", [[8], list(range(2, 40))], ids=["one-gap", "sparse"])
+def test_reads_give_the_ids_asked_for_and_no_others_in_their_span(store, skip):
+    # SQL stores read a run of numbers as a range: the rows between that nobody asked for stay out
+    saved = store.save_many([Task(jobname=f"j{i}") for i in range(1, 41)])
+    asked = [oid for number, oid in enumerate(saved, 1) if number not in skip]
+    store.invalidate_cache()
+    assert [oid for oid, _ in store.iter_summaries(asked)] == asked
+    assert [meta["id"] for _, meta in store.iter_metadata(asked)] == asked
+    assert set(store.occupants(asked)) == set(asked)
+    names = {oid: f"j{number}" for number, oid in enumerate(saved, 1)}
+    loaded = store.load_many(asked)
+    assert list(loaded) == asked and all(loaded[oid].jobname == names[oid] for oid in asked)
+    prefix, number = parse_id(saved[2])
+    stranger = f"Other{prefix}.{number}"  # a number in the span, held by another id
+    found = dict(store.iter_summaries([saved[0], stranger, saved[-1]]))
+    assert isinstance(found[stranger], NoSuchObject) and found[saved[-1]]["jobname"] == "j40"
+
+
 def test_iter_metadata_and_summaries_read_a_stream_of_ids_a_batch_at_a_time(store):
     saved = store.save_many([Task(jobname=f"j{i}") for i in range(2500)])
     for method in (store.iter_metadata, store.iter_summaries):

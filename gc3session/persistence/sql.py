@@ -431,7 +431,9 @@ class SqlStore(Store):
                 chunk = numbers[start : start + self._read_batch]
                 sql, params = self._by_number(("id", "data", "meta", *columns), chunk)
                 for number, data, *fields in self._fetch(conn, sql, params):
-                    oid = wanted[number]
+                    oid = wanted.get(number)
+                    if oid is None:  # a row in the span of the chunk that no id asked for
+                        continue
                     found[oid] = _record(oid, _metadata(oid, fields, columns), data)
                     if sharing:
                         shared[number] = data, fields
@@ -499,7 +501,7 @@ class SqlStore(Store):
         found: dict[str, dict[str, Any] | LoadError] = {}
         for _, rows in self._select_chunks(("id", "persistent_id", "meta", *META_COLUMNS), chunks):
             for number, holder, *fields in rows:
-                for oid in by_number[number]:
+                for oid in by_number.get(number, ()):  # none for a row in the span that no id asked for
                     found[oid] = _metadata(holder, fields)
         return found
 
@@ -562,26 +564,36 @@ class SqlStore(Store):
             cursor.close()
 
     def _by_number(self, columns: Sequence[str], numbers: list[int]) -> tuple[str, tuple[Any, ...]]:
-        """The driver's SQL that selects ``columns`` of the rows numbered ``numbers``, and its parameters.
+        """Driver SQL selecting ``columns`` of the rows numbered ``numbers`` (perhaps a few more), and its parameters.
 
         Written out, not built by SQLAlchemy: building the statement and
         processing each row through it costs more than the database's own
         work (the pickle and metadata of 10,000 records from SQLite: 4.0 µs
-        a record this way, 5.2 µs through a SQLAlchemy select).  PostgreSQL
-        takes the numbers as one array, written as its text (``{1,2,3}``):
-        the server parses that faster than hundreds of parameters, and the
-        driver sends it as it is, where a list of ints would be converted
-        number by number in Python (10,000 ids: 18 ms against 29 ms).
+        a record this way, 5.2 µs through a SQLAlchemy select).
+
+        Numbers from one counter mostly come in runs: when ``numbers`` fill
+        most of the span from the lowest to the highest, the rows of the
+        whole span are read, and the caller skips the few it did not ask
+        for.  A range scan saves the database planning and probing a list
+        (listing 100,000 tasks from PostgreSQL: 0.21 s against 0.33 s).
+        Otherwise PostgreSQL takes the numbers as one array, written as its
+        text (``{1,2,3}``): the server parses that faster than hundreds of
+        parameters, and the driver sends it as it is, where a list of ints
+        would be converted number by number in Python (10,000 ids: 18 ms
+        against 29 ms).
         """
         dialect = self.engine.dialect
-        quote = dialect.identifier_preparer.quote
-        head = f"SELECT {', '.join(map(quote, columns))} FROM {quote(self.table_name)} WHERE id"
-        if dialect.name == "postgresql":
-            return f"{head} = ANY(%s::bigint[])", ("{" + ",".join(map(str, numbers)) + "}",)
         mark = _PLACEHOLDERS.get(dialect.paramstyle)
         if mark is None:
             reason = f"its driver takes {dialect.paramstyle!r} parameters, which are not supported"
             raise StoreError(self._masked(), reason)
+        quote = dialect.identifier_preparer.quote
+        head = f"SELECT {', '.join(map(quote, columns))} FROM {quote(self.table_name)} WHERE id"
+        low, high = min(numbers), max(numbers)
+        if high - low < len(numbers) + len(numbers) // 4:  # a quarter more rows at most
+            return f"{head} BETWEEN {mark} AND {mark}", (low, high)
+        if dialect.name == "postgresql":
+            return f"{head} = ANY({mark}::bigint[])", ("{" + ",".join(map(str, numbers)) + "}",)
         return f"{head} IN ({', '.join([mark] * len(numbers))})", tuple(numbers)
 
     def size(self) -> int | None:
