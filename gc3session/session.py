@@ -462,7 +462,7 @@ class Session:
                 held = getattr(task, "tasks", None)
                 if isinstance(held, (list, tuple)):
                     children.update((c.persistent_id, c) for c in held if getattr(c, "persistent_id", None))
-            for _, meta in self.store.iter_metadata(unloaded) if unloaded else ():  # read in batches
+            for _, meta in self.store.iter_summaries(unloaded) if unloaded else ():  # batches, listing fields only
                 if isinstance(meta, dict):
                     for child in id_list(meta.get("children")):
                         children.setdefault(child, self.tasks.peek(child))  # an object in memory wins

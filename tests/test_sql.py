@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import sqlite3
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -510,25 +511,99 @@ def test_unreachable_server_is_a_store_error() -> None:
         make_store("postgresql://nobody@127.0.0.1:1/nothing")
 
 
-def test_a_read_the_database_refuses_is_a_store_error(opened: Any) -> None:
-    store = opened()
-    oid = store.save(Task(jobname="gone"))
-    with store.engine.begin() as conn:
-        conn.exec_driver_sql(f"DROP TABLE {store.table_name}")
-    reads = {
+def read_paths(store: SqlStore, oid: str) -> dict[str, Callable[[], Any]]:
+    """Each way a store reads records, for one id."""
+    return {
         "load": lambda: store.load(oid),
         "metadata": lambda: store.metadata(oid),
         "summaries": lambda: list(store.iter_summaries([oid])),
         "occupants": lambda: store.occupants([oid]),
     }
-    for name, read in reads.items():
-        with pytest.raises(StoreError, match="cannot read") as info:
+
+
+def test_a_read_the_database_refuses_is_a_store_error(opened: Any) -> None:
+    store = opened()
+    oid = store.save(Task(jobname="gone"))
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP TABLE {store.table_name}")
+    for name, read in read_paths(store, oid).items():
+        store.invalidate_cache()
+        with pytest.raises(StoreError) as info:
             read()
-        assert store.table_name in str(info.value), name  # the driver's own words say which table
-        assert mask_password(store.url) in str(info.value), name
-    store.engine.dispose()  # no connection left in a failed state
-    with store.engine.begin() as conn:  # the table back, for the fixture to drop
-        store.table.metadata.create_all(conn)
+        assert info.value.reason.startswith("cannot read: "), name
+        assert store.table_name in info.value.reason, name  # the driver's own words: which table is missing
+        assert info.value.url == mask_password(store.url)
+    assert store.engine.pool.checkedout() == 0
+    with store.engine.begin() as conn:  # the table back: the same pooled connections read it
+        store.table.metadata.create_all(conn, tables=[store.table])
+    store.save(Task(jobname="back"))
+    assert [meta["jobname"] for _, meta in store.iter_summaries(store.list())] == ["back"]
+
+
+BACKEND_ID = {"postgresql": lambda dbapi: dbapi.info.backend_pid, "mysql": lambda dbapi: dbapi.thread_id()}
+KILL = {"postgresql": "SELECT pg_terminate_backend({})", "mysql": "KILL {}"}
+
+
+@pytest.fixture
+def server_store(request: Any, store_url_of: Callable[[str], str]) -> Iterator[tuple[SqlStore, Callable[[Any], None]]]:
+    """A store on a database server, and a function that kills the server's end of a driver connection."""
+    kind = request.param
+    url = store_url_of(kind)
+    store = make_store(url)
+    assert isinstance(store, SqlStore)
+    killer = sa.create_engine(url.partition("#")[0])
+
+    def kill(dbapi_connection: Any) -> None:
+        with killer.connect() as conn:
+            conn.exec_driver_sql(KILL[kind].format(BACKEND_ID[kind](dbapi_connection)))
+
+    yield store, kill
+    store.close()
+    killer.dispose()
+
+
+@pytest.mark.parametrize("server_store", ["postgresql", "mysql"], indirect=True)
+def test_a_connection_lost_in_the_middle_of_a_read_is_thrown_away(
+    server_store: tuple[SqlStore, Callable[[Any], None]], monkeypatch: Any, caplog: Any
+) -> None:
+    store, kill = server_store
+    oid = store.save(Task(jobname="kept"))
+    fetch = store._fetch
+
+    def cut_off(conn: Any, *args: Any) -> Any:  # the server goes away as the query is sent
+        kill(conn.connection.dbapi_connection)
+        return fetch(conn, *args)
+
+    for name, read in read_paths(store, oid).items():
+        store.invalidate_cache()
+        monkeypatch.setattr(store, "_fetch", cut_off)
+        with caplog.at_level(logging.ERROR), pytest.raises(StoreError, match="cannot read"):
+            read()
+        monkeypatch.undo()
+        assert not caplog.records, name  # no pool reset failing on the dead connection: it was thrown away
+        assert store.engine.pool.checkedout() == 0
+        assert store.metadata(oid)["jobname"] == "kept", name
+
+
+@pytest.mark.parametrize("server_store", ["postgresql", "mysql"], indirect=True)
+def test_a_connection_lost_right_after_the_pools_ping_is_a_store_error(
+    server_store: tuple[SqlStore, Callable[[Any], None]],
+) -> None:
+    store, kill = server_store
+    oid = store.save(Task(jobname="kept"))
+
+    def cut_off(dbapi_connection: Any, *_: Any) -> None:
+        kill(dbapi_connection)
+
+    for name, read in read_paths(store, oid).items():
+        store.invalidate_cache()
+        sa.event.listen(store.engine.pool, "checkout", cut_off)
+        try:
+            with pytest.raises(StoreError, match="cannot read"):
+                read()
+        finally:
+            sa.event.remove(store.engine.pool, "checkout", cut_off)
+        assert store.metadata(oid)["jobname"] == "kept", name
 
 
 def test_threads_share_one_store(opened: Any) -> None:
@@ -577,6 +652,30 @@ def test_usable_after_fork(opened: Any) -> None:
     third = store.save(Task(jobname="parent again"))
     assert len({parent_id, child_id, third}) == 3
     assert store.load(child_id).jobname == "child"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("first_read", ["iter_summaries", "occupants"])
+def test_a_listing_after_fork_leaves_the_parents_connections_alone(opened: Any, first_read: str) -> None:
+    store = opened()
+    oid = store.save(Task(jobname="parent"))
+    assert store.metadata(oid)["jobname"] == "parent"  # a connection in the parent's pool
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no post_fork() of its own; the first read must see the fork
+        code = 1
+        try:
+            found = dict(getattr(store, first_read)([oid]))
+            os.write(write, b"ok" if found[oid]["jobname"] == "parent" and store._pid == os.getpid() else b"no")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    answer = os.read(read, 10)
+    os.close(read)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and answer == b"ok"
+    assert store.metadata(oid)["jobname"] == "parent"
 
 
 WRITER = textwrap.dedent(

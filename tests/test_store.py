@@ -709,9 +709,15 @@ def test_reads_give_the_ids_asked_for_and_no_others_in_their_span(store, skip):
     loaded = store.load_many(asked)
     assert list(loaded) == asked and all(loaded[oid].jobname == names[oid] for oid in asked)
     prefix, number = parse_id(saved[2])
-    stranger = f"Other{prefix}.{number}"  # a number in the span, held by another id
-    found = dict(store.iter_summaries([saved[0], stranger, saved[-1]]))
+    stranger = f"Other{prefix}.{number}"  # a number in the run, held by another id
+    run = [*saved[:2], stranger, *saved[3:]]
+    found = dict(store.iter_summaries(run))
     assert isinstance(found[stranger], NoSuchObject) and found[saved[-1]]["jobname"] == "j40"
+    assert [oid for oid, meta in store.iter_metadata(run) if isinstance(meta, dict)] == [*saved[:2], *saved[3:]]
+    errors: dict[str, LoadError] = {}
+    store.invalidate_cache()
+    loaded = store.load_many([*saved, stranger], errors=errors)  # both ids of the shared number asked for
+    assert list(loaded) == saved and set(errors) == {stranger}
 
 
 def test_iter_metadata_and_summaries_read_a_stream_of_ids_a_batch_at_a_time(store):

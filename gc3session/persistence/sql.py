@@ -306,7 +306,7 @@ class SqlStore(Store):
         """Turn database errors into gc3session errors that name the store, without its password."""
         try:
             yield
-        except sa.exc.SQLAlchemyError as error:
+        except (sa.exc.SQLAlchemyError, self.engine.dialect.loaded_dbapi.Error) as error:  # the driver's own too
             reason = f"{what}: {self._scrub(str(getattr(error, 'orig', None) or error)).splitlines()[0]}"
             if target is not None:
                 raise SaveError(target, f"{reason} (store {self._masked()})") from None
@@ -426,7 +426,8 @@ class SqlStore(Store):
         shared: dict[int, tuple[Any, list[Any]]] = {}  # the rows that the ids in ``sharing`` need too
         numbers = list(wanted)
         found: dict[str, tuple[dict[str, Any], bytes] | LoadError] = {}
-        with self._failures("cannot read"), self.engine.connect() as conn:
+        # one transaction: on SQLite (and MariaDB) every batch of a load sees the same state of the store
+        with self._failures("cannot read"), self.engine.connect() as conn, conn.begin():
             for start in range(0, len(numbers), self._read_batch):
                 chunk = numbers[start : start + self._read_batch]
                 sql, params = self._by_number(("id", "data", "meta", *columns), chunk)
@@ -493,6 +494,7 @@ class SqlStore(Store):
 
     def occupants(self, ids: Iterable[str]) -> dict[str, dict[str, Any] | LoadError]:
         """What holds the row of each id: rows are keyed by the number, whatever the id's prefix."""
+        self._check_pid()
         by_number: dict[int, list[str]] = {}
         for oid in ids:
             by_number.setdefault(parse_id(oid)[1], []).append(oid)
@@ -507,6 +509,7 @@ class SqlStore(Store):
 
     def iter_summaries(self, ids: Iterable[str] | None = None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
         """Listing fields straight from the columns: no JSON to parse but the children."""
+        self._check_pid()
         columns = ("persistent_id", "jobname", "state", "cls", "returncode", "modified", "children")
 
         def summary(row: Any) -> dict[str, Any]:
@@ -549,19 +552,38 @@ class SqlStore(Store):
 
         SQLAlchemy's result layer costs more per row than the read itself
         (listing 10,000 tasks from SQLite: 23 ms this way, 27 ms through
-        ``exec_driver_sql``).  Outside SQLAlchemy's transactions, a SELECT
-        on SQLite runs on its own, as it would in autocommit.  A driver
-        error becomes SQLAlchemy's, for :meth:`_failures`.
+        ``exec_driver_sql``).  Failures are handled as SQLAlchemy handles
+        its own: a driver error becomes SQLAlchemy's (for
+        :meth:`_failures`), and a connection lost, or cut off in the middle
+        of the query by Ctrl-C, is thrown away rather than pooled again.
         """
-        dbapi_error = self.engine.dialect.loaded_dbapi.Error
-        cursor = conn.connection.cursor()
+        dialect = self.engine.dialect
+        dbapi_error = dialect.loaded_dbapi.Error
+        cursor = None
         try:
+            cursor = conn.connection.cursor()
             cursor.execute(sql, params)
             return cursor.fetchall()
-        except dbapi_error as error:
-            raise sa.exc.DBAPIError.instance(sql, params, error, dbapi_error) from error
+        except BaseException as error:
+            lost = not isinstance(error, Exception) or (
+                isinstance(error, dbapi_error)
+                and not conn.invalidated
+                and dialect.is_disconnect(error, conn.connection.dbapi_connection, cursor)
+            )
+            if lost and not conn.invalidated:
+                cursor = None  # closing it would only fail again
+                conn.invalidate(error)
+            if isinstance(error, dbapi_error):
+                raise sa.exc.DBAPIError.instance(
+                    sql, params, error, dbapi_error, connection_invalidated=lost, dialect=dialect
+                ) from error
+            raise
         finally:
-            cursor.close()
+            if cursor is not None:
+                try:
+                    cursor.close()
+                except dbapi_error:  # a broken connection: the error that matters is already on its way
+                    pass
 
     def _by_number(self, columns: Sequence[str], numbers: list[int]) -> tuple[str, tuple[Any, ...]]:
         """Driver SQL selecting ``columns`` of the rows numbered ``numbers`` (perhaps a few more), and its parameters.
@@ -589,7 +611,7 @@ class SqlStore(Store):
             raise StoreError(self._masked(), reason)
         quote = dialect.identifier_preparer.quote
         head = f"SELECT {', '.join(map(quote, columns))} FROM {quote(self.table_name)} WHERE id"
-        low, high = min(numbers), max(numbers)
+        low, high = min(numbers, default=0), max(numbers, default=-1)  # none: the empty range
         if high - low < len(numbers) + len(numbers) // 4:  # a quarter more rows at most
             return f"{head} BETWEEN {mark} AND {mark}", (low, high)
         if dialect.name == "postgresql":
