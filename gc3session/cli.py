@@ -261,16 +261,16 @@ def write_table(rows: Iterable[tuple[str, ...]], terminal: bool) -> None:
 
 def table_cells(oid: str, meta: dict[str, Any] | LoadError, depth: int = 0) -> tuple[str, ...]:
     """The table's cells for one task: id (indented by depth), job name, state, class, last change."""
-    indent = "  " * depth
     if isinstance(meta, LoadError):
-        return (indent + oid, f"<{meta.reason}>", "UNREADABLE", "", "")
-    modified = meta.get("modified")
-    return (
-        indent + oid,
-        cell(str(meta.get("jobname") or "")),
-        cell(str(meta.get("state") or "")),
-        cell(str(meta.get("cls") or "").rpartition(".")[2]),
-        _table_second(second) if (second := whole_second(modified)) is not None else "",
+        return ("  " * depth + oid, f"<{meta.reason}>", "UNREADABLE", "", "")
+    get = meta.get
+    jobname, state, cls = get("jobname"), get("state"), get("cls")
+    return (  # the type tests spare str() for what is text already: the common case, once a task
+        "  " * depth + oid if depth else oid,
+        cell(jobname if type(jobname) is str else str(jobname or "")),
+        cell(state if type(state) is str else str(state or "")),
+        cell((cls if type(cls) is str else str(cls or "")).rpartition(".")[2]),
+        table_time(get("modified")),
     )
 
 
@@ -309,9 +309,24 @@ def _iso_second(second: int) -> str:
     return datetime.datetime.fromtimestamp(second).astimezone().isoformat(timespec="seconds")
 
 
+def table_time(value: Any) -> str:
+    """``value`` (Unix time) as the table shows it, to the second; empty if no date can show it."""
+    if type(value) is float:  # as metadata has it: int() is the whole check but for the year
+        try:
+            return _table_second(int(value))
+        except (OverflowError, ValueError):  # infinite, NaN
+            return ""
+    second = whole_second(value)
+    return "" if second is None else _table_second(second)
+
+
 @functools.lru_cache(maxsize=4096)
 def _table_second(second: int) -> str:
-    return _iso_second(second)[:19].replace("T", " ")
+    """The table's text for ``second``; empty if no date can show it (year 10000)."""
+    try:
+        return _iso_second(second)[:19].replace("T", " ")
+    except (OverflowError, OSError, ValueError):
+        return ""
 
 
 def local_time(value: Any) -> str:

@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from gc3session import Session, State, Task, TaskCollection, __version__, cli
-from gc3session.cli import cut, main, table_cells, write_table
+from gc3session.cli import cut, main, table_cells, table_time, write_table
 from gc3session.persistence.filesystem import encode_record
 
 CLI_KINDS = ["file", "sqlite", "postgresql"]
@@ -347,6 +347,13 @@ def test_rm_keeps_and_does_not_name_a_child_that_another_collection_holds(tmp_pa
     assert verified.exit_code == 0, verified.output
 
 
+def test_table_time_shows_a_second_or_nothing() -> None:
+    shown = table_time(1_700_000_000.7)
+    assert shown == table_time(1_700_000_000) and len(shown) == 19 and shown.startswith("2023-11-1")
+    for odd in (True, "1700000000", None, [1], float("nan"), float("inf"), 1e20, -1e20, 10**30):
+        assert table_time(odd) == "", odd
+
+
 def test_times_no_date_can_show_are_listed_without_a_traceback(tmp_path: Path) -> None:
     session = Session(tmp_path / "s")
     ids = [session.add(Task(jobname=f"t{i}")) for i in range(4)]
@@ -369,6 +376,8 @@ def test_times_no_date_can_show_are_listed_without_a_traceback(tmp_path: Path) -
         assert result.exit_code == 0 and "Traceback" not in result.output, (command, result.output)
     listed = run("ls", tmp_path / "s", "--format", "json")
     assert [row["modified"] for row in json.loads(listed.output)][:3] == [None, None, None]
+    table = [row.split("\t") for row in run("ls", tmp_path / "s").output.splitlines()[1:]]
+    assert [row[4] for row in table[:3]] == ["", "", ""] and table[3][4].startswith("2023-11-1"), table
     assert "failed: killed" in run("stats", tmp_path / "s").output
 
 

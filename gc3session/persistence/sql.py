@@ -515,7 +515,7 @@ class SqlStore(Store):
         def summary(row: Any) -> dict[str, Any]:
             oid, jobname, state, cls, returncode, modified, children = row
             return {"id": oid, "jobname": jobname, "state": state, "cls": cls, "returncode": returncode,
-                    "modified": modified, "children": _child_list(oid, children)}
+                    "modified": modified, "children": _child_list(oid, children) if children != "[]" else []}
 
         if ids is None:
             with self._failures("cannot list"), self.engine.connect() as conn:
