@@ -23,6 +23,7 @@ def test_benchmark_runs_every_workload_and_prints_ratios(tmp_path: Path) -> None
     for workloads in results["stores"].values():
         assert {"1-add-flush", "2-add-batch", "3-reopen", "5-ls", "6-remove"} <= set(workloads)
         assert workloads["3-reopen"]["count"] == 200 and workloads["5-ls"]["count"] == 200
+        assert workloads["1-add-flush"]["median_growth"] > 0
         for name in ("3-reopen", "5-ls"):  # run three times, the fastest counts
             times = workloads[name]["times"]
             assert len(times) == 3 and workloads[name]["time"] == min(times), name
