@@ -559,16 +559,18 @@ class SqlStore(Store):
         """
         dialect = self.engine.dialect
         dbapi_error = dialect.loaded_dbapi.Error
-        cursor = None
+        dbapi_connection = cursor = None
         try:
-            cursor = conn.connection.cursor()
+            pooled = conn.connection
+            dbapi_connection = pooled.dbapi_connection  # known before the cursor, which may fail
+            cursor = pooled.cursor()
             cursor.execute(sql, params)
             return cursor.fetchall()
         except BaseException as error:
             lost = not isinstance(error, Exception) or (
                 isinstance(error, dbapi_error)
                 and not conn.invalidated
-                and dialect.is_disconnect(error, conn.connection.dbapi_connection, cursor)
+                and dialect.is_disconnect(error, dbapi_connection, cursor)
             )
             if lost and not conn.invalidated:
                 cursor = None  # closing it would only fail again
