@@ -310,14 +310,17 @@ def _iso_second(second: int) -> str:
 
 
 def table_time(value: Any) -> str:
-    """``value`` (Unix time) as the table shows it, to the second; empty if no date can show it."""
-    if type(value) is float:  # as metadata has it: int() is the whole check but for the year
-        try:
-            return _table_second(int(value))
-        except (OverflowError, ValueError):  # infinite, NaN
-            return ""
-    second = whole_second(value)
-    return "" if second is None else _table_second(second)
+    """``value`` (Unix time) as the table shows it, to the second; empty if no date can show it.
+
+    :func:`whole_second`'s checks, with the date's own check left to the
+    cached :func:`_table_second`: one look-up a task, on a listing's hot path.
+    """
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return ""
+    try:
+        return _table_second(int(value))
+    except (OverflowError, ValueError):  # infinite, NaN
+        return ""
 
 
 @functools.lru_cache(maxsize=4096)

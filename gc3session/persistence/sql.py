@@ -475,22 +475,7 @@ class SqlStore(Store):
             return list(conn.execute(query).scalars())
 
     def _read_metadata(self, ids: list[str] | None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
-        table = self.table
-        columns = ("persistent_id", "meta", *META_COLUMNS)
-        if ids is None:
-            query = sa.select(*(table.c[name] for name in columns)).order_by(table.c.id)
-            with self._failures("cannot list"), self.engine.connect() as conn:
-                result = conn.execution_options(yield_per=BATCH).execute(query)
-                for row in result:
-                    yield row[0], _metadata(row[0], row[1:])
-            return
-        for chunk, found in self._select_chunks(columns, id_chunks(ids, self._read_batch)):
-            rows = {row[0]: row[1:] for row in found}
-            for oid in chunk:
-                if oid in rows:
-                    yield oid, _metadata(oid, rows[oid])
-                else:
-                    yield oid, missing(oid, self)
+        return self._rows_of(("persistent_id", "meta", *META_COLUMNS), ids, lambda row: _metadata(row[0], row[1:]))
 
     def occupants(self, ids: Iterable[str]) -> dict[str, dict[str, Any] | LoadError]:
         """What holds the row of each id: rows are keyed by the number, whatever the id's prefix."""
@@ -517,29 +502,36 @@ class SqlStore(Store):
             return {"id": oid, "jobname": jobname, "state": state, "cls": cls, "returncode": returncode,
                     "modified": modified, "children": _child_list(oid, children) if children != "[]" else []}
 
+        yield from self._rows_of(columns, ids, summary)
+
+    def _rows_of(
+        self, columns: Sequence[str], ids: Iterable[str] | None, convert: Callable[[Any], Any]
+    ) -> Iterator[tuple[str, Any]]:
+        """``(id, convert(row))`` for ``ids``, or for every row by number when None; NoSuchObject for one missing.
+
+        ``columns`` start with ``persistent_id``: rows are matched to ids by it.
+        """
         if ids is None:
+            table = self.table
+            query = sa.select(*(table.c[name] for name in columns)).order_by(table.c.id)
             with self._failures("cannot list"), self.engine.connect() as conn:
-                table = self.table
-                query = sa.select(*(table.c[name] for name in columns)).order_by(table.c.id)
-                result = conn.execution_options(yield_per=BATCH).execute(query)
-                for row in result:
-                    yield row[0], summary(row)
+                for row in conn.execution_options(yield_per=BATCH).execute(query):
+                    yield row[0], convert(row)
             return
         for chunk, found in self._select_chunks(columns, id_chunks(ids, self._read_batch)):
             rows = {row[0]: row for row in found}
             for oid in chunk:
                 hit = rows.get(oid)
-                yield oid, summary(hit) if hit is not None else missing(oid, self)
+                yield oid, convert(hit) if hit is not None else missing(oid, self)
 
     def _select_chunks(
         self, columns: Sequence[str], chunks: Iterable[list[str]]
     ) -> Iterator[tuple[list[str], Sequence[Any]]]:
         """``(chunk, rows)``: the ``columns`` of the rows of each chunk of ids, selected by number.
 
-        One connection serves the whole stream, each SELECT in a transaction
-        of its own (none at all on server databases): a listing does not pay
-        a pool checkout and its ping for every chunk, nor hold one snapshot
-        from start to end.
+        One connection serves the whole stream, each SELECT on its own, in
+        autocommit: a listing does not pay a pool checkout and its ping for
+        every chunk, nor hold one snapshot from start to end.
         """
         with self._failures("cannot read"), self.engine.connect() as conn:
             if self.engine.dialect.name != "sqlite":  # SQLite's transactions are ours (see _tune_sqlite)
