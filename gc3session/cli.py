@@ -38,6 +38,8 @@ FORMATS = ("table", "json", "csv")
 COLUMNS = ("id", "jobname", "state", "class", "returncode", "modified")
 #: How many children of one collection ``ls --recursive`` reads at a time.
 CHILD_BATCH = 500
+#: How many rows of a piped table are written at once.
+TABLE_BLOCK = 1000
 
 
 class SessionView:
@@ -247,8 +249,16 @@ def write_table(rows: Iterable[tuple[str, ...]], terminal: bool) -> None:
     if not terminal:
         out = sys.stdout
         out.write("\t".join(headers) + "\n")
-        for row in rows:
-            out.write("\t".join(row) + "\n")
+        lines: list[str] = []
+        try:
+            for row in rows:
+                lines.append("\t".join(row))
+                if len(lines) == TABLE_BLOCK:
+                    block, lines = lines, []  # taken first: if writing fails, the clean-up below writes nothing
+                    out.write("\n".join(block) + "\n")
+        finally:  # the rows listed before a failure of the store still show
+            if lines:
+                out.write("\n".join(lines) + "\n")
         return
     width = shutil.get_terminal_size((100, 24)).columns
     fixed = {"id": 20, "state": 11, "class": 18, "modified": 19}
@@ -265,13 +275,13 @@ def table_cells(oid: str, meta: dict[str, Any] | LoadError, depth: int = 0) -> t
         return ("  " * depth + oid, f"<{meta.reason}>", "UNREADABLE", "", "")
     get = meta.get
     jobname, state, cls = get("jobname"), get("state"), get("cls")
-    return (  # the type tests spare str() for what is text already: the common case, once a task
-        "  " * depth + oid if depth else oid,
-        cell(jobname if type(jobname) is str else str(jobname or "")),
-        cell(state if type(state) is str else str(state or "")),
-        cell((cls if type(cls) is str else str(cls or "")).rpartition(".")[2]),
-        table_time(get("modified")),
-    )
+    # the type tests spare str() for what is text already: the common case, once a task
+    jobname = jobname if type(jobname) is str else str(jobname or "")
+    state = state if type(state) is str else str(state or "")
+    cls = (cls if type(cls) is str else str(cls or "")).rpartition(".")[2]
+    if not (jobname + state + cls).isprintable():  # one test for the three: most often, all are
+        jobname, state, cls = cell(jobname), cell(state), cell(cls)
+    return "  " * depth + oid if depth else oid, jobname, state, cls, table_time(get("modified"))
 
 
 def cell(text: str) -> str:

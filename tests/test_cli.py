@@ -23,7 +23,8 @@ from click.testing import CliRunner
 
 from gc3session import Session, State, Task, TaskCollection, __version__, cli
 from gc3session.cli import cut, main, table_cells, table_time, write_table
-from gc3session.persistence.filesystem import encode_record
+from gc3session.exceptions import StoreError
+from gc3session.persistence.filesystem import FilesystemStore, decode_record, encode_record
 
 CLI_KINDS = ["file", "sqlite", "postgresql"]
 
@@ -103,6 +104,26 @@ def test_ls_streams_the_index_instead_of_reading_it_whole(sample: Path, monkeypa
     result = run("ls", str(sample))
     assert result.exit_code == 0, result.output
     assert result.output == expected and len(expected.splitlines()) > 1
+
+
+def test_ls_shows_the_rows_read_before_the_store_fails(tmp_path: Path, monkeypatch: Any) -> None:
+    session = Session(tmp_path / "s")
+    for i in range(7):
+        session.add(Task(jobname=f"t{i}"), flush=False)
+    session.close()
+    monkeypatch.setattr(cli, "TABLE_BLOCK", 3)  # rows go out three at a time
+    read = FilesystemStore._summary_of
+
+    def failing(self: FilesystemStore, oid: str, path: str, head: bytes) -> Any:
+        if oid.endswith(".5"):
+            raise StoreError(str(self.directory), "the disk went away")
+        return read(self, oid, path, head)
+
+    monkeypatch.setattr(FilesystemStore, "_summary_of", failing)
+    result = run("ls", tmp_path / "s")
+    assert result.exit_code == 1
+    assert [line.split("\t")[1] for line in result.stdout.splitlines()[1:]] == ["t0", "t1", "t2", "t3"]
+    assert "the disk went away" in result.stderr
 
 
 def test_ls_recursive_json_and_filters(sample: Path) -> None:
@@ -361,10 +382,9 @@ def test_times_no_date_can_show_are_listed_without_a_traceback(tmp_path: Path) -
     odd = [(1e20, 1e300), (float("nan"), float("inf")), (-1e20, -1e300), (1.7e9, 1.7e9)]
     for oid, (modified, created) in zip(ids, odd, strict=True):
         record = tmp_path / "s" / "jobs" / oid
-        line, _, data = record.read_bytes().partition(b"\n")
-        meta = json.loads(line)
+        meta, data = decode_record(oid, record, record.read_bytes())  # type: ignore[misc]
         meta.update(modified=modified, created=created, history=[[modified, "NEW"], ["x", "RUNNING"]])
-        record.write_bytes(json.dumps(meta).encode() + b"\n" + data)
+        record.write_bytes(encode_record(meta, data))  # the listing line says the same
     runs_file = tmp_path / "s" / "session.json"
     runs = json.loads(runs_file.read_text())
     runs["runs"][0].update(error="killed", end=1e20)  # a record edited by hand

@@ -38,7 +38,7 @@ from gc3session.persistence import (
 )
 from gc3session.persistence import store as store_module
 from gc3session.persistence.atomic import TEMP_PREFIX
-from gc3session.persistence.filesystem import COUNTER_FILENAME
+from gc3session.persistence.filesystem import COUNTER_FILENAME, SUMMARY_FIELDS, encode_record
 from gc3session.persistence.idfactory import parse_id
 from gc3session.persistence.serialization import FORMAT_VERSION, decode_json, encode_json
 
@@ -742,6 +742,19 @@ def test_iter_metadata_and_summaries_read_a_stream_of_ids_a_batch_at_a_time(stor
         list(stream)
 
 
+@pytest.mark.parametrize(
+    "bad", ["../x", "Task.1\nTask.2", "Task.1\n", "Task.01", "Task.1\x00", 17, None, b"Task.1", "Tâche.1 "]
+)
+def test_id_chunks_checks_every_id_and_names_the_bad_one(bad):
+    good = [f"Task.{i}" for i in range(1, 6)] + ["Tâche.7", "_x.8"]
+    assert list(store_module.id_chunks(iter(good), 3)) == [good[:3], good[3:6], good[6:]]
+    for position in (0, 3, 6):
+        ids = [*good[:position], bad, *good[position:]]
+        with pytest.raises(InvalidArgument, match="not a valid object id") as excinfo:
+            list(store_module.id_chunks(ids, 4))
+        assert repr(bad) in str(excinfo.value)
+
+
 # -- list, remove ---------------------------------------------------------------------
 
 
@@ -1203,22 +1216,68 @@ def record_path(store: FilesystemStore, oid: str) -> pathlib.Path:
     return store.directory / oid
 
 
-def test_filesystem_record_is_a_json_line_then_the_pickle(tmp_path):
+def test_filesystem_record_is_a_listing_line_a_json_line_then_the_pickle(tmp_path):
     store = FilesystemStore(tmp_path / "s")
-    oid = store.save(Task(jobname="x"))
-    content = record_path(store, oid).read_bytes()
-    line, _, data = content.partition(b"\n")
+    task = Task(jobname="x")
+    task.execution.state = State.TERMINATED
+    task.execution.returncode = 3
+    oid = store.save(TaskCollection(tasks=[task]))
+    child = task.persistent_id
+    listing, line, data = record_path(store, oid).read_bytes().split(b"\n", 2)
     meta = json.loads(line)
-    assert meta["id"] == oid and meta["jobname"] == "x"
+    assert meta["id"] == oid and meta["children"] == [child]
     assert meta["size"] == len(data)
     assert meta["crc32"] == zlib.crc32(data)
     assert data[:2] == pickle.PROTO + bytes([DEFAULT_PROTOCOL])
+    collection = "gc3session.task.TaskCollection"
+    assert json.loads(listing) == [oid, collection, meta["jobname"], "NEW", None, meta["modified"], [child]]
+    listing, line, _ = record_path(store, child).read_bytes().split(b"\n", 2)
+    meta = json.loads(line)
+    assert json.loads(listing) == [child, "gc3session.task.Task", "x", "TERMINATED", 3, meta["modified"], []]
+    assert [meta[name] for name in SUMMARY_FIELDS] == json.loads(listing)
+
+
+def test_filesystem_records_without_a_listing_line_still_load_and_list(tmp_path):
+    """Records as 0.2 wrote them: the metadata line first."""
+    store = FilesystemStore(tmp_path / "s")
+    ids = store.save_many([Task(jobname="old"), TaskCollection(tasks=[Task(jobname="kid")])])
+    for oid in store.list():
+        path = record_path(store, oid)
+        path.write_bytes(path.read_bytes().partition(b"\n")[2])
+        assert path.read_bytes().startswith(b'{"format":1,')
+    fresh = FilesystemStore(tmp_path / "s")
+    assert fresh.load(ids[0]).jobname == "old"
+    assert fresh.load(ids[1]).tasks[0].jobname == "kid"
+    summaries = dict(fresh.iter_summaries(fresh.list()))
+    metadata = dict(fresh.iter_metadata(fresh.list()))
+    assert summaries == metadata and summaries[ids[0]]["jobname"] == "old"
+    assert summaries[ids[1]]["children"] == [fresh.load(ids[1]).tasks[0].persistent_id]
+
+
+def test_filesystem_listing_reads_the_listing_line_and_falls_back_to_the_metadata(tmp_path):
+    store = FilesystemStore(tmp_path / "s")
+    first, second, third = store.save_many([Task(jobname="a"), Task(jobname="b"), Task(jobname="c")])
+    # the listing line alone is read: one changed by hand shows (the metadata line stays the truth for loads)
+    path = record_path(store, first)
+    listing, rest = path.read_bytes().split(b"\n", 1)
+    path.write_bytes(listing.replace(b'"a"', b'"edited"') + b"\n" + rest)
+    # a damaged listing line: the metadata line is read instead
+    for oid, bad in [(second, b'["Task.2","x"]'), (third, b"[not json")]:
+        path = record_path(store, oid)
+        path.write_bytes(bad + b"\n" + path.read_bytes().split(b"\n", 1)[1])
+    fresh = FilesystemStore(tmp_path / "s")
+    summaries = dict(fresh.iter_summaries([first, second, third]))
+    assert [summaries[oid]["jobname"] for oid in (first, second, third)] == ["edited", "b", "c"]
+    assert summaries[second] == fresh.metadata(second) and "history" in summaries[second]
+    assert set(summaries[first]) == set(SUMMARY_FIELDS)
+    assert fresh.load(first).jobname == "a" and fresh.metadata(first)["jobname"] == "a"
+    assert [t.jobname for t in fresh.load_many([second, third]).values()] == ["b", "c"]
 
 
 def test_filesystem_store_writes_the_chosen_protocol(tmp_path):
     store = FilesystemStore(tmp_path / "s", protocol=2)
     oid = store.save(Task())
-    data = record_path(store, oid).read_bytes().partition(b"\n")[2]
+    data = record_path(store, oid).read_bytes().split(b"\n", 2)[2]
     assert data[:2] == pickle.PROTO + bytes([2])
     assert FilesystemStore(tmp_path / "s").load(oid).persistent_id == oid
 
@@ -1287,7 +1346,8 @@ def test_filesystem_store_creates_its_directory_or_refuses(tmp_path):
 
 @pytest.mark.parametrize(
     "damage",
-    ["empty", "truncated-metadata", "truncated-data", "garbage", "not-an-object", "flipped-byte", "bad-pickle"],
+    ["empty", "truncated-listing", "truncated-metadata", "truncated-data", "garbage", "not-an-object",
+     "old-not-an-object", "flipped-byte", "bad-pickle"],
 )
 def test_filesystem_damaged_record_gives_load_error_naming_the_id(tmp_path, damage):
     store = FilesystemStore(tmp_path / "s")
@@ -1295,25 +1355,30 @@ def test_filesystem_damaged_record_gives_load_error_naming_the_id(tmp_path, dama
     good = store.save(Task(jobname="good"))
     path = record_path(store, oid)
     content = path.read_bytes()
-    line, _, data = content.partition(b"\n")
+    listing, line, data = content.split(b"\n", 2)
+    head = listing + b"\n"
     if damage == "empty":
         path.write_bytes(b"")
+    elif damage == "truncated-listing":
+        path.write_bytes(listing[: len(listing) // 2])
     elif damage == "truncated-metadata":
-        path.write_bytes(line[: len(line) // 2])
+        path.write_bytes(head + line[: len(line) // 2])
     elif damage == "truncated-data":
-        path.write_bytes(content[: len(line) + 1 + len(data) // 2])
+        path.write_bytes(content[: len(head) + len(line) + 1 + len(data) // 2])
     elif damage == "garbage":
         path.write_bytes(b"\x00\x01garbage\nmore garbage")
     elif damage == "not-an-object":
+        path.write_bytes(head + b"[1, 2, 3]\n" + data)
+    elif damage == "old-not-an-object":  # read as a listing line, and what follows as the metadata line
         path.write_bytes(b"[1, 2, 3]\n" + data)
     elif damage == "flipped-byte":
         middle = len(data) // 2
-        path.write_bytes(line + b"\n" + data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
+        path.write_bytes(head + line + b"\n" + data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
     elif damage == "bad-pickle":
         junk = b"this is not a pickle"
         meta = json.loads(line)
         meta.update(size=len(junk), crc32=zlib.crc32(junk))
-        path.write_bytes(json.dumps(meta).encode() + b"\n" + junk)
+        path.write_bytes(encode_record(meta, junk))
 
     fresh = FilesystemStore(tmp_path / "s")
     with pytest.raises(LoadError) as excinfo:

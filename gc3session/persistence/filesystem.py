@@ -1,7 +1,8 @@
 """The default store: one file per object in a directory.
 
-Each file is named by the object's id and holds one line of JSON metadata
-followed by the pickle, so listing reads only the first line of each file.
+Each file is named by the object's id and holds a line with the fields a
+listing shows (a JSON array), a line of JSON metadata, then the pickle, so
+listing reads and parses only the short first line of each file.
 Files are written to a temporary name and renamed into place; the id
 counter lives in the directory itself (``.next_id``), under a file lock.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,21 +128,40 @@ class FilesystemStore(Store):
         return [oid for oid, meta in self._read_metadata(ids) if isinstance(meta, dict) and matches(meta, filters)]
 
     def _read_metadata(self, ids: list[str] | None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
+        return self._parse_heads(ids, parse_metadata, metadata=True)
+
+    def _read_summaries(self, ids: list[str] | None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
+        return self._parse_heads(ids, self._summary_of, metadata=False)
+
+    def _summary_of(self, oid: str, path: str, head: bytes) -> dict[str, Any] | LoadError:
+        if head[:1] != b"[":  # a record written without a listing line: its first line is the metadata
+            return parse_metadata(oid, path, head)
+        summary = parse_summary(head)
+        # a listing line that cannot be read: the metadata line says the same, at more cost
+        return summary if summary is not None else next(self._read_metadata([oid]))[1]
+
+    def _parse_heads(
+        self, ids: list[str] | None, parse: Callable[[str, str, bytes], Any], *, metadata: bool
+    ) -> Iterator[tuple[str, Any]]:
+        """``(id, parse(id, path, head))`` for each file, ``head`` its first line (through its metadata line
+        with ``metadata``); a file that cannot be read gives a LoadError instead."""
         if ids is None:
             ids = sorted(self._names(), key=lambda oid: parse_id(oid)[1])
+        prefix = self._prefix
         # files opened by name inside the directory: the kernel does not walk the whole path for each
-        dir_fd = _open_directory(self._prefix)
+        dir_fd = _open_directory(prefix)
         try:
             for oid in ids:
                 try:
-                    line = read_first_line(oid, dir_fd) if dir_fd is not None else read_first_line(self._prefix + oid)
+                    head = read_head(oid, dir_fd, metadata=metadata) if dir_fd is not None else read_head(
+                        prefix + oid, metadata=metadata)
                 except FileNotFoundError:
                     yield oid, missing(oid, self)
                     continue
                 except OSError as error:
-                    yield oid, LoadError(oid, f"cannot read {self._prefix}{oid}: {error.strerror or error}")
+                    yield oid, LoadError(oid, f"cannot read {prefix}{oid}: {error.strerror or error}")
                     continue
-                yield oid, parse_metadata(oid, self._prefix + oid, line)
+                yield oid, parse(oid, prefix + oid, head)
         finally:
             if dir_fd is not None:
                 os.close(dir_fd)
@@ -173,25 +193,39 @@ def read_file(path: str) -> bytes:
         os.close(fd)
 
 
-def read_first_line(path: str | Path, dir_fd: int | None = None) -> bytes:
-    """The first line of a file (``path`` relative to ``dir_fd`` if given), newline included (if it has one)."""
+def read_head(path: str | Path, dir_fd: int | None = None, *, metadata: bool = False) -> bytes:
+    """The first line of a file (``path`` relative to ``dir_fd`` if given), newline included (if it has one).
+
+    With ``metadata``, through the metadata line of a record file: the
+    second line when the first is a listing line (starts with ``[``).
+    """
     fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
     try:
-        chunk = os.read(fd, 4096)  # a metadata line is a few hundred bytes: one read, most often
-        end = chunk.find(b"\n")
+        # one read, most often: the listing line is about a hundred bytes, the metadata line a few hundred
+        head = os.read(fd, 4096 if metadata else 512)
+        end = head.find(b"\n")
+        if metadata and end >= 0 and head[:1] == b"[":
+            end = head.find(b"\n", end + 1)
         if end >= 0:
-            return chunk[: end + 1]
-        chunks = [chunk]
-        while chunk:
-            chunk = os.read(fd, 65536)
-            end = chunk.find(b"\n")
-            if end >= 0:
-                chunks.append(chunk[: end + 1])
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
+            return head[: end + 1]
+        return _read_on(fd, head, 2 if metadata and head[:1] == b"[" else 1)
     finally:
         os.close(fd)
+
+
+def _read_on(fd: int, start: bytes, lines: int) -> bytes:
+    """``start`` and what follows it in ``fd``, through the ``lines``-th newline: for lines longer than a read."""
+    head = bytearray(start)
+    lines -= start.count(b"\n")
+    while chunk := os.read(fd, 65536):
+        end = -1
+        while lines and (end := chunk.find(b"\n", end + 1)) >= 0:
+            lines -= 1
+        if not lines:
+            head += chunk[: end + 1]
+            break
+        head += chunk
+    return bytes(head)
 
 
 def _open_directory(path: str) -> int | None:
@@ -204,33 +238,55 @@ def _open_directory(path: str) -> int | None:
         return None
 
 
+#: The fields of a record file's first line, the listing line, in this order.
+SUMMARY_FIELDS = ("id", "cls", "jobname", "state", "returncode", "modified", "children")
+
+
 def encode_record(meta: dict[str, Any], data: bytes) -> bytes:
-    """A record file: one line of JSON metadata, then the pickle."""
-    return encode_json(meta).encode("ascii") + b"\n" + data
+    """A record file: the listing line (a JSON array of SUMMARY_FIELDS), the JSON metadata line, the pickle."""
+    summary = encode_json([meta.get(name) for name in SUMMARY_FIELDS])
+    return b"".join((summary.encode("ascii"), b"\n", encode_json(meta).encode("ascii"), b"\n", data))
 
 
 def decode_record(oid: str, path: str | Path, content: bytes) -> tuple[dict[str, Any], bytes] | LoadError:
     """Split a record file into metadata and pickle, or say what is wrong with it."""
-    line, newline, data = content.partition(b"\n")
-    meta = parse_metadata(oid, path, line + newline)
+    end = content.find(b"\n")
+    if end >= 0 and content[:1] == b"[":  # the listing line; a record written without one starts with its metadata
+        end = content.find(b"\n", end + 1)
+    head, data = (content, b"") if end < 0 else (content[: end + 1], content[end + 1 :])
+    meta = parse_metadata(oid, path, head)
     if isinstance(meta, LoadError):
         return meta
     return meta, data
 
 
-def parse_metadata(oid: str, path: str | Path, line: bytes) -> dict[str, Any] | LoadError:
-    """The metadata in the first line of a record file."""
-    if not line:
+def parse_metadata(oid: str, path: str | Path, head: bytes) -> dict[str, Any] | LoadError:
+    """The metadata in ``head``: a record file's first line, or its first two when the first is the listing line."""
+    if not head:
         return LoadError(oid, f"{path} is empty")
+    line = head.partition(b"\n")[2] if head[:1] == b"[" else head
     if not line.endswith(b"\n"):
         return LoadError(oid, f"{path} is truncated (no end to its metadata line)")
     try:
         meta = decode_json(line.decode())
     except ValueError:  # UnicodeDecodeError included
-        return LoadError(oid, f"{path} does not start with a JSON metadata line")
+        return LoadError(oid, f"{path} does not have a JSON metadata line")
     if not isinstance(meta, dict):
         return LoadError(oid, f"{path}: metadata is not a JSON object")
     return meta
+
+
+def parse_summary(line: bytes) -> dict[str, Any] | None:
+    """The listing fields in a record file's first line, or None if it does not hold them."""
+    try:
+        values = decode_json(line.decode())
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    if not (isinstance(values, list) and len(values) == len(SUMMARY_FIELDS)):
+        return None
+    oid, cls, jobname, state, returncode, modified, children = values
+    return {"id": oid, "cls": cls, "jobname": jobname, "state": state, "returncode": returncode,
+            "modified": modified, "children": children}
 
 
 def _path_of(directory: str | os.PathLike[str]) -> Path:

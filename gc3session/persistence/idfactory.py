@@ -30,6 +30,8 @@ ID_PATTERN = re.compile(r"([^\W\d]\w{0,199})\.([1-9][0-9]{0,17})")
 #: Lines that are all ids of ASCII letters, digits and ``_``, each ended by a newline and nothing else: a
 #: block of an index file that matches holds only valid ids (the common case, checked in one pass).
 PLAIN_ID_LINES = re.compile(rb"(?:[A-Za-z_][A-Za-z0-9_]{0,199}\.[1-9][0-9]{0,17}\n)*")
+#: Valid ids, each followed by a newline: a list of ids joined by newlines is checked in one pass.
+ID_LINES = re.compile(r"(?:[^\W\d]\w{0,199}\.[1-9][0-9]{0,17}\n)*")
 #: Environment variable that moves the per-user data directory (for the global counter).
 DATA_DIR_VARIABLE = "GC3SESSION_DATA_DIR"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import builtins
 import gc
+import itertools
 import logging
 import os
 import re
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..exceptions import Error, InvalidArgument, LoadError, NoSuchObject, SaveError
-from .idfactory import ID_PATTERN, IdFactory, is_id, parse_id
+from .idfactory import ID_LINES, IdFactory, is_id, parse_id
 from .serialization import DEFAULT_PROTOCOL, FORMAT_VERSION, Serializer, encode_json
 
 if TYPE_CHECKING:
@@ -395,10 +396,7 @@ class Store(abc.ABC):
         stream reaches it.  On a SQL store the stream holds one database
         connection until it ends or is closed.
         """
-        self._check_pid()
-        if ids is None:
-            return self._read_metadata(None)
-        return (entry for chunk in id_chunks(ids, LOAD_BATCH) for entry in self._read_metadata(chunk))
+        return self._in_chunks(self._read_metadata, ids)
 
     def iter_summaries(self, ids: Iterable[str] | None = None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
         """Like :meth:`iter_metadata`, for listings: stores that can read fewer fields faster do so.
@@ -407,7 +405,15 @@ class Store(abc.ABC):
         ``returncode``, ``modified``, ``children`` (others may come along; a
         record may lack some, so read them with ``get``).
         """
-        return self.iter_metadata(ids)
+        return self._in_chunks(self._read_summaries, ids)
+
+    def _in_chunks(
+        self, read: Callable[[builtins.list[str] | None], Iterator[Any]], ids: Iterable[str] | None
+    ) -> Iterator[Any]:
+        self._check_pid()
+        if ids is None:
+            return read(None)
+        return (entry for chunk in id_chunks(ids, LOAD_BATCH) for entry in read(chunk))
 
     def remove(self, id: str) -> None:  # noqa: A002
         """Delete ``id`` from the store (nothing happens if it is not there)."""
@@ -544,6 +550,10 @@ class Store(abc.ABC):
     def _read_metadata(self, ids: builtins.list[str] | None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
         """Metadata of ``ids`` (of all records when None), streaming."""
 
+    def _read_summaries(self, ids: builtins.list[str] | None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
+        """The listing fields of ``ids`` (see :meth:`iter_summaries`): :meth:`_read_metadata` unless overridden."""
+        return self._read_metadata(ids)
+
 
 _known_objects: dict[str, weakref.WeakValueDictionary[str, Any]] = {}
 _known_objects_lock = threading.Lock()
@@ -581,17 +591,21 @@ def gc_paused() -> Iterator[None]:
 
 def id_chunks(ids: Iterable[str], size: int) -> Iterator[list[str]]:
     """``ids`` in lists of ``size``, each id checked (InvalidArgument for one that is not valid)."""
-    chunk: list[str] = []
-    valid = ID_PATTERN.fullmatch
-    for oid in ids:
-        if not (isinstance(oid, str) and valid(oid)):
-            parse_id(oid)  # raises the error that names it
-        chunk.append(oid)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
+    stream = iter(ids)
+    while chunk := list(itertools.islice(stream, size)):
+        if not all_ids(chunk):
+            for oid in chunk:
+                parse_id(oid)  # raises the error that names the first one that is not valid
         yield chunk
+
+
+def all_ids(oids: list[Any]) -> bool:
+    """True if every item of ``oids`` is a valid id: one pass of a regular expression over them all."""
+    try:
+        text = "\n".join(oids)
+    except TypeError:  # an item that is no str
+        return False
+    return text.count("\n") == len(oids) - 1 and ID_LINES.fullmatch(text + "\n") is not None
 
 
 def missing(oid: str, store: Store) -> NoSuchObject:

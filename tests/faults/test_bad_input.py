@@ -110,10 +110,12 @@ class Raw:
                 ).one()
             return meta, bytes(data)
         content = Path(self.store.directory, oid).read_bytes()
-        line, _, data = content.partition(b"\n")
+        assert content.startswith(b"["), "a record file starts with its listing line"
+        line, _, data = content.partition(b"\n")[2].partition(b"\n")
         return line.decode("ascii"), data
 
     def put(self, oid: str, meta: str, data: bytes) -> None:
+        """Overwrite the record; a file gets no listing line, so that listings read ``meta`` too."""
         if self.sql:
             table = self.store.table
             with self.store.engine.begin() as conn:
