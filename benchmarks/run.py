@@ -11,9 +11,9 @@ floor measured in the same run:
 Workloads:
   1  add 2N tasks, flushing after each; per-add cost of the last 1,000 vs the first 1,000 (sum, and median)
   2  add N tasks with flush=False, then one flush()
-  3  reopen a session of N tasks (and lazily, with lazy=True); run three times, the fastest counts
+  3  reopen a session of N tasks (and lazily, with lazy=True); run five times, the fastest counts
   4  change every task's state and save_all()
-  5  session-tool ls of the session (table format, piped); run three times, the fastest counts
+  5  session-tool ls of the session (table format, piped); run five times, the fastest counts
   6  remove half the tasks in one batch, then destroy() the rest; vs one-by-one removal
      (the per-task cost of removing 500 tasks one at a time from a session of N)
   floor: pickle.dumps each task, then one executemany transaction into a bare
@@ -351,7 +351,7 @@ def run_worker(name: str, n: int, workdir: str, kind: str) -> None:
 
 #: Workloads that change nothing, run this many times: the fastest counts, as with the floors.  Their
 #: ratio to each other is a target (ls against reopening), and one run of each swings by a fifth here.
-REPEATS = {"3-reopen": 3, "5-ls": 3}
+REPEATS = {"3-reopen": 5, "5-ls": 5}
 
 
 def in_process(name: str, n: int, workdir: Path, kind: str) -> dict[str, Any]:
