@@ -1238,7 +1238,7 @@ def test_filesystem_record_is_a_listing_line_a_json_line_then_the_pickle(tmp_pat
 
 
 def test_filesystem_records_without_a_listing_line_still_load_and_list(tmp_path):
-    """Records as 0.2 wrote them: the metadata line first."""
+    """Records as 0.2 and earlier wrote them: the metadata line first."""
     store = FilesystemStore(tmp_path / "s")
     ids = store.save_many([Task(jobname="old"), TaskCollection(tasks=[Task(jobname="kid")])])
     for oid in store.list():
