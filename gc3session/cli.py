@@ -256,9 +256,13 @@ def write_table(rows: Iterable[tuple[str, ...]], terminal: bool) -> None:
                 if len(lines) == TABLE_BLOCK:
                     block, lines = lines, []  # taken first: if writing fails, the clean-up below writes nothing
                     out.write("\n".join(block) + "\n")
-        finally:  # the rows listed before a failure of the store still show
+        except BaseException:  # the rows listed before a failure of the store still show
             if lines:
-                out.write("\n".join(lines) + "\n")
+                with contextlib.suppress(OSError):  # the store's error is the one to report
+                    out.write("\n".join(lines) + "\n")
+            raise
+        if lines:
+            out.write("\n".join(lines) + "\n")
         return
     width = shutil.get_terminal_size((100, 24)).columns
     fixed = {"id": 20, "state": 11, "class": 18, "modified": 19}

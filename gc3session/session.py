@@ -31,7 +31,7 @@ from filelock import FileLock
 from .exceptions import InvalidArgument, LoadError, LoadWarning, SaveError, SessionError
 from .persistence.atomic import write_atomically
 from .persistence.filesystem import FilesystemStore
-from .persistence.idfactory import PLAIN_ID_LINES, id_list, is_id, parse_id
+from .persistence.idfactory import PLAIN_ID_LINES, is_id, parse_id
 from .persistence.store import Store, expand_variables, make_store, mask_password, url_scheme
 from .plugins import Hooks
 from .runs import error_record, new_run, read_runs, update_runs
@@ -462,9 +462,9 @@ class Session:
                 held = getattr(task, "tasks", None)
                 if isinstance(held, (list, tuple)):
                     children.update((c.persistent_id, c) for c in held if getattr(c, "persistent_id", None))
-            for _, meta in self.store.iter_summaries(unloaded) if unloaded else ():  # batches, listing fields only
-                if isinstance(meta, dict):
-                    for child in id_list(meta.get("children")):
+            for _, held in self.store.iter_children(unloaded) if unloaded else ():  # in batches
+                if not isinstance(held, LoadError):
+                    for child in held:
                         children.setdefault(child, self.tasks.peek(child))  # an object in memory wins
             generation = {oid: task for oid, task in children.items() if oid not in found and oid not in stopped}
         return list(found)

@@ -126,6 +126,22 @@ def test_ls_shows_the_rows_read_before_the_store_fails(tmp_path: Path, monkeypat
     assert "the disk went away" in result.stderr
 
 
+def test_a_store_failure_is_what_ls_reports_even_if_the_output_fails_too(monkeypatch: Any) -> None:
+    class ClosingOutput(io.StringIO):
+        def write(self, text: str) -> int:
+            if self.getvalue():  # the header went out; then the reader went away
+                raise BrokenPipeError("the reader went away")
+            return super().write(text)
+
+    def rows() -> Any:
+        yield ("Task.1", "a", "NEW", "Task", "")
+        raise StoreError("db", "the disk went away")
+
+    monkeypatch.setattr(sys, "stdout", ClosingOutput())
+    with pytest.raises(StoreError, match="the disk went away"):
+        write_table(rows(), terminal=False)
+
+
 def test_ls_recursive_json_and_filters(sample: Path) -> None:
     result = run("ls", sample, "--recursive", "--format", "json")
     assert result.exit_code == 0, result.output

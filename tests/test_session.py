@@ -728,6 +728,27 @@ def test_remove_keeps_the_children_that_another_task_still_holds(any_session, op
     again.store.close()
 
 
+def test_remove_decides_what_is_still_held_from_the_metadata_not_the_listing_line(tmp_path):
+    shared, own = Task(jobname="shared"), Task(jobname="own")
+    session = Session(tmp_path / "s")
+    first = session.add(TaskCollection(jobname="first", tasks=[shared, own]))
+    second = session.add(TaskCollection(jobname="second", tasks=[shared]))
+    session.close()
+    # the listing line of "second" left behind by a hand edit: it says no children, its metadata says "shared"
+    record = tmp_path / "s" / "jobs" / second
+    listing, rest = record.read_bytes().split(b"\n", 1)
+    record.write_bytes(listing.replace(f'["{shared.persistent_id}"]'.encode(), b"[]") + b"\n" + rest)
+    lazy = Session(tmp_path / "s", lazy=True)
+    assert dict(lazy.store.iter_summaries([second]))[second]["children"] == []
+    lazy.remove(first)
+    lazy.close()
+    again = Session(tmp_path / "s")
+    assert not again.load_errors
+    assert [t.jobname for t in again.tasks[second].tasks] == ["shared"]
+    assert not (tmp_path / "s" / "jobs" / own.persistent_id).exists()
+    again.close()
+
+
 def test_remove_without_flush_waits_for_flush(any_session, open_store):
     child = Task()
     doomed = any_session.add(TaskCollection(tasks=[child]))

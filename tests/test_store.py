@@ -755,6 +755,17 @@ def test_id_chunks_checks_every_id_and_names_the_bad_one(bad):
         assert repr(bad) in str(excinfo.value)
 
 
+def test_iter_children_gives_each_records_own_children(store):
+    kids = [Task(jobname="a"), Task(jobname="b")]
+    collection = store.save(TaskCollection(tasks=kids))
+    lone = store.save(Task())
+    absent = f"Task.{number(lone) + 1000}"
+    found = dict(store.iter_children([collection, lone, absent]))
+    assert found[collection] == [kid.persistent_id for kid in kids]
+    assert found[lone] == []
+    assert isinstance(found[absent], NoSuchObject) and found[absent].id == absent
+
+
 # -- list, remove ---------------------------------------------------------------------
 
 

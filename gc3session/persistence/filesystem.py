@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -137,12 +138,15 @@ class FilesystemStore(Store):
         if head[:1] != b"[":  # a record written without a listing line: its first line is the metadata
             return parse_metadata(oid, path, head)
         summary = parse_summary(head)
+        if summary is not None:
+            return summary
         # a listing line that cannot be read: the metadata line says the same, at more cost
-        return summary if summary is not None else next(self._read_metadata([oid]))[1]
+        with closing(self._parse_heads([oid], parse_metadata, metadata=True)) as metadata:
+            return next(metadata)[1]
 
     def _parse_heads(
         self, ids: list[str] | None, parse: Callable[[str, str, bytes], Any], *, metadata: bool
-    ) -> Iterator[tuple[str, Any]]:
+    ) -> Generator[tuple[str, Any], None, None]:
         """``(id, parse(id, path, head))`` for each file, ``head`` its first line (through its metadata line
         with ``metadata``); a file that cannot be read gives a LoadError instead."""
         if ids is None:

@@ -29,7 +29,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
 
 from ..exceptions import Error, InvalidArgument, LoadError, RepairWarning, SaveError, StoreError
-from .idfactory import IdFactory, number_of, parse_id
+from .idfactory import IdFactory, id_list, number_of, parse_id
 from .serialization import DEFAULT_PROTOCOL, decode_json, encode_json
 from .store import LOAD_BATCH, Record, Store, id_chunks, mask_password, missing, store_options, written_password
 
@@ -503,6 +503,11 @@ class SqlStore(Store):
                     "modified": modified, "children": _child_list(oid, children) if children != "[]" else []}
 
         yield from self._rows_of(columns, ids, summary)
+
+    def iter_children(self, ids: Iterable[str]) -> Iterator[tuple[str, list[str] | LoadError]]:
+        """The ``children`` column alone: the one place a row keeps them."""
+        self._check_pid()
+        yield from self._rows_of(("persistent_id", "children"), ids, lambda row: id_list(_child_list(*row)))
 
     def _rows_of(
         self, columns: Sequence[str], ids: Iterable[str] | None, convert: Callable[[Any], Any]

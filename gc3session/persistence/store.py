@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..exceptions import Error, InvalidArgument, LoadError, NoSuchObject, SaveError
-from .idfactory import ID_LINES, IdFactory, is_id, parse_id
+from .idfactory import ID_LINES, IdFactory, id_list, is_id, parse_id
 from .serialization import DEFAULT_PROTOCOL, FORMAT_VERSION, Serializer, encode_json
 
 if TYPE_CHECKING:
@@ -406,6 +406,15 @@ class Store(abc.ABC):
         record may lack some, so read them with ``get``).
         """
         return self._in_chunks(self._read_summaries, ids)
+
+    def iter_children(self, ids: Iterable[str]) -> Iterator[tuple[str, builtins.list[str] | LoadError]]:
+        """``(id, the ids of its children)``, streaming, as each record itself holds them.
+
+        For decisions that delete (which children does a collection still
+        hold?): read from the metadata, never from a copy kept for listings.
+        """
+        for oid, meta in self.iter_metadata(ids):
+            yield oid, meta if isinstance(meta, LoadError) else id_list(meta.get("children"))
 
     def _in_chunks(
         self, read: Callable[[builtins.list[str] | None], Iterator[Any]], ids: Iterable[str] | None
