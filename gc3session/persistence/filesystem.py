@@ -207,9 +207,7 @@ def read_head(path: str | Path, dir_fd: int | None = None, *, metadata: bool = F
     try:
         # one read, most often: the listing line is about a hundred bytes, the metadata line a few hundred
         head = os.read(fd, 4096 if metadata else 512)
-        end = head.find(b"\n")
-        if metadata and end >= 0 and head[:1] == b"[":
-            end = head.find(b"\n", end + 1)
+        end = metadata_end(head) if metadata else head.find(b"\n")
         if end >= 0:
             return head[: end + 1]
         return _read_on(fd, head, 2 if metadata and head[:1] == b"[" else 1)
@@ -254,14 +252,20 @@ def encode_record(meta: dict[str, Any], data: bytes) -> bytes:
 
 def decode_record(oid: str, path: str | Path, content: bytes) -> tuple[dict[str, Any], bytes] | LoadError:
     """Split a record file into metadata and pickle, or say what is wrong with it."""
-    end = content.find(b"\n")
-    if end >= 0 and content[:1] == b"[":  # the listing line; a record written without one starts with its metadata
-        end = content.find(b"\n", end + 1)
+    end = metadata_end(content)
     head, data = (content, b"") if end < 0 else (content[: end + 1], content[end + 1 :])
     meta = parse_metadata(oid, path, head)
     if isinstance(meta, LoadError):
         return meta
     return meta, data
+
+
+def metadata_end(start: bytes) -> int:
+    """Where the metadata line ends (its newline) in ``start``, the start of a record file; -1 if not in it."""
+    end = start.find(b"\n")
+    if end >= 0 and start[:1] == b"[":  # the listing line; a record written without one starts with its metadata
+        end = start.find(b"\n", end + 1)
+    return end
 
 
 def parse_metadata(oid: str, path: str | Path, head: bytes) -> dict[str, Any] | LoadError:
