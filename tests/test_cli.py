@@ -112,14 +112,15 @@ def test_ls_shows_the_rows_read_before_the_store_fails(tmp_path: Path, monkeypat
         session.add(Task(jobname=f"t{i}"), flush=False)
     session.close()
     monkeypatch.setattr(cli, "TABLE_BLOCK", 3)  # rows go out three at a time
-    read = FilesystemStore._summary_of
+    read = FilesystemStore._read_summaries
 
-    def failing(self: FilesystemStore, oid: str, path: str, head: bytes) -> Any:
-        if oid.endswith(".5"):
-            raise StoreError(str(self.directory), "the disk went away")
-        return read(self, oid, path, head)
+    def failing(self: FilesystemStore, ids: list[str] | None) -> Any:
+        for oid, summary in read(self, ids):
+            if oid.endswith(".5"):
+                raise StoreError(str(self.directory), "the disk went away")
+            yield oid, summary
 
-    monkeypatch.setattr(FilesystemStore, "_summary_of", failing)
+    monkeypatch.setattr(FilesystemStore, "_read_summaries", failing)
     result = run("ls", tmp_path / "s")
     assert result.exit_code == 1
     assert [line.split("\t")[1] for line in result.stdout.splitlines()[1:]] == ["t0", "t1", "t2", "t3"]

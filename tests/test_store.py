@@ -38,7 +38,7 @@ from gc3session.persistence import (
 )
 from gc3session.persistence import store as store_module
 from gc3session.persistence.atomic import TEMP_PREFIX
-from gc3session.persistence.filesystem import COUNTER_FILENAME, SUMMARY_FIELDS, encode_record
+from gc3session.persistence.filesystem import COUNTER_FILENAME, SUMMARY_BLOCK, SUMMARY_FIELDS, encode_record
 from gc3session.persistence.idfactory import parse_id
 from gc3session.persistence.serialization import FORMAT_VERSION, decode_json, encode_json
 
@@ -1283,6 +1283,25 @@ def test_filesystem_listing_reads_the_listing_line_and_falls_back_to_the_metadat
     assert set(summaries[first]) == set(SUMMARY_FIELDS)
     assert fresh.load(first).jobname == "a" and fresh.metadata(first)["jobname"] == "a"
     assert [t.jobname for t in fresh.load_many([second, third]).values()] == ["b", "c"]
+
+
+def test_filesystem_listing_of_long_short_odd_and_missing_records(tmp_path):
+    store = FilesystemStore(tmp_path / "s")
+    big = TaskCollection(jobname="big", tasks=[Task() for _ in range(60)])
+    junk, short, gone = store.save_many([Task(jobname="junk"), Task(jobname="short"), Task()])
+    big_id = store.save(big)
+    assert len(record_path(store, big_id).read_bytes().partition(b"\n")[0]) > SUMMARY_BLOCK
+    path = record_path(store, junk)  # a listing line with something after its array
+    listing, rest = path.read_bytes().split(b"\n", 1)
+    path.write_bytes(listing.replace(b'"junk"', b'"listed"') + b" x\n" + rest)
+    record_path(store, short).write_bytes(record_path(store, short).read_bytes().partition(b"\n")[0])
+    record_path(store, gone).unlink()
+    found = dict(FilesystemStore(tmp_path / "s").iter_summaries([big_id, junk, short, gone]))
+    # the whole of a listing line longer than the first read, from the listing line (no history in it)
+    assert found[big_id]["children"] == [t.persistent_id for t in big.tasks] and "history" not in found[big_id]
+    assert found[junk]["jobname"] == "junk" and "history" in found[junk]  # not a listing line: the metadata
+    assert isinstance(found[short], LoadError) and "truncated" in found[short].reason
+    assert isinstance(found[gone], NoSuchObject) and found[gone].id == gone
 
 
 def test_filesystem_store_writes_the_chosen_protocol(tmp_path):

@@ -73,8 +73,10 @@ def _json_encoder() -> Callable[[Any], str]:
 
 #: ``value`` as compact ASCII JSON (like ``json.dumps(value, separators=(",", ":"))``).
 encode_json = _json_encoder()
-# the C scanner where there is one; typeshed asks for a make_scanner as context, json itself passes a JSONDecoder
-_json_scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+#: ``(value, end)``: the JSON value that starts at ``index`` of ``text`` and where it ends; StopIteration if
+#: there is none there.  The C scanner where there is one (typeshed asks for a make_scanner as context, json
+#: itself passes a JSONDecoder).
+scan_json: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
 _json_space = re.compile(r"[ \t\n\r]*")
 
 
@@ -82,7 +84,7 @@ def decode_json(text: str) -> Any:
     """``json.loads(text)`` for a str, straight through the scanner: for a metadata record, a third faster."""
     start = 0 if text[:1] in "{[" else _json_space.match(text).end()  # type: ignore[union-attr]
     try:
-        value, end = _json_scan(text, start)
+        value, end = scan_json(text, start)
     except StopIteration as stop:  # how the scanner says there is no value at ``start``
         raise json.JSONDecodeError("Expecting value", text, stop.value) from None
     if end != len(text) and text[end:].strip(" \t\n\r"):
