@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 from filelock import FileLock
 
 from .exceptions import InvalidArgument, LoadError, LoadWarning, SaveError, SessionError
+from .persistence import local_store_path
 from .persistence.atomic import write_atomically
 from .persistence.filesystem import FilesystemStore
 from .persistence.idfactory import PLAIN_ID_LINES, is_id, parse_id
@@ -163,11 +164,18 @@ class Session:
 
     def _open(self, extra_args: dict[str, Any], task_ids: Iterable[str] | None, lazy: bool) -> None:
         self.store_url = read_store_url(self.path)
+        url = resolve_store_url(self.path, self.store_url)
+        where = self._file(self.STORE_URL_FILENAME)
         try:
-            self.store = make_store(resolve_store_url(self.path, self.store_url), **extra_args)
+            records = local_store_path(url)
+            # a store that is gone (moved, deleted, a disk not mounted) is not made anew: a new one would
+            # number its tasks from 1 again, under ids that the index, and the store once back, give to others
+            if records is not None and not os.path.exists(records):
+                raise SessionError(where, f"names {shorten(records)}, which does not exist (moved, deleted, or on "
+                                          "a disk that is not mounted?); Session(path, load=False) starts it over")
+            self.store = make_store(url, **extra_args)
         except (ValueError, OSError) as error:  # InvalidArgument is a ValueError
             kind = InvalidArgument if isinstance(error, InvalidArgument) else SessionError
-            where = self._file(self.STORE_URL_FILENAME)
             reason = f"names a store that cannot be used: {shorten(str(error))}"
             raise (kind(f"{where}: {reason}") if kind is InvalidArgument else SessionError(where, reason)) from error
         self.store.hooks = self.hooks

@@ -360,13 +360,15 @@ def test_copy_refuses_an_sql_row_held_by_an_id_with_another_prefix(tmp_path: Pat
     assert [t.jobname for t in Session(tmp_path / "a")] == ["a"]
 
 
-@pytest.mark.parametrize("command", [["ls"], ["stats"], ["verify"]])
+@pytest.mark.parametrize("command", [["ls"], ["stats"], ["verify"], ["rm", "Task.1"], ["destroy", "--yes"]])
 def test_a_session_whose_sqlite_file_is_gone_is_an_error_leaving_no_file(tmp_path: Path, command: list[str]) -> None:
     Session(tmp_path / "s", store_or_url=f"sqlite:///{tmp_path}/tasks.db").add(Task(jobname="a"))
     (tmp_path / "tasks.db").unlink()
-    result = run(*command, tmp_path / "s")
-    assert result.exit_code == 1 and f"no database file {tmp_path}/tasks.db" in result.output, result.output
+    result = run(command[0], tmp_path / "s", *command[1:])
+    said = ("no database file" if command[0] in ("ls", "stats", "verify") else "which does not exist")
+    assert result.exit_code == 1 and f"{tmp_path}/tasks.db" in result.output and said in result.output, result.output
     assert not (tmp_path / "tasks.db").exists()
+    assert Path(tmp_path / "s" / "index.txt").read_text() == "Task.1\n"  # the session is as it was
 
 
 def test_rm_keeps_and_does_not_name_a_child_that_another_collection_holds(tmp_path: Path) -> None:

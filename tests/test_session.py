@@ -289,6 +289,38 @@ def test_a_damaged_store_url_is_a_session_error_naming_the_file(session, problem
     assert "store.url" in str(excinfo.value)
 
 
+@pytest.mark.parametrize("kind", ["default", "directory", "file-url", "sqlite"])
+def test_a_session_whose_store_is_gone_does_not_open_and_makes_no_new_store(tmp_path, kind):
+    """A store moved, deleted or on a disk not mounted: a new, empty one would give its ids to other tasks."""
+    records = {"default": tmp_path / "s" / "jobs", "directory": tmp_path / "records",
+               "file-url": tmp_path / "by-url", "sqlite": tmp_path / "tasks.db"}[kind]
+    url = {"default": None, "directory": str(records), "file-url": f"file://{records}",
+           "sqlite": f"sqlite:///{records}"}[kind]
+    session = Session(tmp_path / "s", store_or_url=url)
+    session.add(Task(jobname="kept"))
+    session.close()
+    moved = tmp_path / "moved"
+    os.rename(records, moved)
+    with pytest.raises(SessionError) as excinfo:
+        Session(tmp_path / "s")
+    assert excinfo.value.path == str(tmp_path / "s" / "store.url")
+    assert str(records) in str(excinfo.value) and "does not exist" in str(excinfo.value)
+    assert not records.exists()
+    os.rename(moved, records)  # the disk is back: nothing was lost or numbered twice
+    assert [t.jobname for t in Session(tmp_path / "s")] == ["kept"]
+
+
+def test_a_session_whose_store_is_gone_can_be_started_over(tmp_path):
+    session = Session(tmp_path / "s", store_or_url=f"sqlite:///{tmp_path / 'tasks.db'}")
+    session.add(Task())
+    session.close()
+    (tmp_path / "tasks.db").unlink()
+    fresh = Session(tmp_path / "s", load=False)
+    assert len(fresh) == 0 and fresh.store_url == "jobs"
+    fresh.add(Task(jobname="new"))
+    assert [t.jobname for t in Session(tmp_path / "s")] == ["new"]
+
+
 def test_an_empty_session_path_or_store_url_is_refused_creating_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InvalidArgument, match="session path is empty"):

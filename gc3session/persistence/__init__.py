@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .filesystem import FilesystemStore
+from .filesystem import FilesystemStore, store_directory
 from .idfactory import IdFactory
 from .serialization import DEFAULT_PROTOCOL, Serializer
-from .store import Store, make_store, register
+from .store import Store, expand_variables, make_store, register, url_scheme
 
 SQL_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
 
@@ -21,6 +21,20 @@ def _sql_store(url: str, **kwargs: Any) -> Store:
     from .sql import SqlStore
 
     return SqlStore(url, **kwargs)
+
+
+def local_store_path(url: str) -> str | None:
+    """Where the store of ``url`` keeps its records on this machine: a filesystem store's directory or a
+    SQLite database file.  None for a database server, an in-memory database, or a store of a plugin."""
+    url = expand_variables(url.strip())
+    scheme = url_scheme(url) or "file"
+    if scheme == "file":
+        return str(store_directory(url))
+    if scheme == "sqlite":
+        from .sql import sqlite_file
+
+        return sqlite_file(url)
+    return None
 
 
 def __getattr__(name: str) -> Any:

@@ -46,7 +46,7 @@ class FilesystemStore(Store):
         create: bool = True,
         **options: Any,
     ) -> None:
-        directory = _path_of(directory)
+        directory = store_directory(directory)
         if "\0" in str(directory):
             raise InvalidArgument(f"store directory {str(directory)[:80]!r} contains a NUL byte")
         self.directory = directory.absolute()
@@ -333,7 +333,8 @@ def parse_summary(head: bytes) -> dict[str, Any] | None:
             "modified": modified, "children": children}
 
 
-def _path_of(directory: str | os.PathLike[str]) -> Path:
+def store_directory(directory: str | os.PathLike[str]) -> Path:
+    """The directory of a filesystem store, given as a path or a ``file://`` URL."""
     if isinstance(directory, str) and directory.startswith("file://"):
         rest = directory[len("file://") :]
         if rest.startswith("localhost/"):

@@ -115,10 +115,9 @@ class SqlStore(Store):
                          *_url_secrets(address)]
         self.fsync = fsync
         self._create = create
-        database = self._address.database
-        if not create and self._address.get_backend_name() == "sqlite" and database and database != ":memory:":
-            if not database.startswith("file:") and not os.path.exists(database):  # connecting would create it
-                raise StoreError(self._masked(), f"no database file {database} (and create=False)")
+        database = _sqlite_file(self._address)
+        if not create and database is not None and not os.path.exists(database):  # connecting would create it
+            raise StoreError(self._masked(), f"no database file {database} (and create=False)")
         self.engine = self._make_engine()
         self._extra = {_fresh(column): getter for column, getter in (extra_fields or {}).items()}
         for column in self._extra:
@@ -739,6 +738,18 @@ def _url_secrets(address: str) -> list[str]:
     if not written:
         return []
     return sorted({written, *(part for part in re.split("[@:]", written) if part)}, key=len, reverse=True)
+
+
+def sqlite_file(url: str) -> str | None:
+    """The database file of a ``sqlite://`` store URL; None for an in-memory database or a ``file:`` URI."""
+    return _sqlite_file(_with_default_driver(_split_fragment(url)[0]))
+
+
+def _sqlite_file(address: sa.URL) -> str | None:
+    database = address.database
+    if address.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    return None if database.startswith("file:") else database
 
 
 def _with_default_driver(address: str) -> sa.URL:
