@@ -27,6 +27,10 @@ def test_benchmark_runs_every_workload_and_prints_ratios(tmp_path: Path) -> None
         for name in ("3-reopen", "5-ls"):  # run five times, the fastest counts
             times = workloads[name]["times"]
             assert len(times) == 5 and workloads[name]["time"] == min(times), name
+    assert results["stores"]["file"]["5-ls"]["bare_time"] > 0  # the bare loop over the files: files only
+    assert "bare_time" not in results["stores"]["sqlite"]["5-ls"]
     rows = [line for line in done.stdout.splitlines() if line.startswith(("file ", "sqlite "))]
     assert len(rows) == 12
+    file_ls = [line for line in rows if line.startswith("file ") and " ls " in line]
+    assert [line for line in rows if "bare loop" in line] == file_ls and len(file_ls) == 1
     assert all("x" in line.split("  ")[-1] for line in rows)  # every figure is a ratio to the floor
