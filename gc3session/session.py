@@ -164,21 +164,6 @@ class Session:
 
     def _open(self, extra_args: dict[str, Any], task_ids: Iterable[str] | None, lazy: bool) -> None:
         self.store_url = read_store_url(self.path)
-        url = resolve_store_url(self.path, self.store_url)
-        where = self._file(self.STORE_URL_FILENAME)
-        try:
-            records = local_store_path(url)
-            # a store that is gone (moved, deleted, a disk not mounted) is not made anew: a new one would
-            # number its tasks from 1 again, under ids that the index, and the store once back, give to others
-            if records is not None and not os.path.exists(records):
-                raise SessionError(where, f"names {shorten(records)}, which does not exist (moved, deleted, or on "
-                                          "a disk that is not mounted?); Session(path, load=False) starts it over")
-            self.store = make_store(url, **extra_args)
-        except (ValueError, OSError) as error:  # InvalidArgument is a ValueError
-            kind = InvalidArgument if isinstance(error, InvalidArgument) else SessionError
-            reason = f"names a store that cannot be used: {shorten(str(error))}"
-            raise (kind(f"{where}: {reason}") if kind is InvalidArgument else SessionError(where, reason)) from error
-        self.store.hooks = self.hooks
         index = self._file(self.INDEX_FILENAME)
         if not os.path.lexists(index):
             with self._locked():
@@ -187,11 +172,39 @@ class Session:
                 except OSError as error:
                     raise SaveError(index, f"cannot create the index: {error.strerror or error}") from error
         self._index = dict.fromkeys(read_index(index))
+        url = resolve_store_url(self.path, self.store_url)
+        where = self._file(self.STORE_URL_FILENAME)
+        try:
+            self._check_store_is_there(local_store_path(url), where)
+            self.store = make_store(url, **extra_args)
+        except (ValueError, OSError) as error:  # InvalidArgument is a ValueError
+            kind = InvalidArgument if isinstance(error, InvalidArgument) else SessionError
+            reason = f"names a store that cannot be used: {shorten(str(error))}"
+            raise (kind(f"{where}: {reason}") if kind is InvalidArgument else SessionError(where, reason)) from error
+        self.store.hooks = self.hooks
         ids = list(self._index) if task_ids is None else list(task_ids)
         if lazy:
             self.tasks.expect(ids)
         else:
             self._load_into_session(ids)
+
+    def _check_store_is_there(self, records: str | None, where: str) -> None:
+        """SessionError if the local store at ``records`` is gone, or is an empty directory while the index names
+        tasks (a disk not mounted there).  A new, empty store would number tasks from 1 again, under ids
+        that the index, and the old store once back, give to other tasks."""
+        if records is None:  # a server, or an in-memory database
+            return
+        hint = ("(moved, deleted, or on a disk that is not mounted?): mount it or correct store.url; "
+                "Session(path, load=False) starts the session over, with an empty index")
+        try:
+            os.stat(records)
+        except FileNotFoundError:
+            raise SessionError(where, f"names {shorten(records)}, which does not exist {hint}") from None
+        except (OSError, ValueError):  # no permission, a NUL byte...: the store's own open says so
+            return
+        if self._index and os.path.isdir(records) and not _has_entries(records):
+            raise SessionError(where, f"names {shorten(records)}, an empty directory, while the index names "
+                                      f"{len(self._index)} task(s) {hint}")
 
     def _load_into_session(self, ids: list[str]) -> dict[str, Any]:
         errors: dict[str, LoadError] = {}
@@ -772,6 +785,15 @@ def read_store_url(session_path: str | os.PathLike[str]) -> str:
     if not lines:
         raise SessionError(path, "is empty: the session does not say where its tasks are stored")
     return lines[0]
+
+
+def _has_entries(directory: str) -> bool:
+    """True if ``directory`` holds anything (or cannot be listed: then it is not for this check to say)."""
+    try:
+        with os.scandir(directory) as entries:
+            return next(entries, None) is not None
+    except OSError:
+        return True
 
 
 def resolve_store_url(session_path: str | os.PathLike[str], url: str) -> str:

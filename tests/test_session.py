@@ -310,6 +310,23 @@ def test_a_session_whose_store_is_gone_does_not_open_and_makes_no_new_store(tmp_
     assert [t.jobname for t in Session(tmp_path / "s")] == ["kept"]
 
 
+def test_a_session_whose_store_directory_is_an_empty_mount_point_does_not_open(tmp_path):
+    session = Session(tmp_path / "s", store_or_url=str(tmp_path / "mnt"))
+    session.add(Task(jobname="kept"))
+    session.close()
+    os.rename(tmp_path / "mnt", tmp_path / "disk")
+    (tmp_path / "mnt").mkdir()  # the disk is not mounted: its mount point is there, empty
+    with pytest.raises(SessionError, match=r"mnt, an empty directory, while the index names 1 task"):
+        Session(tmp_path / "s")
+    assert os.listdir(tmp_path / "mnt") == []
+    (tmp_path / "mnt").rmdir()
+    os.rename(tmp_path / "disk", tmp_path / "mnt")
+    assert [t.jobname for t in Session(tmp_path / "s")] == ["kept"]
+    empty = Session(tmp_path / "e", store_or_url=str(tmp_path / "empty"))  # no tasks: an empty store is right
+    empty.close()
+    assert len(Session(tmp_path / "e")) == 0
+
+
 def test_a_session_whose_store_is_gone_can_be_started_over(tmp_path):
     session = Session(tmp_path / "s", store_or_url=f"sqlite:///{tmp_path / 'tasks.db'}")
     session.add(Task())
