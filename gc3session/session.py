@@ -15,6 +15,7 @@ import io
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time as _time
@@ -197,12 +198,12 @@ class Session:
         hint = ("(moved, deleted, or on a disk that is not mounted?): mount it or correct store.url; "
                 "Session(path, load=False) starts the session over, with an empty index")
         try:
-            os.stat(records)
+            found = os.stat(records)
         except FileNotFoundError:
             raise SessionError(where, f"names {shorten(records)}, which does not exist {hint}") from None
         except (OSError, ValueError):  # no permission, a NUL byte...: the store's own open says so
             return
-        if self._index and os.path.isdir(records) and not _has_entries(records):
+        if self._index and stat.S_ISDIR(found.st_mode) and not _has_entries(records):
             raise SessionError(where, f"names {shorten(records)}, an empty directory, while the index names "
                                       f"{len(self._index)} task(s) {hint}")
 

@@ -122,8 +122,12 @@ class FilesystemStore(Store):
             except OSError as error:
                 raise SaveError(oid, f"cannot remove {path}: {error.strerror or error}") from error
 
+    def _sorted_ids(self) -> list[str]:
+        """The ids of every record, in order of number."""
+        return sorted(self._names(), key=lambda oid: parse_id(oid)[1])
+
     def _list(self, filters: dict[str, Any]) -> list[str]:
-        ids = sorted(self._names(), key=lambda oid: parse_id(oid)[1])
+        ids = self._sorted_ids()
         if not filters:
             return ids
         return [oid for oid, meta in self._read_metadata(ids) if isinstance(meta, dict) and matches(meta, filters)]
@@ -134,12 +138,13 @@ class FilesystemStore(Store):
     def _read_summaries(self, ids: list[str] | None) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
         """The listing line of each file, read and parsed in a loop of its own: the hot path of ``ls``.
 
-        Anything but a whole listing line in the first block of a file (a
-        file that cannot be read, a record without a listing line, a long or
-        damaged one) goes through the general path, :meth:`_summary_of`.
+        Anything but a whole listing line (a file that cannot be read, a
+        record without a listing line, a damaged one) goes through the
+        general path, :meth:`_summary_of`, which reports errors and falls
+        back to the metadata line.
         """
         if ids is None:
-            ids = sorted(self._names(), key=lambda oid: parse_id(oid)[1])
+            ids = self._sorted_ids()
         dir_fd = _open_directory(self._prefix)
         if dir_fd is None:  # each file's own open then says what is wrong
             yield from self._parse_heads(ids, self._summary_of, metadata=False)
@@ -147,11 +152,7 @@ class FilesystemStore(Store):
         try:
             for oid in ids:
                 try:
-                    fd = os.open(oid, os.O_RDONLY, dir_fd=dir_fd)
-                    try:
-                        head = os.read(fd, SUMMARY_BLOCK)
-                    finally:
-                        os.close(fd)
+                    head = read_head(oid, dir_fd)
                 except OSError:
                     head = b""
                 summary = parse_summary(head)
@@ -179,7 +180,7 @@ class FilesystemStore(Store):
         """``(id, parse(id, path, head))`` for each file, ``head`` its first line (through its metadata line
         with ``metadata``); a file that cannot be read gives a LoadError instead."""
         if ids is None:
-            ids = sorted(self._names(), key=lambda oid: parse_id(oid)[1])
+            ids = self._sorted_ids()
         prefix = self._prefix
         # files opened by name inside the directory: the kernel does not walk the whole path for each
         dir_fd = _open_directory(prefix)
@@ -235,7 +236,7 @@ def read_head(path: str | Path, dir_fd: int | None = None, *, metadata: bool = F
     fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
     try:
         # one read, most often: the listing line is about a hundred bytes, the metadata line a few hundred
-        head = os.read(fd, 4096 if metadata else 512)
+        head = os.read(fd, 4096 if metadata else SUMMARY_BLOCK)
         end = metadata_end(head) if metadata else head.find(b"\n")
         if end >= 0:
             return head[: end + 1]
@@ -317,7 +318,7 @@ def parse_metadata(oid: str, path: str | Path, head: bytes) -> dict[str, Any] | 
 
 def parse_summary(head: bytes) -> dict[str, Any] | None:
     """The listing fields in the first line of ``head`` (the start of a record file), or None if it does not
-    hold them: no listing line, or one that is damaged or longer than ``head``."""
+    hold them: no listing line, one that is damaged, or one without its newline."""
     end = head.find(b"\n")
     if end < 0 or head[:1] != b"[":
         return None

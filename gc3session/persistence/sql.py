@@ -630,8 +630,8 @@ class SqlStore(Store):
                 )
                 value = conn.execute(query, {"t": self.table_name}).scalar()
                 return None if value is None else int(value)
-        database = self._address.database
-        return os.path.getsize(database) if database and os.path.exists(database) else None
+        database = _sqlite_file(self._address)
+        return os.path.getsize(database) if database is not None and os.path.exists(database) else None
 
     # -- life cycle -----------------------------------------------------------
 
