@@ -13,6 +13,7 @@ from .exceptions import (
     SaveError,
     SessionError,
     StoreError,
+    StoreNotFound,
 )
 from .session import Session, TemporarySession
 from .task import Execution, Persistable, State, Task, TaskCollection
@@ -41,6 +42,7 @@ __all__ = [
     "SessionError",
     "State",
     "StoreError",
+    "StoreNotFound",
     "Task",
     "TaskCollection",
     "TemporarySession",

@@ -25,7 +25,7 @@ from typing import Any
 import click
 
 from ._version import __version__
-from .exceptions import Error, InvalidArgument, LoadError, SessionError
+from .exceptions import Error, InvalidArgument, LoadError, SessionError, StoreNotFound
 from .migrate import import_gc3pie
 from .persistence.atomic import TEMP_PREFIX
 from .persistence.filesystem import FilesystemStore
@@ -70,9 +70,16 @@ class SessionView:
         return self.store.iter_metadata(ids)
 
     def walk(self, recursive: bool) -> Iterator[tuple[int, str | None, str, dict[str, Any] | LoadError]]:
-        """``(depth, parent, id, summary)`` of the tasks, children right under their parent when recursive."""
+        """``(depth, parent, id, summary)`` of the tasks, children right under their parent when recursive.
+
+        The store is opened by this call, so that a store that cannot be
+        opened fails before any of the listing is written.
+        """
+        return self._walk(self.store.iter_summaries(iter_index(self.index_path)), recursive)
+
+    def _walk(self, summaries: Iterator[tuple[str, dict[str, Any] | LoadError]], recursive: bool) -> Iterator[Any]:
         expanded: set[str] = set()  # the tasks whose children are listed: a shared one shows them once
-        for oid, meta in self.store.iter_summaries(iter_index(self.index_path)):  # streamed, for huge sessions
+        for oid, meta in summaries:  # streamed, for huge sessions
             yield 0, None, oid, meta
             if recursive and isinstance(meta, dict) and oid not in expanded:
                 expanded.add(oid)
@@ -508,16 +515,13 @@ def rm(session: str, task_ids: tuple[str, ...], keep_in_store: bool, dry_run: bo
     unknown = [oid for oid in task_ids if oid not in view.ids]
     if unknown:
         raise click.ClickException(f"not in session {view.path}: {', '.join(unknown)}")
-    opened = Session(view.path, create=False, task_ids=[])
+    opened = open_to_change(view)
     verb = "would remove" if dry_run else "removed"
     where = "from the session" if keep_in_store else "from the session and the store"
     for oid in task_ids:  # nothing is written before the flush, which a dry run leaves out
         (opened.forget if keep_in_store else opened.remove)(oid, flush=False)
     removed = list(task_ids) if keep_in_store else opened.pending_deletions()
-    if not dry_run:
-        opened.close()  # flushes, and ends this run's record
-    else:
-        opened.store.close()
+    opened.close(save=not dry_run)  # flushes (unless a dry run), and ends this run's record
     click.echo(f"{verb} {len(removed)} task(s) {where}: {' '.join(removed)}")
 
 
@@ -539,9 +543,18 @@ def destroy(session: str, yes: bool, dry_run: bool) -> None:
         return
     if not yes:
         click.confirm(f"Destroy session {view.path} and its {count} task(s)?", abort=True)
-    opened = Session(view.path, create=False, task_ids=[])
+    opened = open_to_change(view, f"; to drop the session and leave its store as it is, remove {view.path}")
     opened.destroy()
     click.echo(f"destroyed session {view.path} ({count} task(s))")
+
+
+def open_to_change(view: SessionView, advice: str = "") -> Session:
+    """The session of ``view``, opened with none of its tasks loaded; a store that is not found is an error that
+    gives a shell user's ``advice``, not Python's."""
+    try:
+        return Session(view.path, create=False, task_ids=[])
+    except StoreNotFound as error:
+        raise click.ClickException(f"{error.path}: {error.reason}{advice}") from None
 
 
 # -- verify, copy ---------------------------------------------------------------

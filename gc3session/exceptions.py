@@ -38,6 +38,26 @@ class SessionError(Error):
         return f"{self.path}: {self.reason}"
 
 
+class StoreNotFound(SessionError):
+    """The store an existing session names is not there: moved, deleted, or on a disk that is not mounted.
+
+    ``path`` names the session's ``store.url``; ``store`` the directory or
+    database file that was not found (or is an empty directory while the
+    index names tasks).  Mount the disk or correct ``store.url``; opening
+    the session with ``load=False`` starts it over, with an empty index.
+    """
+
+    def __init__(self, path: str, reason: str, store: str) -> None:
+        Error.__init__(self, path, reason, store)
+
+    @property
+    def store(self) -> str:
+        return self.args[2]
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}; Session(path, load=False) starts the session over, with an empty index"
+
+
 class LoadError(Error, LookupError):
     """An object could not be loaded: missing, unreadable, or refused.
 
@@ -116,5 +136,5 @@ class RepairWarning(UserWarning):
 
 __all__ = [
     "Error", "InvalidArgument", "LoadError", "LoadWarning", "NoSuchObject", "RepairWarning", "SaveError",
-    "SessionError", "StoreError",
+    "SessionError", "StoreError", "StoreNotFound",
 ]

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 
 from filelock import FileLock
 
-from .exceptions import InvalidArgument, LoadError, LoadWarning, SaveError, SessionError
+from .exceptions import InvalidArgument, LoadError, LoadWarning, SaveError, SessionError, StoreNotFound
 from .persistence import local_store_path
 from .persistence.atomic import write_atomically
 from .persistence.filesystem import FilesystemStore
@@ -195,17 +195,16 @@ class Session:
         that the index, and the old store once back, give to other tasks."""
         if records is None:  # a server, or an in-memory database
             return
-        hint = ("(moved, deleted, or on a disk that is not mounted?): mount it or correct store.url; "
-                "Session(path, load=False) starts the session over, with an empty index")
+        hint = "(moved, deleted, or on a disk that is not mounted?): mount it or correct store.url"
         try:
             found = os.stat(records)
         except FileNotFoundError:
-            raise SessionError(where, f"names {shorten(records)}, which does not exist {hint}") from None
+            raise StoreNotFound(where, f"names {shorten(records)}, which does not exist {hint}", records) from None
         except (OSError, ValueError):  # no permission, a NUL byte...: the store's own open says so
             return
         if self._index and stat.S_ISDIR(found.st_mode) and not _has_entries(records):
-            raise SessionError(where, f"names {shorten(records)}, an empty directory, while the index names "
-                                      f"{len(self._index)} task(s) {hint}")
+            raise StoreNotFound(where, f"names {shorten(records)}, an empty directory, while the index names "
+                                       f"{len(self._index)} task(s) {hint}", records)
 
     def _load_into_session(self, ids: list[str]) -> dict[str, Any]:
         errors: dict[str, LoadError] = {}
@@ -592,16 +591,22 @@ class Session:
         """The run records in ``session.json``: one per open in a writing process, oldest first."""
         return read_runs(self.path)["runs"]
 
-    def close(self) -> None:
-        """Save changed tasks, flush, record the end of this run, and release the store."""
-        self._finish(None)
+    def close(self, *, save: bool = True) -> None:
+        """Save changed tasks, flush, record the end of this run, and release the store.
 
-    def _finish(self, error: BaseException | None) -> None:
+        With ``save=False``, nothing is saved or flushed: changes not saved
+        yet (tasks added or removed with ``flush=False``, changed tasks) are
+        dropped, and only the end of the run is recorded.
+        """
+        self._finish(None, save=save)
+
+    def _finish(self, error: BaseException | None, *, save: bool = True) -> None:
         with ExitStack() as closing:  # each step runs even if an earlier one raised; the last one first
             closing.callback(self.store.close)
             closing.callback(self._closed, error)
             closing.callback(self._record_end, error)
-            self.save_all()
+            if save:
+                self.save_all()
 
     def _record_end(self, error: BaseException | None) -> None:
         if os.path.isdir(self.path):  # not after destroy()
@@ -660,10 +665,10 @@ class TemporarySession(Session):
         self.flush()
         self.hooks.call("session_opened", session=self)
 
-    def _finish(self, error: BaseException | None) -> None:
+    def _finish(self, error: BaseException | None, *, save: bool = True) -> None:
         """Close as a session does, then remove the temporary directory (when ``delete``)."""
         try:
-            super()._finish(error)
+            super()._finish(error, save=save)
         finally:
             if self._finalizer is not None:
                 self._finalizer()

@@ -25,6 +25,7 @@ from gc3session import Session, State, Task, TaskCollection, __version__, cli
 from gc3session.cli import cut, main, table_cells, table_time, write_table
 from gc3session.exceptions import StoreError
 from gc3session.persistence.filesystem import FilesystemStore, decode_record, encode_record
+from gc3session.runs import read_runs
 
 CLI_KINDS = ["file", "sqlite", "postgresql"]
 
@@ -242,6 +243,7 @@ def test_rm_with_children_and_dry_run(sample: Path) -> None:
     grid = rows[2]["id"]
     dry = run("rm", sample, grid, "--dry-run")
     assert dry.exit_code == 0 and "would remove 4" in dry.output
+    assert read_runs(str(sample))["runs"][-1]["end"] is not None  # the dry run's record is closed
     assert len(json.loads(run("ls", sample, "-r", "--format", "json").output)) == 6
     done = run("rm", sample, grid)
     assert done.exit_code == 0, done.output
@@ -360,13 +362,18 @@ def test_copy_refuses_an_sql_row_held_by_an_id_with_another_prefix(tmp_path: Pat
     assert [t.jobname for t in Session(tmp_path / "a")] == ["a"]
 
 
-@pytest.mark.parametrize("command", [["ls"], ["stats"], ["verify"], ["rm", "Task.1"], ["destroy", "--yes"]])
+@pytest.mark.parametrize("command", [["ls"], ["ls", "--format", "json"], ["ls", "--format", "csv"], ["stats"],
+                                     ["verify"], ["rm", "Task.1"], ["destroy", "--yes"]])
 def test_a_session_whose_sqlite_file_is_gone_is_an_error_leaving_no_file(tmp_path: Path, command: list[str]) -> None:
     Session(tmp_path / "s", store_or_url=f"sqlite:///{tmp_path}/tasks.db").add(Task(jobname="a"))
     (tmp_path / "tasks.db").unlink()
     result = run(command[0], tmp_path / "s", *command[1:])
     said = ("no database file" if command[0] in ("ls", "stats", "verify") else "which does not exist")
     assert result.exit_code == 1 and f"{tmp_path}/tasks.db" in result.output and said in result.output, result.output
+    assert result.stdout == ""  # an error only: no table header, no half of a JSON list
+    assert "load=False" not in result.output  # a Python hint means nothing in a shell
+    if command[0] == "destroy":
+        assert f"remove {tmp_path / 's'}" in result.output
     assert not (tmp_path / "tasks.db").exists()
     assert Path(tmp_path / "s" / "index.txt").read_text() == "Task.1\n"  # the session is as it was
 

@@ -27,6 +27,7 @@ from gc3session import (
     SessionError,
     State,
     StoreError,
+    StoreNotFound,
     Task,
     TaskCollection,
     TemporarySession,
@@ -251,6 +252,22 @@ def test_load_false_starts_a_new_session(session):
     assert len(reopen(session)) == 0
 
 
+def test_close_without_saving_records_the_end_and_writes_nothing_else(tmp_path):
+    session = Session(tmp_path / "s")
+    kept = session.add(Task(jobname="kept"))
+    session.close()
+    session = Session(tmp_path / "s")
+    session.tasks[kept].jobname = "changed"
+    session.add(Task(jobname="dropped"), flush=False)
+    session.remove(kept, flush=False)
+    session.close(save=False)
+    assert session.runs[-1]["end"] is not None
+    again = Session(tmp_path / "s")
+    assert [(t.persistent_id, t.jobname) for t in again] == [(kept, "kept")]
+    assert again.store.list() == [kept]
+    again.store.close()
+
+
 def test_task_ids_loads_only_those(session):
     ids = [session.add(Task(jobname=str(i))) for i in range(4)]
     partial = Session(session.path, task_ids=ids[1:3])
@@ -301,10 +318,12 @@ def test_a_session_whose_store_is_gone_does_not_open_and_makes_no_new_store(tmp_
     session.close()
     moved = tmp_path / "moved"
     os.rename(records, moved)
-    with pytest.raises(SessionError) as excinfo:
+    with pytest.raises(StoreNotFound) as excinfo:
         Session(tmp_path / "s")
-    assert excinfo.value.path == str(tmp_path / "s" / "store.url")
+    assert isinstance(excinfo.value, SessionError)
+    assert excinfo.value.path == str(tmp_path / "s" / "store.url") and excinfo.value.store == str(records)
     assert str(records) in str(excinfo.value) and "does not exist" in str(excinfo.value)
+    assert "load=False" in str(excinfo.value) and "load=False" not in excinfo.value.reason  # the hint: Python's
     assert not records.exists()
     os.rename(moved, records)  # the disk is back: nothing was lost or numbered twice
     assert [t.jobname for t in Session(tmp_path / "s")] == ["kept"]
@@ -316,7 +335,7 @@ def test_a_session_whose_store_directory_is_an_empty_mount_point_does_not_open(t
     session.close()
     os.rename(tmp_path / "mnt", tmp_path / "disk")
     (tmp_path / "mnt").mkdir()  # the disk is not mounted: its mount point is there, empty
-    with pytest.raises(SessionError, match=r"mnt, an empty directory, while the index names 1 task"):
+    with pytest.raises(StoreNotFound, match=r"mnt, an empty directory, while the index names 1 task"):
         Session(tmp_path / "s")
     assert os.listdir(tmp_path / "mnt") == []
     (tmp_path / "mnt").rmdir()
