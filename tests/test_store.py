@@ -1113,6 +1113,21 @@ def test_make_store_with_a_file_url(tmp_path):
     assert (tmp_path / "local").is_dir()
 
 
+def test_url_schemes_and_hosts_ignore_case(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a scheme taken as part of a relative path would land here
+    assert make_store(f"FILE://{tmp_path}/upper").directory == tmp_path / "upper"
+    assert make_store(f"File://LocalHost{tmp_path}/host").directory == tmp_path / "host"
+    for url in (f"SQLITE:///{tmp_path}/upper.db", f"SQLite+pysqlite:///{tmp_path}/driver.db"):
+        store = make_store(url)
+        oid = store.save(Task(jobname=url))
+        store.close()
+        store = make_store(url)
+        assert store.load(oid).jobname == url
+        store.close()
+    assert sorted(name for name in os.listdir(tmp_path) if not name.endswith(("-wal", "-shm"))) == [
+        "driver.db", "host", "upper", "upper.db"]
+
+
 def test_make_store_refuses_a_relative_file_url():
     with pytest.raises(InvalidArgument):
         make_store("file://relative/path")

@@ -336,9 +336,9 @@ def parse_summary(head: bytes) -> dict[str, Any] | None:
 
 def store_directory(directory: str | os.PathLike[str]) -> Path:
     """The directory of a filesystem store, given as a path or a ``file://`` URL."""
-    if isinstance(directory, str) and directory.startswith("file://"):
+    if isinstance(directory, str) and directory[:7].lower() == "file://":  # schemes and hosts ignore case
         rest = directory[len("file://") :]
-        if rest.startswith("localhost/"):
+        if rest[:10].lower() == "localhost/":
             rest = rest[len("localhost") :]
         if not rest.startswith("/"):
             raise InvalidArgument(f"file URL {directory!r} must name an absolute path (file:///...)")

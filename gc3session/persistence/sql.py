@@ -760,6 +760,8 @@ def _with_default_driver(address: str) -> sa.URL:
         for secret in _url_secrets(address):
             reason = reason.replace(secret, "***")
         raise InvalidArgument(f"{mask_password(address)} is not a valid database URL: {reason}") from None
+    if url.drivername != url.drivername.lower():  # a scheme ignores case; SQLAlchemy's names are lower case
+        url = url.set(drivername=url.drivername.lower())
     if "+" not in url.drivername and url.drivername in _DEFAULT_DRIVERS:
         url = url.set(drivername=_DEFAULT_DRIVERS[url.drivername])
     return url
