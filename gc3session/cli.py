@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import unicodedata
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from functools import cached_property
@@ -275,9 +276,9 @@ def write_table(rows: Iterable[tuple[str, ...]], terminal: bool) -> None:
     fixed = {"id": 20, "state": 11, "class": 18, "modified": 19}
     name_width = max(10, width - sum(fixed.values()) - 8)
     widths = (fixed["id"], name_width, fixed["state"], fixed["class"], fixed["modified"])
-    click.echo("  ".join(cut(h, w).ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    click.echo("  ".join(fit(h, w) for h, w in zip(headers, widths, strict=True)).rstrip())
     for row in rows:
-        click.echo("  ".join(cut(c, w).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        click.echo("  ".join(fit(c, w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def table_cells(oid: str, meta: dict[str, Any] | LoadError, depth: int = 0) -> tuple[str, ...]:
@@ -302,8 +303,25 @@ def cell(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
-def cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+def fit(text: str, width: int) -> str:
+    """``text`` cut (ending in "…") or padded with spaces to take ``width`` columns of a terminal."""
+    if text.isascii():
+        return text.ljust(width) if len(text) <= width else text[: width - 1] + "…"
+    columns = [_columns(c) for c in text]
+    if sum(columns) <= width:
+        return text + " " * (width - sum(columns))
+    used = end = 0
+    while used + columns[end] <= width - 1:  # room for the "…", which takes one column
+        used += columns[end]
+        end += 1
+    return text[:end] + "…" + " " * (width - 1 - used)
+
+
+def _columns(char: str) -> int:
+    """How many columns of a terminal ``char`` takes: two for wide East Asian ones, none for combining marks."""
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
 
 
 def whole_second(value: Any) -> int | None:

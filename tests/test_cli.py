@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import unicodedata
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 from gc3session import Session, State, Task, TaskCollection, __version__, cli
-from gc3session.cli import cut, main, table_cells, table_time, write_table
+from gc3session.cli import fit, main, table_cells, table_time, write_table
 from gc3session.exceptions import StoreError
 from gc3session.persistence.filesystem import FilesystemStore, decode_record, encode_record
 from gc3session.runs import read_runs
@@ -96,7 +97,25 @@ def test_table_on_terminal_is_aligned_and_cut(monkeypatch: Any, capsys: Any) -> 
     assert "…" in lines[1]
     assert lines[1].index("NEW") == lines[2].index("RUNNING")
     assert lines[2].startswith("  Task.22")
-    assert cut("abcdef", 4) == "abc…" and cut("abc", 4) == "abc"
+    assert fit("abcdef", 4) == "abc…" and fit("abc", 4) == "abc "
+
+
+def test_table_on_terminal_aligns_wide_and_combining_characters(monkeypatch: Any, capsys: Any) -> None:
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback=None: os.terminal_size((80, 24)))
+    names = ["plain", "模拟-第一步", "e\u0301te\u0301", "🧪" * 40, "a" + "宽" * 40]
+    rows = [table_cells(f"Task.{i}", {"jobname": name, "state": "NEW", "cls": "a.Task", "modified": None})
+            for i, name in enumerate(names)]
+    write_table(rows, terminal=True)
+    lines = capsys.readouterr().out.splitlines()[1:]
+
+    def column_of_state(line: str) -> int:  # where NEW starts, counted in terminal columns
+        before = line[: line.index("NEW")]
+        return sum(2 if unicodedata.east_asian_width(c) in "WF" else 0 if unicodedata.combining(c) else 1
+                   for c in before)
+
+    assert len({column_of_state(line) for line in lines}) == 1, lines
+    assert lines[3].count("🧪") < 40 and "…" in lines[3] and "…" in lines[4]
+    assert fit("宽宽宽", 4) == "宽… " and fit("宽宽", 4) == "宽宽" and fit("e\u0301", 2) == "e\u0301 "
 
 
 def test_ls_streams_the_index_instead_of_reading_it_whole(sample: Path, monkeypatch: Any) -> None:
