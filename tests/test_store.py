@@ -33,6 +33,7 @@ from gc3session.persistence import (
     Serializer,
     SqlStore,
     Store,
+    filesystem,
     make_store,
     register,
 )
@@ -1317,6 +1318,19 @@ def test_filesystem_listing_of_long_short_odd_and_missing_records(tmp_path):
     assert found[junk]["jobname"] == "junk" and "history" in found[junk]  # not a listing line: the metadata
     assert isinstance(found[short], LoadError) and "truncated" in found[short].reason
     assert isinstance(found[gone], NoSuchObject) and found[gone].id == gone
+
+
+def test_filesystem_listing_reads_healthy_records_once_each_on_its_fast_path(tmp_path, monkeypatch):
+    store = FilesystemStore(tmp_path / "s")
+    big = TaskCollection(jobname="big", tasks=[Task() for _ in range(60)])  # a listing line longer than a read
+    ids = [*store.save_many([Task(jobname=str(i)) for i in range(5)]), store.save(big)]
+    read: list[str] = []
+    real = filesystem.read_head
+    monkeypatch.setattr(filesystem, "read_head", lambda path, *a, **k: read.append(path) or real(path, *a, **k))
+    monkeypatch.setattr(FilesystemStore, "_summary_of", None)  # the general path: not for healthy records
+    found = dict(FilesystemStore(tmp_path / "s").iter_summaries(ids))
+    assert [found[oid]["jobname"] for oid in ids] == ["0", "1", "2", "3", "4", "big"]
+    assert read == ids  # each record read once, by its name in the store directory
 
 
 def test_filesystem_store_writes_the_chosen_protocol(tmp_path):
