@@ -319,7 +319,7 @@ def fit(text: str, width: int) -> str:
 
 def _columns(char: str) -> int:
     """How many columns of a terminal ``char`` takes: two for wide East Asian ones, none for combining marks."""
-    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+    if unicodedata.category(char) in ("Mn", "Me", "Cf"):  # marks drawn over the letter before, invisible ones
         return 0
     return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
 

@@ -594,9 +594,9 @@ class Session:
     def close(self, *, save: bool = True) -> None:
         """Save changed tasks, flush, record the end of this run, and release the store.
 
-        With ``save=False``, nothing is saved or flushed: changes not saved
-        yet (tasks added or removed with ``flush=False``, changed tasks) are
-        dropped, and only the end of the run is recorded.
+        With ``save=False``, nothing is saved or flushed: what was not saved
+        yet (changed tasks, tasks added or removed with ``flush=False``) stays
+        unsaved, and only the end of the run is recorded.
         """
         self._finish(None, save=save)
 
