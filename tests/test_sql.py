@@ -439,8 +439,10 @@ def test_create_false_refuses_a_missing_table_beside_others(opened: Any, sql_url
     assert not sa.inspect(opened().engine).has_table(missing)
 
 
-def test_opening_an_existing_store_reads_no_catalog(opened: Any, sql_url: str) -> None:
-    """Two empty SELECTs tell that both tables are there: reflection costs several ms an open."""
+@pytest.mark.parametrize("create", [False, True])
+def test_opening_an_existing_store_reads_no_catalog_and_writes_nothing(opened: Any, create: bool) -> None:
+    """Two SELECTs tell that both tables and the counter row are there: reflection costs several ms an
+    open, and a write (the counter row's) would take a lock and, on a server, a synced commit."""
     oid = opened().save(Task(jobname="kept"))
     statements: list[str] = []
 
@@ -449,13 +451,27 @@ def test_opening_an_existing_store_reads_no_catalog(opened: Any, sql_url: str) -
 
     sa.event.listen(sa.engine.Engine, "before_cursor_execute", record)
     try:
-        store = opened(create=False)
+        store = opened(create=create)
     finally:
         sa.event.remove(sa.engine.Engine, "before_cursor_execute", record)
     assert store.load(oid).jobname == "kept"
     catalog = ("sqlite_master", "pg_catalog", "information_schema", "PRAGMA main.table_info", "pg_class")
     assert not [s for s in statements if any(word in s for word in catalog)], statements
-    assert sum("WHERE 1 = 0" in s for s in statements) == 2
+    assert sum("WHERE 1 = 0" in s for s in statements) == 1
+    written = [s for s in statements if s.split(None, 1)[0].upper() in ("UPDATE", "INSERT", "DELETE", "CREATE")]
+    assert not written and not [s for s in statements if "IMMEDIATE" in s.upper()], statements
+    assert parse_id(store.save(Task()))[1] == parse_id(oid)[1] + 1  # the counter goes on from where it was
+
+
+def test_opening_a_store_whose_counter_row_is_gone_makes_it_above_the_highest_id(opened: Any) -> None:
+    store = opened()
+    highest = max(parse_id(oid)[1] for oid in store.save_many([Task() for _ in range(3)]))
+    with store.engine.begin() as conn:
+        conn.execute(sa.delete(store.counters))
+    again = opened()
+    with again.engine.connect() as conn:
+        assert conn.execute(sa.select(again.counters.c.next_id)).scalar_one() == highest + 1
+    assert parse_id(again.save(Task()))[1] == highest + 1
 
 
 def test_a_lost_counters_table_comes_back_above_the_highest_id(tmp_path: Any) -> None:

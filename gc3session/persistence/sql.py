@@ -177,7 +177,7 @@ class SqlStore(Store):
         with self._failures("cannot open the store table"):
             for attempt in retries():  # several processes may be creating the same database at once
                 with attempt:
-                    present = self._existing_columns()
+                    present, counted = self._existing_columns() or (None, False)
                     if present is None:  # a table is missing: reflection says which
                         inspector = sa.inspect(self.engine)
                         if not inspector.has_table(self.table_name):
@@ -189,7 +189,8 @@ class SqlStore(Store):
                     table = self._adopt(wanted, present)
         if create:
             self.table, self.counters = table, counters
-            self._reserve(0)  # creates this table's counter row now, before writers race for it
+            if not counted:  # a new table: its counter row is made now, before writers race for it
+                self._reserve(0)  # a write transaction, which opening an existing store does without
         return table, counters
 
     def _create_tables(self, metadata: sa.MetaData) -> None:
@@ -204,17 +205,20 @@ class SqlStore(Store):
             if not (inspector.has_table(self.table_name) and inspector.has_table(COUNTERS_TABLE)):
                 raise
 
-    def _existing_columns(self) -> set[str] | None:
-        """The store table's columns when it and the counters table exist, else None.
+    def _existing_columns(self) -> tuple[set[str], bool] | None:
+        """The store table's columns, and whether the table has its id counter row, when both tables
+        exist; else None.
 
-        Two empty SELECTs: one round trip each, where reflection (``has_table``) costs several
+        Two SELECTs: one round trip each, where reflection (``has_table``) costs several
         milliseconds of SQLAlchemy's own work on every open.  A database that cannot be reached
         fails here, as before; any error from the SELECTs themselves sends the caller to reflection.
         """
+        quoted = self.engine.dialect.identifier_preparer.quote(COUNTERS_TABLE)
+        counter_row = sa.text(f"SELECT next_id FROM {quoted} WHERE name = :name")
         with self.engine.connect() as conn:
             try:
-                self._columns_of(conn, COUNTERS_TABLE)
-                return self._columns_of(conn, self.table_name)
+                counted = conn.execute(counter_row, {"name": self.table_name}).first() is not None
+                return self._columns_of(conn, self.table_name), counted
             except sa.exc.DBAPIError:
                 return None
 
