@@ -102,14 +102,12 @@ class Session:
 
         if os.path.lexists(self.path) and not os.path.isdir(self.path):
             raise SessionError(self.path, "exists and is not a directory")
-        if not os.path.isdir(self.path):
-            if not create:
-                raise InvalidArgument(f"session directory {self.path} does not exist (and create=False)")
-            self._create(store_or_url, extra_args)
-        elif load and self._has_session_files():
+        if not os.path.isdir(self.path) and not create:
+            raise InvalidArgument(f"session directory {self.path} does not exist (and create=False)")
+        if load and self._has_session_files():
             self._open(extra_args, task_ids, lazy)
-        else:
-            self._create(store_or_url, extra_args)
+        elif not self._create(store_or_url, extra_args, only_new=load):  # another process made it meanwhile
+            self._open(extra_args, task_ids, lazy)
         self._run = new_run(params)
         with self._locked():
             self.session_id = update_runs(self.path, self._run)
@@ -124,21 +122,27 @@ class Session:
     def _has_session_files(self) -> bool:
         return any(os.path.lexists(self._file(n)) for n in (self.INDEX_FILENAME, self.STORE_URL_FILENAME))
 
-    def _create(self, store_or_url: Store | str | os.PathLike[str] | None, extra_args: dict[str, Any]) -> None:
+    def _create(
+        self, store_or_url: Store | str | os.PathLike[str] | None, extra_args: dict[str, Any], *, only_new: bool
+    ) -> bool:
+        """Make the session files (over those there, unless ``only_new``); False if, ``only_new``, another
+        process made them first."""
         made = not os.path.isdir(self.path)
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as error:
             raise SaveError(self.path, f"cannot create session directory: {error.strerror}") from error
         try:
-            self._create_files(store_or_url, extra_args)
+            return self._create_files(store_or_url, extra_args, only_new=only_new)
         except BaseException:
             if made:  # a store that cannot be opened (a server down, say) leaves no empty session behind,
                 with contextlib.suppress(OSError):  # but what another process put there meanwhile stays
                     os.rmdir(self.path)
             raise
 
-    def _create_files(self, store_or_url: Store | str | os.PathLike[str] | None, extra_args: dict[str, Any]) -> None:
+    def _create_files(
+        self, store_or_url: Store | str | os.PathLike[str] | None, extra_args: dict[str, Any], *, only_new: bool
+    ) -> bool:
         if store_or_url is None:
             url = self.DEFAULT_STORE_DIR
             self.store: Store = FilesystemStore(self._file(url), **extra_args)
@@ -150,6 +154,10 @@ class Session:
         self.store.hooks = self.hooks
         self.store_url = url
         with self._locked():
+            if only_new and self._has_session_files():  # written, and maybe added to, while we got here
+                if self.store is not store_or_url:
+                    self.store.close()
+                return False
             target = self._file(self.STORE_URL_FILENAME)
             try:
                 write_atomically(target, f"{url}\n".encode(), mode=0o600)
@@ -162,6 +170,7 @@ class Session:
             except OSError as error:
                 raise SaveError(target, f"cannot create the session file: {error.strerror or error}") from error
         self.set_start_timestamp()
+        return True
 
     def _open(self, extra_args: dict[str, Any], task_ids: Iterable[str] | None, lazy: bool) -> None:
         self.store_url = read_store_url(self.path)

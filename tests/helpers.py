@@ -125,6 +125,17 @@ def add_to_session(session_path: str, count: int, tag: str, gate: str | None = N
     return ids
 
 
+def create_and_add(session_path: str, count: int, tag: str, gate: str | None = None) -> list[str]:
+    """Wait at the gate, then open (or make: the first one there does) the session and add ``count`` tasks."""
+    from gc3session import Session
+
+    wait_at_gate(gate, tag)
+    session = Session(session_path)
+    ids = [session.add(Task(jobname=f"{tag}-{i}")) for i in range(count)]
+    session.store.close()
+    return ids
+
+
 def save_to_store(url: str, count: int, tag: str, gate: str | None = None) -> list[str]:
     """Save ``count`` tasks one by one into the store at ``url``; return their ids."""
     from gc3session.persistence import make_store

@@ -387,6 +387,25 @@ def test_a_failed_create_keeps_what_another_process_made_there_meanwhile(tmp_pat
     assert (tmp_path / "s" / "theirs").exists()
 
 
+def test_a_session_made_by_another_process_while_this_one_made_it_is_opened_not_wiped(tmp_path, monkeypatch):
+    theirs = Session(tmp_path / "s")
+    kept = theirs.add(Task(jobname="theirs"))  # acknowledged: it is in the index
+    real = Session._has_session_files
+    looks = [False]  # this process looked before the other one made the session
+    monkeypatch.setattr(Session, "_has_session_files", lambda self: looks.pop() if looks else real(self))
+    mine = Session(tmp_path / "s")
+    assert mine.list_ids() == [kept] and index_lines(mine) == [kept]
+    assert mine.tasks[kept].jobname == "theirs"
+
+
+def test_processes_making_one_new_session_at_once_lose_none_of_their_adds(tmp_path):
+    path = str(tmp_path / "new")
+    for trial in range(3):
+        shutil.rmtree(path, ignore_errors=True)
+        results = helpers.run_in_processes(helpers.create_and_add, [(path, 5)] * 4, str(tmp_path / f"gate{trial}"))
+        assert sorted(index_lines(Session(path))) == sorted(oid for ids in results for oid in ids)
+
+
 def test_a_missing_index_is_recreated(session):
     oid = session.add(Task())
     os.unlink(Path(session.path, "index.txt"))
