@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
 import os
 import shutil
@@ -178,7 +179,8 @@ class Session:
         if not os.path.lexists(index):
             with self._locked():
                 try:
-                    write_atomically(index, b"")
+                    if not os.path.lexists(index):  # asked again under the lock: another process may be making it
+                        write_atomically(index, b"")
                 except OSError as error:
                     raise SaveError(index, f"cannot create the index: {error.strerror or error}") from error
         self._index = dict.fromkeys(read_index(index))
@@ -376,19 +378,35 @@ class Session:
     def pending_deletions(self) -> list[str]:
         """The records the next :meth:`flush` deletes.
 
-        They are the tasks removed, and those of their descendants that no
-        other task of the session still holds (a collection that shares a
-        child, say).
+        They are the tasks removed, and their descendants, but for those
+        that another task of the session still holds (a collection that
+        shares a child, or holds a task removed from the top level).
         """
         with self._mutex:
-            if all(self._doomed.values()):  # no descendants among them: nothing to look up
-                return list(self._doomed)
+            if not self._doomed:
+                return []
             key = (tuple(self._doomed.items()), len(self._index), len(self.tasks))
             if self._pending is None or self._pending[0] != key:  # session-tool rm asks, then flushes
-                named = [oid for oid, by_name in self._doomed.items() if by_name]  # they go: nothing holds through them
-                held = set(self._descendants([*self._index, *self.tasks], stop=named))
-                self._pending = key, [oid for oid, by_name in self._doomed.items() if by_name or oid not in held]
+                named = [oid for oid, by_name in self._doomed.items() if by_name]  # nothing holds through them
+                unreadable: list[str] = []
+                held = set(self._descendants(self._holders(), stop=named, unreadable=unreadable))
+                held.update(oid for oid in self._doomed if oid in self._index or oid in self.tasks)  # top-level
+                if unreadable:  # what they hold is not known: only what the user named goes, if nothing known holds it
+                    doomed = [oid for oid in named if oid not in held]
+                    kept = len(self._doomed) - len(doomed)
+                    warnings.warn(f"session {self.path}: {', '.join(unreadable[:3])} cannot be read, and may hold "
+                                  f"children of the tasks removed: {kept} record(s) of those are kept", LoadWarning,
+                                  stacklevel=3)
+                else:
+                    doomed = [oid for oid in self._doomed if oid not in held]
+                self._pending = key, doomed
             return list(self._pending[1])
+
+    def _holders(self) -> list[str]:
+        """The session's tasks that may hold others: those not loaded, and loaded ones with children."""
+        peek = self.tasks.peek
+        return [oid for oid in dict.fromkeys(itertools.chain(self._index, self.tasks))
+                if (task := peek(oid)) is None or getattr(task, "tasks", None)]
 
     def load(self, id: str, add: bool = True, flush: bool = True) -> Any:  # noqa: A002
         """Load task ``id`` from the store; with ``add`` it becomes part of the session."""
@@ -473,30 +491,38 @@ class Session:
         else:
             self._removed.add(oid)
 
-    def _descendants(self, ids: Iterable[str], stop: Iterable[str] = ()) -> list[str]:
+    def _descendants(
+        self, ids: Iterable[str], stop: Iterable[str] = (), unreadable: list[str] | None = None
+    ) -> list[str]:
         """``ids`` and the ids of all their children, a generation at a time, from memory or else metadata.
 
-        Ids in ``stop`` are left out, and so is what only they lead to.
+        Ids in ``stop`` are found, but what they hold is not followed.  The
+        ids whose children could not be read are put in ``unreadable``.
         """
         stopped = set(stop)
         found: dict[str, None] = {}
-        generation: dict[str, Any] = {oid: self.tasks.peek(oid) for oid in ids if oid not in stopped}
+        generation: dict[str, Any] = {oid: self.tasks.peek(oid) for oid in ids}
         while generation:
             found.update(dict.fromkeys(generation))
             children: dict[str, Any] = {}
             unloaded = []
             for oid, task in generation.items():
+                if oid in stopped:
+                    continue
                 if task is None:
                     unloaded.append(oid)
                     continue
                 held = getattr(task, "tasks", None)
                 if isinstance(held, (list, tuple)):
                     children.update((c.persistent_id, c) for c in held if getattr(c, "persistent_id", None))
-            for _, held in self.store.iter_children(unloaded) if unloaded else ():  # in batches
-                if not isinstance(held, LoadError):
-                    for child in held:
-                        children.setdefault(child, self.tasks.peek(child))  # an object in memory wins
-            generation = {oid: task for oid, task in children.items() if oid not in found and oid not in stopped}
+            for oid, held in self.store.iter_children(unloaded) if unloaded else ():  # in batches
+                if isinstance(held, LoadError):
+                    if unreadable is not None:
+                        unreadable.append(oid)
+                    continue
+                for child in held:
+                    children.setdefault(child, self.tasks.peek(child))  # an object in memory wins
+            generation = {oid: task for oid, task in children.items() if oid not in found}
         return list(found)
 
     def destroy(self) -> None:

@@ -398,6 +398,24 @@ def test_a_session_made_by_another_process_while_this_one_made_it_is_opened_not_
     assert mine.tasks[kept].jobname == "theirs"
 
 
+def test_an_index_made_by_another_process_while_this_one_waited_for_the_lock_is_kept(tmp_path, monkeypatch):
+    theirs = Session(tmp_path / "s")
+    kept = theirs.add(Task(jobname="theirs"))
+    theirs.close()
+    index = tmp_path / "s" / "index.txt"
+    content = index.read_bytes()
+    index.unlink()  # this process looks while the other one has written store.url, and not yet the index
+    real = Session._locked
+
+    def first_to_the_lock_is_the_other_process(self):
+        if not index.exists():
+            index.write_bytes(content)
+        return real(self)
+
+    monkeypatch.setattr(Session, "_locked", first_to_the_lock_is_the_other_process)
+    assert Session(tmp_path / "s").list_ids() == [kept]
+
+
 def test_processes_making_one_new_session_at_once_lose_none_of_their_adds(tmp_path):
     path = str(tmp_path / "new")
     for trial in range(3):
@@ -813,6 +831,44 @@ def test_remove_keeps_the_children_that_another_task_still_holds(any_session, op
     assert [t.jobname for t in again.tasks[second].tasks] == ["shared"]
     assert again.tasks[top].jobname == "also top-level"
     again.store.close()
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_removing_a_top_level_task_that_a_collection_holds_keeps_its_record(any_session, open_store, lazy):
+    child = Task(jobname="child")
+    holder = any_session.add(TaskCollection(jobname="holder", tasks=[child, Task(jobname="other")]))
+    top = any_session.add(child)  # the same task, top-level too
+    any_session.store.close()
+    session = Session(any_session.path, lazy=lazy)
+    session.remove(top)
+    assert session.list_ids() == [holder] and top in open_store().list()  # only its index line went
+    session.store.close()
+    again = Session(any_session.path)
+    assert not again.load_errors
+    assert [t.jobname for t in again.tasks[holder].tasks] == ["child", "other"]
+    again.store.close()
+
+
+def test_remove_keeps_children_that_an_unreadable_task_may_hold(tmp_path):
+    shared, own = Task(jobname="shared"), Task(jobname="own")
+    session = Session(tmp_path / "s")
+    first = session.add(TaskCollection(jobname="first", tasks=[shared, own]))
+    second = session.add(TaskCollection(jobname="second", tasks=[shared]))
+    session.close()
+    record = tmp_path / "s" / "jobs" / second
+    saved = record.read_bytes()
+    record.write_bytes(b"damaged")  # for now: a disk error, a bad edit
+    with pytest.warns(LoadWarning):
+        damaged = Session(tmp_path / "s")
+    with pytest.warns(LoadWarning, match=rf"{second} cannot be read.*2 record\(s\) of those are kept"):
+        damaged.remove(first)
+    damaged.close()
+    records = tmp_path / "s" / "jobs"
+    assert not (records / first).exists()
+    assert (records / shared.persistent_id).exists() and (records / own.persistent_id).exists()
+    record.write_bytes(saved)  # repaired: "second" holds "shared" again
+    again = Session(tmp_path / "s")
+    assert not again.load_errors and [t.jobname for t in again.tasks[second].tasks] == ["shared"]
 
 
 def test_remove_decides_what_is_still_held_from_the_metadata_not_the_listing_line(tmp_path):
