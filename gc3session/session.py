@@ -387,12 +387,17 @@ class Session:
                 return []
             key = (tuple(self._doomed.items()), len(self._index), len(self.tasks))
             if self._pending is None or self._pending[0] != key:  # session-tool rm asks, then flushes
-                named = [oid for oid, by_name in self._doomed.items() if by_name]  # nothing holds through them
+                named = {oid for oid, by_name in self._doomed.items() if by_name}  # nothing holds through them,
                 unreadable: list[str] = []
-                held = set(self._descendants(self._holders(), stop=named, unreadable=unreadable))
+                while True:  # unless another task holds them: then they stay, and so does what they hold
+                    unreadable.clear()
+                    held = set(self._descendants(self._holders(), stop=named, unreadable=unreadable))
+                    if named.isdisjoint(held):
+                        break
+                    named -= held
                 held.update(oid for oid in self._doomed if oid in self._index or oid in self.tasks)  # top-level
                 if unreadable:  # what they hold is not known: only what the user named goes, if nothing known holds it
-                    doomed = [oid for oid in named if oid not in held]
+                    doomed = [oid for oid, by_name in self._doomed.items() if by_name and oid not in held]
                     kept = len(self._doomed) - len(doomed)
                     warnings.warn(f"session {self.path}: {', '.join(unreadable[:3])} cannot be read, and may hold "
                                   f"children of the tasks removed: {kept} record(s) of those are kept", LoadWarning,

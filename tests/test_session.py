@@ -973,14 +973,27 @@ def test_destroy_of_a_session_that_is_its_own_store_directory(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-def test_removing_a_task_named_leaves_no_orphan_of_its_own_children(tmp_path):
+def test_removing_a_task_named_that_a_collection_holds_keeps_it_and_its_children(tmp_path):
     session = Session(tmp_path / "s")
     child = Task(jobname="its child")
     named = TaskCollection(jobname="named", tasks=[child])
     holder = session.add(TaskCollection(jobname="holder", tasks=[named]))
     session.add(named)  # also top-level
-    session.remove(named.persistent_id)  # named goes: what only it holds goes with it
-    assert sorted(session.store.list()) == [holder]
+    session.remove(named.persistent_id)  # only its index line goes: "holder" still holds it, and through it the child
+    assert sorted(session.store.list()) == sorted([holder, named.persistent_id, child.persistent_id])
+    session.close()
+    again = Session(tmp_path / "s")
+    assert again.list_ids() == [holder] and not again.load_errors
+    assert [t.jobname for t in again.tasks[holder].tasks[0].tasks] == ["its child"]
+
+
+def test_removing_a_task_named_leaves_no_orphan_of_its_own_children(tmp_path):
+    session = Session(tmp_path / "s")
+    child, shared = Task(jobname="its child"), Task(jobname="shared")
+    named = session.add(TaskCollection(jobname="named", tasks=[child, shared]))
+    other = session.add(TaskCollection(jobname="other", tasks=[shared]))
+    session.remove(named)  # named goes, and what only it holds goes with it
+    assert sorted(session.store.list()) == sorted([other, shared.persistent_id])
 
 
 def test_destroy_of_sessions_sharing_a_store(tmp_path, store_url, open_store):
