@@ -194,7 +194,15 @@ class Session:
             reason = f"names a store that cannot be used: {shorten(str(error))}"
             raise (kind(f"{where}: {reason}") if kind is InvalidArgument else SessionError(where, reason)) from error
         self.store.hooks = self.hooks
-        ids = list(self._index) if task_ids is None else list(task_ids)
+        if isinstance(task_ids, str):
+            self.store.close()
+            raise InvalidArgument(f"task_ids must be a list of ids, not the string {shorten(task_ids, 80)!r}")
+        ids = list(self._index) if task_ids is None else list(dict.fromkeys(task_ids))
+        unknown = [str(oid) for oid in ids if oid not in self._index]  # another session's task would become ours
+        if unknown:
+            self.store.close()
+            named = shorten(" ".join(unknown))
+            raise InvalidArgument(f"task_ids names tasks that are not in session {self.path}: {named}")
         if lazy:
             self.tasks.expect(ids)
         else:
@@ -399,9 +407,10 @@ class Session:
                 if unreadable:  # what they hold is not known: only what the user named goes, if nothing known holds it
                     doomed = [oid for oid, by_name in self._doomed.items() if by_name and oid not in held]
                     kept = len(self._doomed) - len(doomed)
-                    warnings.warn(f"session {self.path}: {', '.join(unreadable[:3])} cannot be read, and may hold "
-                                  f"children of the tasks removed: {kept} record(s) of those are kept", LoadWarning,
-                                  stacklevel=3)
+                    if kept:
+                        warnings.warn(f"session {self.path}: {', '.join(unreadable[:3])} cannot be read, and may hold "
+                                      f"children of the tasks removed: {kept} record(s) of those are kept",
+                                      LoadWarning, stacklevel=3)
                 else:
                     doomed = [oid for oid in self._doomed if oid not in held]
                 self._pending = key, doomed
@@ -456,10 +465,11 @@ class Session:
     def forget(self, id: str, flush: bool = True) -> None:  # noqa: A002
         """Drop task ``id`` from the session; it stays in the store."""
         with self._mutex:
-            self._drop(id)
-            task = self._unsaved.pop(id, None)
-            if task is not None:
+            task = self._unsaved.get(id)
+            if task is not None:  # saved first: if that fails (a full disk), the task is still the session's
                 self.store.save(task)
+                del self._unsaved[id]
+            self._drop(id)
             if flush:
                 self.flush()
             self.hooks.call("task_removed", session=self, task_id=id)

@@ -277,6 +277,33 @@ def test_task_ids_loads_only_those(session):
     assert len(index_lines(partial)) == 5
 
 
+def test_task_ids_must_be_tasks_of_the_session(tmp_path):
+    """Another session's task loaded as this one's would be deleted by this one's destroy()."""
+    ours = Session(tmp_path / "ours", store_or_url=str(tmp_path / "shared"))
+    ours.add(Task(jobname="ours"))
+    ours.close()
+    theirs = Session(tmp_path / "theirs", store_or_url=str(tmp_path / "shared"))
+    precious = theirs.add(Task(jobname="theirs"))
+    theirs.close()
+    with pytest.raises(InvalidArgument, match=f"not in session {tmp_path / 'ours'}: {precious}"):
+        Session(tmp_path / "ours", task_ids=[precious])
+    with pytest.raises(InvalidArgument, match="a list of ids, not the string"):
+        Session(tmp_path / "ours", task_ids=precious)
+    assert index_lines(Session(tmp_path / "ours")) == ["Task.1"]
+    assert [t.jobname for t in Session(tmp_path / "theirs")] == ["theirs"]
+
+
+def test_forget_of_a_task_not_saved_yet_keeps_it_when_saving_fails(session, monkeypatch):
+    oid = session.add(Task(jobname="keep me"), flush=False)
+    monkeypatch.setattr(session.store, "save", lambda obj: (_ for _ in ()).throw(SaveError(oid, "disk full")))
+    with pytest.raises(SaveError):
+        session.forget(oid)
+    monkeypatch.undo()
+    assert oid in session.list_ids()
+    session.forget(oid)  # the disk has room again
+    assert oid not in session.list_ids() and session.store.load(oid).jobname == "keep me"
+
+
 def test_extra_args_reach_the_store_when_opening(session, monkeypatch):
     oid = session.add(OldTask(jobname="moved"))
     monkeypatch.delattr(helpers, "OldTask")
