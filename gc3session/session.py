@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 
 from filelock import FileLock
 
-from .exceptions import InvalidArgument, LoadError, LoadWarning, SaveError, SessionError, StoreNotFound
+from .exceptions import InvalidArgument, LoadError, LoadWarning, RepairWarning, SaveError, SessionError, StoreNotFound
 from .persistence import local_store_path
 from .persistence.atomic import write_atomically
 from .persistence.filesystem import FilesystemStore
@@ -944,10 +944,14 @@ def _line_ids(lines: Iterable[bytes], path: str, strict: bool, lines_before: int
         if not line:
             continue
         text = line.decode("utf-8", "replace")
-        if is_id(text):
+        if not raw.endswith(b"\n"):  # only the last line can lack it: a write cut short, maybe where an id ends
+            if is_id(text):  # "Task.12" cut to "Task.1" names another task, which destroy() would delete
+                warnings.warn(f"{path}: its last line, {text!r}, has no newline: ignored, as a write cut short "
+                              "(if you wrote it by hand, end it with a newline)", RepairWarning, stacklevel=2)
+            else:
+                log.debug("%s: ignoring incomplete last line %r", path, text[:60])
+        elif is_id(text):
             yield text
-        elif not raw.endswith(b"\n"):  # only the last line can lack it: a write cut short
-            log.debug("%s: ignoring incomplete last line %r", path, text[:60])
         elif strict:
             raise SessionError(path, f"line {number}: {shorten(text, 60)!r} is not a task id")
         else:
@@ -1014,9 +1018,7 @@ def read_index_lines(path: str) -> list[bytes]:
     except FileNotFoundError:
         return []
     lines = content.split(b"\n")
-    tail = lines.pop()
-    if tail.strip() and is_id(tail.strip().decode("utf-8", "replace")):
-        lines.append(tail)
+    lines.pop()  # what follows the last newline: nothing, or a line cut short, which is no id of this session
     seen: set[bytes] = set()
     kept = []
     for line in lines:
@@ -1028,7 +1030,7 @@ def read_index_lines(path: str) -> list[bytes]:
 
 
 def _mend_last_line(fd: int) -> None:
-    """Before appending: end the file with a newline, dropping a torn last line that is no id."""
+    """Before appending: cut off a torn last line (one without its newline), which reading ignores too."""
     size = os.fstat(fd).st_size
     if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
         return
@@ -1040,11 +1042,7 @@ def _mend_last_line(fd: int) -> None:
             line_start = start + cut + 1
             break
         line_start = start
-    tail = os.pread(fd, min(size - line_start, 4096), line_start)
-    if size - line_start < 4096 and is_id(tail.strip().decode("utf-8", "replace")):
-        os.write(fd, b"\n")
-    else:
-        os.ftruncate(fd, line_start)
+    os.ftruncate(fd, line_start)
 
 
 def absolute_url(url: str) -> str:

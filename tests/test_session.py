@@ -33,7 +33,7 @@ from gc3session import (
     TemporarySession,
 )
 from gc3session import session as session_module
-from gc3session.exceptions import LoadWarning
+from gc3session.exceptions import LoadWarning, RepairWarning
 from gc3session.persistence import FilesystemStore, make_store
 from gc3session.persistence import store as store_module
 from gc3session.persistence.atomic import TEMP_PREFIX
@@ -487,13 +487,21 @@ def test_index_with_a_torn_last_line_is_read_and_mended(session):
     assert index_lines(again) == [a, b]
 
 
-def test_index_with_a_last_line_missing_its_newline(session):
-    a = session.add(Task())
-    Path(session.path, "index.txt").write_text(a)
-    again = reopen(session)
-    assert again.list_ids() == [a]
-    b = again.add(Task())
-    assert index_lines(again) == [a, b]
+def test_a_last_line_cut_where_an_id_ends_is_ignored_with_a_warning(tmp_path):
+    """A kill in the middle of an append can cut "Task.12" to "Task.1": another task, maybe another session's."""
+    ours = Session(tmp_path / "ours", store_or_url=str(tmp_path / "shared"))
+    first = ours.add(Task(jobname="ours"))
+    theirs = Session(tmp_path / "theirs", store_or_url=str(tmp_path / "shared"))
+    precious = theirs.add(Task(jobname="theirs"))
+    with open(tmp_path / "ours" / "index.txt", "a") as index:
+        index.write(precious)  # the append of an id that starts like theirs, cut short
+    with pytest.warns(RepairWarning, match=f"'{precious}', has no newline: ignored"):
+        again = Session(tmp_path / "ours")
+    assert again.list_ids() == [first]
+    second = again.add(Task(jobname="ours too"))  # the append cuts the torn line off first
+    assert index_lines(again) == [first, second]
+    again.destroy()
+    assert [t.jobname for t in Session(tmp_path / "theirs")] == ["theirs"]
 
 
 def test_index_with_a_line_that_is_not_an_id_is_a_session_error(session):
@@ -1387,7 +1395,7 @@ def test_iter_index_gives_what_read_index_gives_on_a_messy_index(tmp_path):
     index = tmp_path / "index.txt"
     big = f"Task.{IdSet.SPAN + 5}"
     index.write_bytes(
-        f"\n Task.3\r\nTask.1\n\nTask.3\nTaskCollection.3\n{big}\nTask.1\n{big}\n  \nOther.9\nTask.2".encode()
+        f"\n Task.3\r\nTask.1\n\nTask.3\nTaskCollection.3\n{big}\nTask.1\n{big}\n  \nOther.9\nTask.2\n".encode()
     )
     expected = ["Task.3", "Task.1", "TaskCollection.3", big, "Other.9", "Task.2"]
     assert read_index(str(index)) == expected
@@ -1416,10 +1424,12 @@ def test_index_is_read_the_same_whatever_the_block_size(tmp_path, monkeypatch, b
     index = tmp_path / "index.txt"
     plain = [f"Task.{n}" for n in range(1, 3000)]
     lines = [*plain[:1000], " Task.5000 ", "", "Tâche.7", "Task.1", *plain[1000:], "Task.6000\r", "Task.7000"]
-    index.write_bytes(("\n".join(lines) + "\nTask.8000").encode())  # the last line torn, but a valid id
-    expected = [*plain[:1000], "Task.5000", "Tâche.7", *plain[1000:], "Task.6000", "Task.7000", "Task.8000"]
-    assert read_index(str(index)) == expected
-    assert list(iter_index(str(index))) == expected
+    index.write_bytes(("\n".join(lines) + "\nTask.8000").encode())  # the last line torn where an id ends
+    expected = [*plain[:1000], "Task.5000", "Tâche.7", *plain[1000:], "Task.6000", "Task.7000"]
+    with pytest.warns(RepairWarning, match="'Task.8000', has no newline"):
+        assert read_index(str(index)) == expected
+    with pytest.warns(RepairWarning, match="'Task.8000', has no newline"):
+        assert list(iter_index(str(index))) == expected
     index.write_bytes(("\n".join(plain) + "\nTask.9 cut").encode())  # torn, and no id: left out
     assert read_index(str(index)) == list(iter_index(str(index))) == plain
 
