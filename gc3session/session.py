@@ -34,7 +34,7 @@ from .exceptions import InvalidArgument, LoadError, LoadWarning, RepairWarning, 
 from .persistence import local_store_path
 from .persistence.atomic import write_atomically
 from .persistence.filesystem import FilesystemStore
-from .persistence.idfactory import PLAIN_ID_LINES, is_id, parse_id
+from .persistence.idfactory import PLAIN_ID_LINES, is_id, number_of, parse_id
 from .persistence.store import Store, expand_variables, make_store, mask_password, url_scheme
 from .plugins import Hooks
 from .runs import error_record, new_run, read_runs, update_runs
@@ -100,6 +100,7 @@ class Session:
         self._mutex = threading.RLock()
         self._file_lock = FileLock(self._file(self.LOCK_FILENAME))
         self._lock_pid = os.getpid()
+        self._past_index = False  # whether the store was told to number new tasks above every id of the index
 
         if os.path.lexists(self.path) and not os.path.isdir(self.path):
             raise SessionError(self.path, "exists and is not a directory")
@@ -329,6 +330,8 @@ class Session:
                     self.store.save(task)
                 self.flush()
             return oid, False
+        if not self._past_index:
+            self._skip_past_index()
         if flush:
             oid = self.store.save(task)
         else:
@@ -341,6 +344,18 @@ class Session:
         if flush:
             self.flush()
         return oid, True
+
+    def _skip_past_index(self) -> None:
+        """Before the first new id of this open: make the store's counter pass every id of the index.
+
+        It has, unless it went back (a backup of the store restored, a
+        database lost or emptied): new tasks would then take the ids of the
+        tasks that the index keeps for repair.
+        """
+        highest = max(map(number_of, self._index), default=0)
+        if highest:
+            self.store.skip_past(highest)
+        self._past_index = True
 
     def _register(self, oid: str, task: Any = None) -> None:
         if oid in self._removed:

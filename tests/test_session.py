@@ -37,7 +37,7 @@ from gc3session.exceptions import LoadWarning, RepairWarning
 from gc3session.persistence import FilesystemStore, make_store
 from gc3session.persistence import store as store_module
 from gc3session.persistence.atomic import TEMP_PREFIX
-from gc3session.persistence.idfactory import PLAIN_ID_LINES, is_id
+from gc3session.persistence.idfactory import PLAIN_ID_LINES, is_id, parse_id
 from gc3session.session import IdSet, iter_index, read_index
 
 
@@ -275,6 +275,32 @@ def test_task_ids_loads_only_those(session):
     partial.add(Task(jobname="new"))
     assert index_lines(partial)[:4] == ids, "tasks not loaded stay in the index"
     assert len(index_lines(partial)) == 5
+
+
+@pytest.mark.parametrize("loss", ["backup restored", "database emptied"])
+def test_new_tasks_never_take_the_ids_of_tasks_the_index_keeps_for_repair(tmp_path, loss):
+    url = None if loss == "backup restored" else f"sqlite:///{tmp_path / 'tasks.db'}"
+    session = Session(tmp_path / "s", store_or_url=url)
+    first = [session.add(Task(jobname=f"old{i}")) for i in range(3)]
+    session.close()
+    if loss == "backup restored":
+        shutil.copytree(tmp_path / "s" / "jobs", tmp_path / "backup")  # the counter file too
+    session = Session(tmp_path / "s")
+    later = [session.add(Task(jobname=f"old{i}")) for i in range(3, 5)]
+    session.close()
+    if loss == "backup restored":
+        shutil.rmtree(tmp_path / "s" / "jobs")
+        shutil.copytree(tmp_path / "backup", tmp_path / "s" / "jobs")
+    else:
+        os.truncate(tmp_path / "tasks.db", 0)
+    with pytest.warns(LoadWarning):
+        damaged = Session(tmp_path / "s")
+    kept = set(later) if loss == "backup restored" else {*first, *later}
+    assert set(damaged.load_errors) == kept
+    new = damaged.add(Task(jobname="new"))
+    assert new not in [*first, *later] and parse_id(new)[1] > parse_id(later[-1])[1]
+    assert index_lines(damaged) == [*first, *later, new]
+    damaged.close()
 
 
 def test_task_ids_must_be_tasks_of_the_session(tmp_path):

@@ -125,6 +125,13 @@ class Store(abc.ABC):
             self._known[id] = obj  # on purpose: no check that the id is its own
             self.save_many([obj])
 
+    def skip_past(self, number: int) -> None:
+        """Never hand out ``number``, or a number below it, from now on (through any handle of the store)."""
+        with self._lock:
+            self._check_pid()
+            self._bump(number)
+            self._numbers = [n for n in self._numbers if n > number]
+
     def assign_id(self, obj: Any) -> str:
         """Give ``obj`` an id now, without writing anything; return it."""
         with self._lock:
