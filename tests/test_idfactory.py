@@ -124,10 +124,12 @@ def test_file_counter_starts_where_told(tmp_path):
     assert list(counter.reserve(1)) == [102]
 
 
-@pytest.mark.parametrize("content", ["", "garbage", "-5", "0", "1.5", "\x00\x01"])
+@pytest.mark.parametrize(
+    "content", [b"", b"garbage", b"-5", b"0", b"1.5", b"\x00\x01", b"\xff\xfe7\n", b"1" * 25 + b"\n", b"\xd9\xa3\n"]
+)  # the last three: not UTF-8, a number no id can hold, a digit that is not ASCII
 def test_a_damaged_counter_restarts_at_start(tmp_path, content):
     path = tmp_path / "counter"
-    path.write_text(content)
+    path.write_bytes(content)
     counter = FileCounter(path, start=lambda: 42)
     with pytest.warns(RepairWarning, match="damaged"):
         assert list(counter.reserve(1)) == [42]

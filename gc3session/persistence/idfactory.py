@@ -143,21 +143,21 @@ class FileCounter(Counter):
 
     def _read(self) -> int:
         try:
-            text = self.path.read_text()
+            content = self.path.read_bytes()
         except FileNotFoundError:
             return self._start()
         try:
-            value = int(text.strip())
-            if value < 1:
+            value = int(content.decode("ascii").strip())
+            if not 1 <= value < 10**18:  # an id's number has at most 18 digits
                 raise ValueError(value)
-        except ValueError:
+        except ValueError:  # UnicodeDecodeError included
             warnings.warn(
-                f"id counter {self.path} is damaged ({text[:40]!r}); restarting above the highest id in use",
+                f"id counter {self.path} is damaged ({content[:40]!r}); restarting above the highest id in use",
                 RepairWarning,
                 stacklevel=4,
             )
             return self._start()
-        return max(value, 1)
+        return value
 
 
 def user_data_dir() -> Path:
