@@ -1356,10 +1356,17 @@ def test_filesystem_store_leaves_no_temporary_files(tmp_path):
     assert sorted(n for n in names if not n.startswith(".")) == sorted(t.persistent_id for t in tasks[:10] + tasks[15:])
 
 
-def test_filesystem_store_with_fsync(tmp_path):
-    store = FilesystemStore(tmp_path / "s", fsync=True)
+@pytest.mark.parametrize("fsync", [False, True])
+def test_filesystem_store_with_fsync(tmp_path, monkeypatch, fsync):
+    synced: list[str] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    store = FilesystemStore(tmp_path / "s", fsync=fsync)
     oid = store.save(Task())
     assert FilesystemStore(tmp_path / "s").load(oid).persistent_id == oid
+    names = {os.path.basename(path) for path in synced}
+    # the record and the id counter (the temporary files they are written to, then their directory)
+    assert (any(oid in name for name in names) and any(COUNTER_FILENAME in name for name in names)) == fsync
 
 
 def test_filesystem_counter_lives_in_the_store_directory(tmp_path):

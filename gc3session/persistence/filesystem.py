@@ -62,7 +62,7 @@ class FilesystemStore(Store):
         super().__init__(str(self.directory), idfactory=idfactory, protocol=protocol, **store_options(options))
         self.fsync = fsync
         self._prefix = os.path.join(self.directory, "")  # reads use string paths: pathlib costs more than a read
-        self._counter = FileCounter(self.directory / COUNTER_FILENAME, start=self._above_highest)
+        self._counter = FileCounter(self.directory / COUNTER_FILENAME, start=self._above_highest, fsync=fsync)
         self._counter_checked = False
 
     def _path(self, oid: str) -> Path:

@@ -105,10 +105,15 @@ class FileCounter(Counter):
 
     ``start`` tells where to begin when the file is missing or damaged (for a
     store: above the highest number already used), so numbers are not reused.
+    ``fsync=True`` makes each change reach the disk before it is used, so that
+    power loss cannot take the counter back.
     """
 
-    def __init__(self, path: str | os.PathLike[str], start: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], start: Callable[[], int] | None = None, *, fsync: bool = False
+    ) -> None:
         self.path = Path(path)
+        self.fsync = fsync
         self._start = start or (lambda: 1)
         self._lock_pid = os.getpid()
         self._file_lock = FileLock(f"{self.path}.lock")
@@ -125,7 +130,7 @@ class FileCounter(Counter):
         try:
             with self._lock:
                 first = self._read()
-                write_atomically(self.path, f"{first + n}\n".encode())
+                write_atomically(self.path, f"{first + n}\n".encode(), fsync=self.fsync)
         except OSError as error:
             raise SaveError(str(self.path), f"cannot advance the id counter: {error}") from error
         return range(first, first + n)
@@ -135,7 +140,7 @@ class FileCounter(Counter):
         try:
             with self._lock:
                 if self._read() <= number:
-                    write_atomically(self.path, f"{number + 1}\n".encode())
+                    write_atomically(self.path, f"{number + 1}\n".encode(), fsync=self.fsync)
                     return True
         except OSError as error:
             raise SaveError(str(self.path), f"cannot advance the id counter: {error}") from error
