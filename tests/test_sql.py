@@ -776,3 +776,31 @@ def test_save_error_names_the_object(opened: Any) -> None:
     with pytest.raises(SaveError) as info:
         store.save(task)
     assert task.persistent_id in str(info.value)
+
+
+def test_tables_of_one_database_do_not_share_what_their_handles_issued(
+    sql_kind: str, store_url_of: Callable[[str], str]
+) -> None:
+    # the same URL, two tables named by keyword: an object of one is a stranger to the other
+    urls = [store_url_of(sql_kind), store_url_of(sql_kind)]
+    base = urls[0].partition("#")[0]
+    tables = [table_of(url) if "#" in url else f"t{n}" for n, url in enumerate(urls)]
+    with SqlStore(base, table_name=tables[0]) as here, SqlStore(base, table_name=tables[1]) as there:
+        precious = there.save(Task(jobname="precious"))
+        stranger = Task(jobname="stranger")
+        assert here.save(stranger) == precious  # both tables number from 1
+        with pytest.raises(SaveError, match=f"{precious}.*another object"):
+            there.save(stranger)
+        there.invalidate_cache()
+        assert there.load(precious).jobname == "precious"
+
+
+def test_in_memory_databases_do_not_share_what_their_handles_issued() -> None:
+    with make_store("sqlite://") as here, make_store("sqlite://") as there:
+        precious = there.save(Task(jobname="precious"))
+        stranger = Task(jobname="stranger")
+        assert here.save(stranger) == precious
+        with pytest.raises(SaveError, match=f"{precious}.*another object"):
+            there.save(stranger)
+        there.invalidate_cache()
+        assert there.load(precious).jobname == "precious"

@@ -31,7 +31,17 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from ..exceptions import Error, InvalidArgument, LoadError, RepairWarning, SaveError, StoreError
 from .idfactory import IdFactory, id_list, number_of, parse_id
 from .serialization import DEFAULT_PROTOCOL, decode_json, encode_json
-from .store import LOAD_BATCH, Record, Store, id_chunks, mask_password, missing, store_options, written_password
+from .store import (
+    LOAD_BATCH,
+    Record,
+    Store,
+    id_chunks,
+    known_objects,
+    mask_password,
+    missing,
+    store_options,
+    written_password,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +121,10 @@ class SqlStore(Store):
         if not isinstance(self.table_name, str) or not _TABLE_NAME.fullmatch(self.table_name):
             raise InvalidArgument(f"table name {self.table_name!r} is not a plain SQL identifier (letters, digits, _)")
         self._address = _with_default_driver(address)
+        # the objects this table's handles issued, loaded or saved: another table, even in the same database,
+        # holds other records, and an in-memory database is this handle's alone
+        where = f"{self._address.render_as_string(hide_password=True)}#table={self.table_name}"
+        self._known = known_objects(None if _in_memory(self._address) else where)
         self._secrets = [*(str(p) for p in (self._address.password, self._address.query.get("password")) if p),
                          *_url_secrets(address)]
         self.fsync = fsync
@@ -147,7 +161,7 @@ class SqlStore(Store):
         kwargs: dict[str, Any] = {}
         if backend == "sqlite":
             kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT, "check_same_thread": False}
-            if self._address.database in (None, "", ":memory:"):
+            if _in_memory(self._address):
                 kwargs["poolclass"] = sa.pool.StaticPool
         else:
             kwargs["pool_pre_ping"] = True
@@ -747,6 +761,11 @@ def _url_secrets(address: str) -> list[str]:
 def sqlite_file(url: str) -> str | None:
     """The database file of a ``sqlite://`` store URL; None for an in-memory database or a ``file:`` URI."""
     return _sqlite_file(_with_default_driver(_split_fragment(url)[0]))
+
+
+def _in_memory(address: sa.URL) -> bool:
+    """True for an in-memory SQLite database, which only the engine that opens it sees."""
+    return address.get_backend_name() == "sqlite" and address.database in (None, "", ":memory:")
 
 
 def _sqlite_file(address: sa.URL) -> str | None:

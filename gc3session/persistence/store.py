@@ -76,6 +76,7 @@ class Store(abc.ABC):
         )
         self._cache: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
         # every object in memory that got its id from this store, through any handle: saving it needs no check
+        # (a backend whose records are not named by the URL alone keys this by what names them)
         self._known = known_objects(url)
         # what each record seen by this handle refers to (only those that refer to something)
         self._refs: dict[str, tuple[str, ...]] = {}
@@ -568,10 +569,17 @@ _known_objects: dict[str, weakref.WeakValueDictionary[str, Any]] = {}
 _known_objects_lock = threading.Lock()
 
 
-def known_objects(url: str) -> weakref.WeakValueDictionary[str, Any]:
-    """The objects in memory that got their ids from the store at ``url``, by id (shared by its handles)."""
+def known_objects(where: str | None) -> weakref.WeakValueDictionary[str, Any]:
+    """The objects in memory that got their ids from the records at ``where``, by id (shared by their handles).
+
+    ``where`` names the records, not just the place: a store URL, or a
+    database and table.  None gives a registry of one's own, for records no
+    other handle can reach (an in-memory database).
+    """
+    if where is None:
+        return weakref.WeakValueDictionary()
     with _known_objects_lock:
-        return _known_objects.setdefault(url, weakref.WeakValueDictionary())
+        return _known_objects.setdefault(where, weakref.WeakValueDictionary())
 
 
 @contextmanager
