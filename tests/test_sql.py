@@ -804,3 +804,21 @@ def test_in_memory_databases_do_not_share_what_their_handles_issued() -> None:
             there.save(stranger)
         there.invalidate_cache()
         assert there.load(precious).jobname == "precious"
+
+
+@pytest.mark.parametrize("other", ["task.1", "TASK.1", "Tásk.1", "Task.1 "])
+def test_ids_and_listing_fields_compare_exactly(opened: Any, other: str) -> None:
+    # MariaDB's and MySQL's default collation ignores case, accents and trailing spaces
+    store = opened()
+    task = Task(jobname="Fit")
+    task.state = State.RUNNING
+    oid = store.save(task)
+    assert oid == "Task.1"
+    assert store.list(persistent_id=other) == []
+    assert store.list(jobname="fit") == store.list(jobname="Fít") == store.list(state="running") == []
+    assert store.list(persistent_id=oid) == store.list(jobname="Fit") == store.list(state="RUNNING") == [oid]
+    if other.strip() == other:  # a valid id
+        store.remove(other)
+    assert store.list() == [oid]
+    store.invalidate_cache()
+    assert store.load(oid).jobname == "Fit"

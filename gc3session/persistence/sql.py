@@ -72,6 +72,8 @@ _BIG_BLOB = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 CORE_COLUMNS = (
     "id", "persistent_id", "data", "state", "jobname", "cls", "returncode", "children", "created", "modified", "meta",
 )
+#: The core columns that hold text (compared exactly: see ``SqlStore._compares_loosely``).
+TEXT_COLUMNS = ("persistent_id", "state", "jobname", "cls", "children")
 #: Metadata fields kept in columns of their own, and only there (rows written by 0.1 repeat them in ``meta``).
 META_COLUMNS = ("state", "jobname", "cls", "returncode", "children", "created", "modified")
 
@@ -476,7 +478,19 @@ class SqlStore(Store):
         """``column IN values``; on PostgreSQL ``column = ANY(array)``, one parameter rather than hundreds to parse."""
         if self.engine.dialect.name == "postgresql":
             return column == sa.any_(sa.literal(values, postgresql.ARRAY(column.type)))
+        if self._compares_loosely(column):  # byte for byte: the column's bytes are UTF-8 (utf8mb4)
+            return sa.cast(column, sa.LargeBinary).in_([str(value).encode() for value in values])
         return column.in_(values)
+
+    def _compares_loosely(self, column: sa.Column[Any]) -> bool:
+        """True for a text column of MariaDB or MySQL, which compare text by the table's collation.
+
+        By default that ignores case, accents and trailing spaces:
+        ``persistent_id = 'tásk.1'`` holds for ``Task.1``.  Such a column is
+        compared as bytes, which needs nothing of the table, so tables made
+        by earlier versions work as they are.
+        """
+        return column.name in TEXT_COLUMNS and self.engine.dialect.name in ("mysql", "mariadb")
 
     def _list(self, filters: dict[str, Any]) -> list[str]:
         table = self.table
@@ -487,7 +501,13 @@ class SqlStore(Store):
                 raise InvalidArgument(f"cannot filter {self} by {name!r} (columns: {usable})")
             if isinstance(value, enum.Enum):
                 value = value.value
-            query = query.where(table.c[name].is_(None) if value is None else table.c[name] == value)
+            column = table.c[name]
+            if value is None:
+                query = query.where(column.is_(None))
+            else:
+                query = query.where(column == value)
+                if isinstance(value, str) and self._compares_loosely(column):  # the test above finds rows by index
+                    query = query.where(self._one_of(column, [value]))
         with self._failures("cannot list"), self.engine.connect() as conn:
             return list(conn.execute(query).scalars())
 
