@@ -32,6 +32,7 @@ from ..exceptions import Error, InvalidArgument, LoadError, RepairWarning, SaveE
 from .idfactory import IdFactory, id_list, number_of, parse_id
 from .serialization import DEFAULT_PROTOCOL, decode_json, encode_json
 from .store import (
+    LAST_TAKEN,
     LOAD_BATCH,
     Record,
     Store,
@@ -349,7 +350,9 @@ class SqlStore(Store):
                 with attempt, self._transaction() as conn:
                     moved = conn.execute(sa.update(counters).where(where).values(next_id=counters.c.next_id + n))
                     if not moved.rowcount:  # no counter row yet: start above the highest id in the table
-                        highest = conn.execute(sa.select(sa.func.max(self.table.c.id))).scalar() or 0
+                        # (but one that leaves no room for new ids, put there by replace() or an earlier version)
+                        below = sa.select(sa.func.max(self.table.c.id)).where(self.table.c.id <= LAST_TAKEN)
+                        highest = conn.execute(below).scalar() or 0
                         conn.execute(self._insert_ignore(counters), {"name": self.table_name, "next_id": highest + 1})
                         conn.execute(sa.update(counters).where(where).values(next_id=counters.c.next_id + n))
                     after = conn.execute(sa.select(counters.c.next_id).where(where)).scalar_one()

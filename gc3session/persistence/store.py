@@ -28,7 +28,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
-from ..exceptions import Error, InvalidArgument, LoadError, NoSuchObject, SaveError
+from ..exceptions import Error, InvalidArgument, LoadError, NoSuchObject, SaveError, StoreError
 from .idfactory import ID_LINES, IdFactory, id_list, is_id, parse_id
 from .serialization import DEFAULT_PROTOCOL, FORMAT_VERSION, Serializer, encode_json
 
@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 MAX_ID_BLOCK = 1024
 #: How many records ``load_many`` reads at a time (bounds the raw bytes held in memory).
 LOAD_BATCH = 1000
+#: The largest number an id holds (18 digits: see ``ID_PATTERN``).
+LAST_NUMBER = 10**18 - 1
+#: The largest number a store takes from elsewhere (a foreign save, an import), or counts from when its counter
+#: is lost: the counter moves past it, and a billion numbers stay free after it for new ids.
+LAST_TAKEN = LAST_NUMBER - 10**9
 
 
 @dataclass(slots=True)  # a batch holds thousands: no __dict__ each
@@ -238,6 +243,7 @@ class Store(abc.ABC):
 
     def _claim_numbers(self, records: list[Record]) -> None:
         """Reserve the numbers of ``records`` in the counter, or raise SaveError if one was handed out already."""
+        self._check_room(records)
         first = self._reserve(1).start  # every number below was handed out; this one is ours now
         lowest = min(records, key=lambda record: record.number)
         if lowest.number < first:
@@ -252,6 +258,16 @@ class Store(abc.ABC):
             taken = [record for record in records if first < record.number < more.start]  # by another handle, meanwhile
             if taken:
                 raise SaveError(taken[0].id, f"{self} handed out this number to another handle meanwhile; try again")
+
+    def _check_room(self, records: list[Record]) -> None:
+        """Raise SaveError for a record whose number would leave the counter no room for new ids."""
+        for record in records:
+            if record.number > LAST_TAKEN:
+                raise SaveError(
+                    record.id,
+                    f"its number is too high for {self} to take from elsewhere (above {LAST_TAKEN}): the counter "
+                    "would run out of ids; set persistent_id to None to save a copy under a new id",
+                )
 
     def occupants(self, ids: Iterable[str]) -> dict[str, dict[str, Any] | LoadError]:
         """The metadata of what the store holds where each id would be written; free ids are left out.
@@ -283,6 +299,8 @@ class Store(abc.ABC):
     def _next_number(self) -> int:
         if not self._numbers:
             block = self._reserve(self._block)
+            if block.stop - 1 > LAST_NUMBER:  # moved there by an earlier version, which took any number
+                raise StoreError(str(self), f"has run out of object ids: its counter is past {LAST_NUMBER}")
             self._numbers = list(reversed(block))
             self._block = min(self._block * 2, MAX_ID_BLOCK)
         return self._numbers.pop()
@@ -473,6 +491,7 @@ class Store(abc.ABC):
             batch.append(Record(oid, parse_id(oid)[1], meta, data, None))
         if not batch:
             return
+        self._check_room(batch)
         with self._lock:
             self._check_pid()
             self._bump(max(record.number for record in batch))
