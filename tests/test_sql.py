@@ -150,6 +150,21 @@ def test_a_jobname_a_column_cannot_hold_stays_exact_in_the_metadata(opened: Any)
     assert store.metadata(oid)["jobname"] == "lone \ud800 surrogate"
 
 
+def test_a_nul_in_a_listing_field_stays_exact_in_the_metadata(opened: Any) -> None:
+    store = opened()  # PostgreSQL's text cannot hold NUL: the column holds NULL there, on every database alike
+    stateful = Bare("no execution: describe() takes its state")
+    stateful.state = "NUL\0STATE"
+    ids = store.save_many([Task(jobname="with\0nul"), stateful, Task(jobname="plain")])
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(store.table.c.jobname, store.table.c.state).order_by(store.table.c.id)).all()
+    assert [row[0] for row in rows] == [None, None, "plain"]
+    assert rows[1][1] is None
+    assert store.metadata(ids[0])["jobname"] == "with\0nul"
+    assert store.metadata(ids[1])["state"] == "NUL\0STATE"
+    store.invalidate_cache()
+    assert store.load(ids[0]).jobname == "with\0nul"
+
+
 @pytest.mark.parametrize("returncode", [3221225477, -(2**31) - 1, 2**70])  # a Windows crash code, and beyond
 def test_values_the_columns_cannot_hold_stay_exact_in_the_metadata(opened: Any, returncode: int) -> None:
     store = opened()

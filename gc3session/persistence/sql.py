@@ -823,12 +823,14 @@ def _fresh(column: sa.Column[Any]) -> sa.Column[Any]:
 
 
 def _text(value: Any, size: int | None = None) -> str | None:
-    """``value`` fit for a text column of ``size`` characters (NULL if it is no string, or longer).
+    """``value`` fit for a text column of ``size`` characters (NULL if it is no string, longer, or holds NUL).
 
-    Lone surrogates (which UTF-8 cannot hold) become "?".  The pickle and
-    the ``meta`` JSON keep the exact value; only the column differs.
+    PostgreSQL's text cannot hold NUL; the other databases could, but a
+    column holds the same everywhere.  Lone surrogates (which UTF-8 cannot
+    hold) become "?".  The pickle and the ``meta`` JSON keep the exact
+    value; only the column differs.
     """
-    if not isinstance(value, str) or (size is not None and len(value) > size):
+    if not isinstance(value, str) or (size is not None and len(value) > size) or "\0" in value:
         return None
     if not value.isascii():
         try:
