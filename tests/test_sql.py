@@ -837,3 +837,27 @@ def test_ids_and_listing_fields_compare_exactly(opened: Any, other: str) -> None
     assert store.list() == [oid]
     store.invalidate_cache()
     assert store.load(oid).jobname == "Fit"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("in_child", ["size", "close", "finalizer"])
+def test_a_child_that_measures_or_closes_the_store_leaves_the_parents_connections_alone(
+    opened: Any, in_child: str
+) -> None:
+    store = opened()
+    oid = store.save(Task(jobname="parent"))
+    assert store.metadata(oid)["jobname"] == "parent"  # a connection in the parent's pool
+    connects: list[Any] = []
+    sa.event.listen(store.engine, "connect", lambda *_: connects.append(1))
+    pid = os.fork()
+    if pid == 0:  # child: never uses the store otherwise, as a worker that only ends
+        code = 1
+        try:
+            {"size": store.size, "close": store.close, "finalizer": store._closer}[in_child]()  # the finalizer: at exit
+            code = 0 if in_child == "finalizer" or store._pid == os.getpid() else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert store.metadata(oid)["jobname"] == "parent"
+    assert not connects  # the pool's ping found the parent's connection alive: the child closed none

@@ -155,7 +155,7 @@ class SqlStore(Store):
         # extra fields may have types that convert values (JSON, dates, enums): their bind processors, or None
         self._extra_processors = [column.type.dialect_impl(dialect).bind_processor(dialect) for column in self._extra]
         # a store dropped without close() still returns its connections
-        self._closer = weakref.finalize(self, self.engine.dispose)
+        self._closer = weakref.finalize(self, _dispose, self.engine, os.getpid())
 
     # -- engine and tables ------------------------------------------------------
 
@@ -659,6 +659,7 @@ class SqlStore(Store):
 
     def size(self) -> int | None:
         """Bytes the table takes in the database, where the database tells."""
+        self._check_pid()
         dialect = self.engine.dialect.name
         with self._failures("cannot measure"), self.engine.connect() as conn:
             if dialect == "postgresql":
@@ -684,10 +685,22 @@ class SqlStore(Store):
         """In a child process: drop the inherited pool without closing the parent's connections."""
         super().post_fork()
         self.engine.dispose(close=False)
+        self._closer.detach()  # the parent's would only drop this process's connections: ours closes them
+        self._closer = weakref.finalize(self, _dispose, self.engine, os.getpid())
 
     def close(self) -> None:
-        """Close the pooled connections (the store reconnects if used again)."""
+        """Close the pooled connections (the store reconnects if used again); in a forked child, only its own."""
+        self._check_pid()
         self.engine.dispose()
+
+
+def _dispose(engine: Engine, pid: int) -> None:
+    """Close the connections pooled by ``engine`` in process ``pid``; in a forked child, drop them untouched.
+
+    A child's copy of a connection is the parent's too: closing it (at the
+    child's exit, say) would close the parent's, on MariaDB at once.
+    """
+    engine.dispose(close=os.getpid() == pid)
 
 
 class _Attempt:
