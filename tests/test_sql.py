@@ -523,6 +523,18 @@ def test_password_never_shown(tmp_path: Any) -> None:
     assert info.value.__cause__ is None or "s3cr3t" not in str(info.value.__cause__)
 
 
+@pytest.mark.parametrize("option", ["sslpassword", "PASSWORD", "client_secret", "api_token", "pwd"])
+def test_a_secret_url_option_is_never_shown(tmp_path: Any, option: str) -> None:
+    url = f"postgresql+psycopg://alice@127.0.0.1:1/nodb?connect_timeout=1&{option}=t0ps3cr3t#table=t"
+    with pytest.raises(StoreError) as info:
+        make_store(url)
+    assert "t0ps3cr3t" not in str(info.value) and f"{option}=***" in str(info.value)
+    store = SqlStore(f"sqlite:///{tmp_path}/a.db")
+    store.url = url
+    assert "t0ps3cr3t" not in repr(store) + str(store) and f"{option}=***#table=t" in repr(store)
+    store.close()
+
+
 def test_repr_masks_password(tmp_path: Any) -> None:
     store = SqlStore(f"sqlite:///{tmp_path}/a.db")
     store.url = "postgresql://bob:hunter2@db/x"

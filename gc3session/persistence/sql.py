@@ -34,6 +34,7 @@ from .serialization import DEFAULT_PROTOCOL, decode_json, encode_json
 from .store import (
     LAST_TAKEN,
     LOAD_BATCH,
+    SECRET_OPTION,
     Record,
     Store,
     id_chunks,
@@ -128,8 +129,9 @@ class SqlStore(Store):
         # holds other records, and an in-memory database is this handle's alone
         where = f"{self._address.render_as_string(hide_password=True)}#table={self.table_name}"
         self._known = known_objects(None if _in_memory(self._address) else where)
-        self._secrets = [*(str(p) for p in (self._address.password, self._address.query.get("password")) if p),
-                         *_url_secrets(address)]
+        query = self._address.normalized_query
+        secret = [value for key, values in query.items() if SECRET_OPTION.search(key) for value in values]
+        self._secrets = [*(str(p) for p in (self._address.password, *secret) if p), *_url_secrets(address)]
         self.fsync = fsync
         self._create = create
         database = _sqlite_file(self._address)

@@ -725,13 +725,15 @@ _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 # the password runs to the last "@": it may hold "/" (SQLAlchemy takes that) or "@" (which it cannot, but a
 # user may try); masking too much of a URL is harmless, showing part of a password is not
 _PASSWORD = re.compile(r"(://[^:/@]*):(.*)@")
-_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pwd)=)[^&#]*", re.IGNORECASE)
+#: The name of a URL option whose value is secret: ``password``, ``sslpassword``, ``api_token``...
+SECRET_OPTION = re.compile(r"password|passwd|pwd|secret|token", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(rf"([?&][^=&#]*(?:{SECRET_OPTION.pattern})[^=&#]*=)[^&#]*", re.IGNORECASE)
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _registry: dict[str, Callable[..., Store]] = {}
 
 
 def mask_password(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
+    """``url`` with any password, and the value of any option named like one (see SECRET_OPTION), as ``***``."""
     return _QUERY_PASSWORD.sub(r"\1***", _PASSWORD.sub(r"\1:***@", str(url)))
 
 
