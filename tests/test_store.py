@@ -1563,3 +1563,23 @@ def test_a_counter_past_the_last_number_is_a_clear_error(store, store_url):
             again.save(Task())
     finally:
         again.close()
+
+
+def test_an_import_never_takes_a_number_handed_out_to_an_object_not_saved_yet(open_store, tmp_path):
+    here = open_store()
+    pending = Task(jobname="pending")
+    oid = here.assign_id(pending)  # handed out; saved later
+    elsewhere = FilesystemStore(tmp_path / "elsewhere")
+    assert elsewhere.save(Task(jobname="imported")) == oid  # both number from 1
+    elsewhere.replace("Task.40", Task(jobname="far"))
+    exported = [(i, *entry) for i, entry in elsewhere.export([oid, "Task.40"])]
+    other = open_store()  # another handle, as another process would have
+    with pytest.raises(SaveError, match=rf"{oid}: .*handed out number"):
+        other.import_records(exported)
+    assert other.list() == []
+    assert here.save(pending) == oid
+    other.import_records(exported[1:])  # beyond the counter: kept, and never handed out
+    other.import_records(exported[1:])  # a row already there is the caller's to overwrite
+    assert number(here.save(Task())) > 40
+    other.invalidate_cache()
+    assert [other.load(i).jobname for i in (oid, "Task.40")] == ["pending", "far"]

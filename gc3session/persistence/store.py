@@ -87,6 +87,8 @@ class Store(abc.ABC):
         self._refs: dict[str, tuple[str, ...]] = {}
         self._lock = threading.RLock()
         self._numbers: list[int] = []
+        # the numbers this handle reserved for imports: later batches of one copy may use them
+        self._imported: list[range] = []
         self._block = 1
         self._pid = os.getpid()
         #: The plugins told of saves (``task_saved``), set by the session that uses this store.
@@ -241,8 +243,12 @@ class Store(abc.ABC):
         for record in foreign:
             self._known[record.id] = record.obj
 
-    def _claim_numbers(self, records: list[Record]) -> None:
-        """Reserve the numbers of ``records`` in the counter, or raise SaveError if one was handed out already."""
+    def _claim_numbers(self, records: list[Record]) -> list[range]:
+        """Reserve the numbers of ``records`` in the counter, or raise SaveError if one was handed out already.
+
+        Returns the numbers reserved: from the lowest of ``records`` to the highest, or what of them other
+        handles left.
+        """
         self._check_room(records)
         first = self._reserve(1).start  # every number below was handed out; this one is ours now
         lowest = min(records, key=lambda record: record.number)
@@ -253,11 +259,13 @@ class Store(abc.ABC):
                 "saved yet); set persistent_id to None to save a copy under a new id",
             )
         top = max(record.number for record in records)
-        if top > first:
-            more = self._reserve(top - first)
-            taken = [record for record in records if first < record.number < more.start]  # by another handle, meanwhile
-            if taken:
-                raise SaveError(taken[0].id, f"{self} handed out this number to another handle meanwhile; try again")
+        if top <= first:
+            return [range(first, first + 1)]
+        more = self._reserve(top - first)
+        taken = [record for record in records if first < record.number < more.start]  # by another handle, meanwhile
+        if taken:
+            raise SaveError(taken[0].id, f"{self} handed out this number to another handle meanwhile; try again")
+        return [range(first, first + 1), more]
 
     def _check_room(self, records: list[Record]) -> None:
         """Raise SaveError for a record whose number would leave the counter no room for new ids."""
@@ -482,8 +490,14 @@ class Store(abc.ABC):
     def import_records(self, records: Iterable[tuple[str, dict[str, Any], bytes]]) -> None:
         """Write records exported from another store, keeping their ids, in one batch.
 
-        The counter moves past the highest number imported, so new ids never
-        collide with them.
+        A record goes where a row or file already is (the caller checks
+        :meth:`occupants` first), or takes a number this store never handed
+        out, as a foreign save does: the counter moves past it, so new ids
+        never collide with it.  A number handed out already (to an object
+        since removed, or to one not saved yet) is a SaveError, and nothing
+        is written; but one that an earlier import through this handle
+        reserved (a copy in batches: children numbered between their
+        parents) is this import's to take.
         """
         batch = []
         for oid, meta, data in records:
@@ -491,10 +505,13 @@ class Store(abc.ABC):
             batch.append(Record(oid, parse_id(oid)[1], meta, data, None))
         if not batch:
             return
-        self._check_room(batch)
         with self._lock:
             self._check_pid()
-            self._bump(max(record.number for record in batch))
+            held = self.occupants([record.id for record in batch])
+            fresh = [record for record in batch if record.id not in held
+                     and not any(record.number in span for span in self._imported)]
+            if fresh:
+                self._imported += self._claim_numbers(fresh)
             self._write(batch)
             for record in batch:
                 self._cache.pop(record.id, None)
@@ -519,6 +536,7 @@ class Store(abc.ABC):
         with self._lock:
             self._pid = os.getpid()
             self._numbers = []
+            self._imported = []
 
     def _check_pid(self) -> None:
         if self._pid != os.getpid():
