@@ -873,3 +873,20 @@ def test_a_child_that_measures_or_closes_the_store_leaves_the_parents_connection
     assert status == 0
     assert store.metadata(oid)["jobname"] == "parent"
     assert not connects  # the pool's ping found the parent's connection alive: the child closed none
+
+
+@pytest.mark.parametrize("server_store", ["mysql"], indirect=True)
+def test_a_record_over_max_allowed_packet_is_a_save_error_that_says_so(
+    server_store: tuple[SqlStore, Callable[[Any], None]],
+) -> None:
+    store, _ = server_store
+    with store.engine.connect() as conn:
+        limit = int(conn.exec_driver_sql("SELECT @@max_allowed_packet").scalar_one())
+    big = Task(jobname="big")
+    big.blob = os.urandom(limit)
+    small = store.save(Task(jobname="small"))
+    with pytest.raises(SaveError, match=r"Task\.\d+: its record is [\d,]+ bytes, more than the max_allowed_packet"):
+        store.save(big)
+    store.invalidate_cache()
+    assert store.load(small).jobname == "small"
+    assert store.list() == [small]

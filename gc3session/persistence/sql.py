@@ -378,14 +378,41 @@ class SqlStore(Store):
     def _write(self, records: list[Record]) -> None:
         """Upsert the records in one transaction, in batches."""
         with self._failures("cannot write", target=records[0].id if len(records) == 1 else f"{len(records)} objects"):
-            for attempt in retries():
-                with attempt, self._transaction() as conn:
-                    upsert, names = self._upsert
-                    for start in range(0, len(records), BATCH):
-                        rows: list[Any] = [self._row(record) for record in records[start : start + BATCH]]
-                        if names is not None:
-                            rows = [dict(zip(names, row, strict=True)) for row in rows]
-                        conn.exec_driver_sql(upsert, rows)
+            try:
+                for attempt in retries():
+                    with attempt, self._transaction() as conn:
+                        upsert, names = self._upsert
+                        for start in range(0, len(records), BATCH):
+                            rows: list[Any] = [self._row(record) for record in records[start : start + BATCH]]
+                            if names is not None:
+                                rows = [dict(zip(names, row, strict=True)) for row in rows]
+                            conn.exec_driver_sql(upsert, rows)
+            except sa.exc.DBAPIError as error:
+                self._check_packet_size(records, error)
+                raise
+
+    def _check_packet_size(self, records: list[Record], error: sa.exc.DBAPIError) -> None:
+        """Raise SaveError naming a record larger than MariaDB's or MySQL's ``max_allowed_packet``, if ``error``
+        may come from one.
+
+        The server does not say why: it drops the connection ("MySQL server
+        has gone away"), or on some versions reports error 1153.
+        """
+        code = next(iter(getattr(error.orig, "args", ())), None)
+        if self.engine.dialect.name not in ("mysql", "mariadb") or code not in (1153, 2006, 2013):
+            return  # 1153: packet too big; 2006, 2013: server gone away, connection lost
+        biggest = max(records, key=lambda record: len(record.data))
+        try:
+            with self.engine.connect() as conn:
+                limit = int(conn.exec_driver_sql("SELECT @@max_allowed_packet").scalar_one())
+        except (sa.exc.SQLAlchemyError, TypeError, ValueError):  # the server is gone indeed: the error says so
+            return
+        if len(biggest.data) >= limit:
+            raise SaveError(
+                biggest.id,
+                f"its record is {len(biggest.data):,} bytes, more than the max_allowed_packet of {self._masked()} "
+                f"({limit:,} bytes): raise that setting on the server, or keep less in the object",
+            ) from None
 
     def _row(self, record: Record) -> tuple[Any, ...]:
         """The values of the table's columns, in order, ready for the driver (bytes, str, int, float or None)."""
