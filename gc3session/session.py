@@ -35,7 +35,7 @@ from .persistence import local_store_path
 from .persistence.atomic import write_atomically
 from .persistence.filesystem import FilesystemStore
 from .persistence.idfactory import PLAIN_ID_LINES, is_id, number_of, parse_id
-from .persistence.store import Store, expand_variables, make_store, mask_password, url_scheme
+from .persistence.store import LAST_TAKEN, Store, expand_variables, make_store, mask_password, url_scheme
 from .plugins import Hooks
 from .runs import error_record, new_run, read_runs, update_runs
 
@@ -352,7 +352,7 @@ class Session:
         database lost or emptied): new tasks would then take the ids of the
         tasks that the index keeps for repair.
         """
-        highest = max(map(number_of, self._index), default=0)
+        highest = max((n for n in map(number_of, self._index) if n <= LAST_TAKEN), default=0)  # see LAST_TAKEN
         if highest:
             self.store.skip_past(highest)
         self._past_index = True

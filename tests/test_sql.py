@@ -150,6 +150,21 @@ def test_a_jobname_a_column_cannot_hold_stays_exact_in_the_metadata(opened: Any)
     assert store.metadata(oid)["jobname"] == "lone \ud800 surrogate"
 
 
+def test_a_nul_in_a_listing_field_stays_exact_in_the_metadata(opened: Any) -> None:
+    store = opened()  # PostgreSQL's text cannot hold NUL: the column holds NULL there, on every database alike
+    stateful = Bare("no execution: describe() takes its state")
+    stateful.state = "NUL\0STATE"
+    ids = store.save_many([Task(jobname="with\0nul"), stateful, Task(jobname="plain")])
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(store.table.c.jobname, store.table.c.state).order_by(store.table.c.id)).all()
+    assert [row[0] for row in rows] == [None, None, "plain"]
+    assert rows[1][1] is None
+    assert store.metadata(ids[0])["jobname"] == "with\0nul"
+    assert store.metadata(ids[1])["state"] == "NUL\0STATE"
+    store.invalidate_cache()
+    assert store.load(ids[0]).jobname == "with\0nul"
+
+
 @pytest.mark.parametrize("returncode", [3221225477, -(2**31) - 1, 2**70])  # a Windows crash code, and beyond
 def test_values_the_columns_cannot_hold_stay_exact_in_the_metadata(opened: Any, returncode: int) -> None:
     store = opened()
@@ -466,11 +481,12 @@ def test_opening_an_existing_store_reads_no_catalog_and_writes_nothing(opened: A
 def test_opening_a_store_whose_counter_row_is_gone_makes_it_above_the_highest_id(opened: Any) -> None:
     store = opened()
     highest = max(parse_id(oid)[1] for oid in store.save_many([Task() for _ in range(3)]))
+    own_row = store.counters.c.name == store.table_name  # the counters table is shared by every store table there
     with store.engine.begin() as conn:
-        conn.execute(sa.delete(store.counters))
+        conn.execute(sa.delete(store.counters).where(own_row))
     again = opened()
     with again.engine.connect() as conn:
-        assert conn.execute(sa.select(again.counters.c.next_id)).scalar_one() == highest + 1
+        assert conn.execute(sa.select(again.counters.c.next_id).where(own_row)).scalar_one() == highest + 1
     assert parse_id(again.save(Task()))[1] == highest + 1
 
 
@@ -506,6 +522,18 @@ def test_password_never_shown(tmp_path: Any) -> None:
     assert "s3cr3t" not in str(info.value) and "***" in str(info.value)
     assert "s3cr3t" not in repr(info.value.args)
     assert info.value.__cause__ is None or "s3cr3t" not in str(info.value.__cause__)
+
+
+@pytest.mark.parametrize("option", ["sslpassword", "PASSWORD", "client_secret", "api_token", "pwd"])
+def test_a_secret_url_option_is_never_shown(tmp_path: Any, option: str) -> None:
+    url = f"postgresql+psycopg://alice@127.0.0.1:1/nodb?connect_timeout=1&{option}=t0ps3cr3t#table=t"
+    with pytest.raises(StoreError) as info:
+        make_store(url)
+    assert "t0ps3cr3t" not in str(info.value) and f"{option}=***" in str(info.value)
+    store = SqlStore(f"sqlite:///{tmp_path}/a.db")
+    store.url = url
+    assert "t0ps3cr3t" not in repr(store) + str(store) and f"{option}=***#table=t" in repr(store)
+    store.close()
 
 
 def test_repr_masks_password(tmp_path: Any) -> None:
@@ -776,3 +804,90 @@ def test_save_error_names_the_object(opened: Any) -> None:
     with pytest.raises(SaveError) as info:
         store.save(task)
     assert task.persistent_id in str(info.value)
+
+
+def test_tables_of_one_database_do_not_share_what_their_handles_issued(
+    sql_kind: str, store_url_of: Callable[[str], str]
+) -> None:
+    # the same URL, two tables named by keyword: an object of one is a stranger to the other
+    urls = [store_url_of(sql_kind), store_url_of(sql_kind)]
+    base = urls[0].partition("#")[0]
+    tables = [table_of(url) if "#" in url else f"t{n}" for n, url in enumerate(urls)]
+    with SqlStore(base, table_name=tables[0]) as here, SqlStore(base, table_name=tables[1]) as there:
+        precious = there.save(Task(jobname="precious"))
+        stranger = Task(jobname="stranger")
+        assert here.save(stranger) == precious  # both tables number from 1
+        with pytest.raises(SaveError, match=f"{precious}.*another object"):
+            there.save(stranger)
+        there.invalidate_cache()
+        assert there.load(precious).jobname == "precious"
+
+
+def test_in_memory_databases_do_not_share_what_their_handles_issued() -> None:
+    with make_store("sqlite://") as here, make_store("sqlite://") as there:
+        precious = there.save(Task(jobname="precious"))
+        stranger = Task(jobname="stranger")
+        assert here.save(stranger) == precious
+        with pytest.raises(SaveError, match=f"{precious}.*another object"):
+            there.save(stranger)
+        there.invalidate_cache()
+        assert there.load(precious).jobname == "precious"
+
+
+@pytest.mark.parametrize("other", ["task.1", "TASK.1", "Tásk.1", "Task.1 "])
+def test_ids_and_listing_fields_compare_exactly(opened: Any, other: str) -> None:
+    # MariaDB's and MySQL's default collation ignores case, accents and trailing spaces
+    store = opened()
+    task = Task(jobname="Fit")
+    task.state = State.RUNNING
+    oid = store.save(task)
+    assert oid == "Task.1"
+    assert store.list(persistent_id=other) == []
+    assert store.list(jobname="fit") == store.list(jobname="Fít") == store.list(state="running") == []
+    assert store.list(persistent_id=oid) == store.list(jobname="Fit") == store.list(state="RUNNING") == [oid]
+    if other.strip() == other:  # a valid id
+        store.remove(other)
+    assert store.list() == [oid]
+    store.invalidate_cache()
+    assert store.load(oid).jobname == "Fit"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("in_child", ["size", "close", "finalizer"])
+def test_a_child_that_measures_or_closes_the_store_leaves_the_parents_connections_alone(
+    opened: Any, in_child: str
+) -> None:
+    store = opened()
+    oid = store.save(Task(jobname="parent"))
+    assert store.metadata(oid)["jobname"] == "parent"  # a connection in the parent's pool
+    connects: list[Any] = []
+    sa.event.listen(store.engine, "connect", lambda *_: connects.append(1))
+    pid = os.fork()
+    if pid == 0:  # child: never uses the store otherwise, as a worker that only ends
+        code = 1
+        try:
+            {"size": store.size, "close": store.close, "finalizer": store._closer}[in_child]()  # the finalizer: at exit
+            code = 0 if in_child == "finalizer" or store._pid == os.getpid() else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert store.metadata(oid)["jobname"] == "parent"
+    assert not connects  # the pool's ping found the parent's connection alive: the child closed none
+
+
+@pytest.mark.parametrize("server_store", ["mysql"], indirect=True)
+def test_a_record_over_max_allowed_packet_is_a_save_error_that_says_so(
+    server_store: tuple[SqlStore, Callable[[Any], None]],
+) -> None:
+    store, _ = server_store
+    with store.engine.connect() as conn:
+        limit = int(conn.exec_driver_sql("SELECT @@max_allowed_packet").scalar_one())
+    big = Task(jobname="big")
+    big.blob = os.urandom(limit)
+    small = store.save(Task(jobname="small"))
+    with pytest.raises(SaveError, match=r"Task\.\d+: its record is [\d,]+ bytes, more than the max_allowed_packet"):
+        store.save(big)
+    store.invalidate_cache()
+    assert store.load(small).jobname == "small"
+    assert store.list() == [small]

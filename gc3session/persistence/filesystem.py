@@ -21,7 +21,7 @@ from ..exceptions import InvalidArgument, LoadError, RepairWarning, SaveError, S
 from .atomic import write_atomically
 from .idfactory import FileCounter, IdFactory, is_id, parse_id
 from .serialization import DEFAULT_PROTOCOL, decode_json, encode_json, scan_json
-from .store import Record, Store, matches, missing, store_options
+from .store import LAST_TAKEN, Record, Store, matches, missing, store_options
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ class FilesystemStore(Store):
         return self.directory / oid
 
     def _above_highest(self) -> int:
-        return max((parse_id(oid)[1] for oid in self._names()), default=0) + 1
+        # not past a record that leaves no room for new ids (put there by replace() or an earlier version)
+        return max((n for oid in self._names() if (n := parse_id(oid)[1]) <= LAST_TAKEN), default=0) + 1
 
     def _names(self) -> Iterator[str]:
         with os.scandir(self.directory) as entries:

@@ -31,7 +31,19 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from ..exceptions import Error, InvalidArgument, LoadError, RepairWarning, SaveError, StoreError
 from .idfactory import IdFactory, id_list, number_of, parse_id
 from .serialization import DEFAULT_PROTOCOL, decode_json, encode_json
-from .store import LOAD_BATCH, Record, Store, id_chunks, mask_password, missing, store_options, written_password
+from .store import (
+    LAST_TAKEN,
+    LOAD_BATCH,
+    SECRET_OPTION,
+    Record,
+    Store,
+    id_chunks,
+    known_objects,
+    mask_password,
+    missing,
+    store_options,
+    written_password,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +74,8 @@ _BIG_BLOB = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 CORE_COLUMNS = (
     "id", "persistent_id", "data", "state", "jobname", "cls", "returncode", "children", "created", "modified", "meta",
 )
+#: The core columns that hold text (compared exactly: see ``SqlStore._compares_loosely``).
+TEXT_COLUMNS = ("persistent_id", "state", "jobname", "cls", "children")
 #: Metadata fields kept in columns of their own, and only there (rows written by 0.1 repeat them in ``meta``).
 META_COLUMNS = ("state", "jobname", "cls", "returncode", "children", "created", "modified")
 
@@ -111,8 +125,13 @@ class SqlStore(Store):
         if not isinstance(self.table_name, str) or not _TABLE_NAME.fullmatch(self.table_name):
             raise InvalidArgument(f"table name {self.table_name!r} is not a plain SQL identifier (letters, digits, _)")
         self._address = _with_default_driver(address)
-        self._secrets = [*(str(p) for p in (self._address.password, self._address.query.get("password")) if p),
-                         *_url_secrets(address)]
+        # the objects this table's handles issued, loaded or saved: another table, even in the same database,
+        # holds other records, and an in-memory database is this handle's alone
+        where = f"{self._address.render_as_string(hide_password=True)}#table={self.table_name}"
+        self._known = known_objects(None if _in_memory(self._address) else where)
+        query = self._address.normalized_query
+        secret = [value for key, values in query.items() if SECRET_OPTION.search(key) for value in values]
+        self._secrets = [*(str(p) for p in (self._address.password, *secret) if p), *_url_secrets(address)]
         self.fsync = fsync
         self._create = create
         database = _sqlite_file(self._address)
@@ -138,7 +157,7 @@ class SqlStore(Store):
         # extra fields may have types that convert values (JSON, dates, enums): their bind processors, or None
         self._extra_processors = [column.type.dialect_impl(dialect).bind_processor(dialect) for column in self._extra]
         # a store dropped without close() still returns its connections
-        self._closer = weakref.finalize(self, self.engine.dispose)
+        self._closer = weakref.finalize(self, _dispose, self.engine, os.getpid())
 
     # -- engine and tables ------------------------------------------------------
 
@@ -147,7 +166,7 @@ class SqlStore(Store):
         kwargs: dict[str, Any] = {}
         if backend == "sqlite":
             kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT, "check_same_thread": False}
-            if self._address.database in (None, "", ":memory:"):
+            if _in_memory(self._address):
                 kwargs["poolclass"] = sa.pool.StaticPool
         else:
             kwargs["pool_pre_ping"] = True
@@ -333,7 +352,9 @@ class SqlStore(Store):
                 with attempt, self._transaction() as conn:
                     moved = conn.execute(sa.update(counters).where(where).values(next_id=counters.c.next_id + n))
                     if not moved.rowcount:  # no counter row yet: start above the highest id in the table
-                        highest = conn.execute(sa.select(sa.func.max(self.table.c.id))).scalar() or 0
+                        # (but one that leaves no room for new ids, put there by replace() or an earlier version)
+                        below = sa.select(sa.func.max(self.table.c.id)).where(self.table.c.id <= LAST_TAKEN)
+                        highest = conn.execute(below).scalar() or 0
                         conn.execute(self._insert_ignore(counters), {"name": self.table_name, "next_id": highest + 1})
                         conn.execute(sa.update(counters).where(where).values(next_id=counters.c.next_id + n))
                     after = conn.execute(sa.select(counters.c.next_id).where(where)).scalar_one()
@@ -357,14 +378,41 @@ class SqlStore(Store):
     def _write(self, records: list[Record]) -> None:
         """Upsert the records in one transaction, in batches."""
         with self._failures("cannot write", target=records[0].id if len(records) == 1 else f"{len(records)} objects"):
-            for attempt in retries():
-                with attempt, self._transaction() as conn:
-                    upsert, names = self._upsert
-                    for start in range(0, len(records), BATCH):
-                        rows: list[Any] = [self._row(record) for record in records[start : start + BATCH]]
-                        if names is not None:
-                            rows = [dict(zip(names, row, strict=True)) for row in rows]
-                        conn.exec_driver_sql(upsert, rows)
+            try:
+                for attempt in retries():
+                    with attempt, self._transaction() as conn:
+                        upsert, names = self._upsert
+                        for start in range(0, len(records), BATCH):
+                            rows: list[Any] = [self._row(record) for record in records[start : start + BATCH]]
+                            if names is not None:
+                                rows = [dict(zip(names, row, strict=True)) for row in rows]
+                            conn.exec_driver_sql(upsert, rows)
+            except sa.exc.DBAPIError as error:
+                self._check_packet_size(records, error)
+                raise
+
+    def _check_packet_size(self, records: list[Record], error: sa.exc.DBAPIError) -> None:
+        """Raise SaveError naming a record larger than MariaDB's or MySQL's ``max_allowed_packet``, if ``error``
+        may come from one.
+
+        The server does not say why: it drops the connection ("MySQL server
+        has gone away"), or on some versions reports error 1153.
+        """
+        code = next(iter(getattr(error.orig, "args", ())), None)
+        if self.engine.dialect.name not in ("mysql", "mariadb") or code not in (1153, 2006, 2013):
+            return  # 1153: packet too big; 2006, 2013: server gone away, connection lost
+        biggest = max(records, key=lambda record: len(record.data))
+        try:
+            with self.engine.connect() as conn:
+                limit = int(conn.exec_driver_sql("SELECT @@max_allowed_packet").scalar_one())
+        except (sa.exc.SQLAlchemyError, TypeError, ValueError):  # the server is gone indeed: the error says so
+            return
+        if len(biggest.data) >= limit:
+            raise SaveError(
+                biggest.id,
+                f"its record is {len(biggest.data):,} bytes, more than the max_allowed_packet of {self._masked()} "
+                f"({limit:,} bytes): raise that setting on the server, or keep less in the object",
+            ) from None
 
     def _row(self, record: Record) -> tuple[Any, ...]:
         """The values of the table's columns, in order, ready for the driver (bytes, str, int, float or None)."""
@@ -462,7 +510,19 @@ class SqlStore(Store):
         """``column IN values``; on PostgreSQL ``column = ANY(array)``, one parameter rather than hundreds to parse."""
         if self.engine.dialect.name == "postgresql":
             return column == sa.any_(sa.literal(values, postgresql.ARRAY(column.type)))
+        if self._compares_loosely(column):  # byte for byte: the column's bytes are UTF-8 (utf8mb4)
+            return sa.cast(column, sa.LargeBinary).in_([str(value).encode() for value in values])
         return column.in_(values)
+
+    def _compares_loosely(self, column: sa.Column[Any]) -> bool:
+        """True for a text column of MariaDB or MySQL, which compare text by the table's collation.
+
+        By default that ignores case, accents and trailing spaces:
+        ``persistent_id = 'tásk.1'`` holds for ``Task.1``.  Such a column is
+        compared as bytes, which needs nothing of the table, so tables made
+        by earlier versions work as they are.
+        """
+        return column.name in TEXT_COLUMNS and self.engine.dialect.name in ("mysql", "mariadb")
 
     def _list(self, filters: dict[str, Any]) -> list[str]:
         table = self.table
@@ -473,7 +533,13 @@ class SqlStore(Store):
                 raise InvalidArgument(f"cannot filter {self} by {name!r} (columns: {usable})")
             if isinstance(value, enum.Enum):
                 value = value.value
-            query = query.where(table.c[name].is_(None) if value is None else table.c[name] == value)
+            column = table.c[name]
+            if value is None:
+                query = query.where(column.is_(None))
+            else:
+                query = query.where(column == value)
+                if isinstance(value, str) and self._compares_loosely(column):  # the test above finds rows by index
+                    query = query.where(self._one_of(column, [value]))
         with self._failures("cannot list"), self.engine.connect() as conn:
             return list(conn.execute(query).scalars())
 
@@ -622,6 +688,7 @@ class SqlStore(Store):
 
     def size(self) -> int | None:
         """Bytes the table takes in the database, where the database tells."""
+        self._check_pid()
         dialect = self.engine.dialect.name
         with self._failures("cannot measure"), self.engine.connect() as conn:
             if dialect == "postgresql":
@@ -647,10 +714,22 @@ class SqlStore(Store):
         """In a child process: drop the inherited pool without closing the parent's connections."""
         super().post_fork()
         self.engine.dispose(close=False)
+        self._closer.detach()  # the parent's would only drop this process's connections: ours closes them
+        self._closer = weakref.finalize(self, _dispose, self.engine, os.getpid())
 
     def close(self) -> None:
-        """Close the pooled connections (the store reconnects if used again)."""
+        """Close the pooled connections (the store reconnects if used again); in a forked child, only its own."""
+        self._check_pid()
         self.engine.dispose()
+
+
+def _dispose(engine: Engine, pid: int) -> None:
+    """Close the connections pooled by ``engine`` in process ``pid``; in a forked child, drop them untouched.
+
+    A child's copy of a connection is the parent's too: closing it (at the
+    child's exit, say) would close the parent's, on MariaDB at once.
+    """
+    engine.dispose(close=os.getpid() == pid)
 
 
 class _Attempt:
@@ -749,6 +828,11 @@ def sqlite_file(url: str) -> str | None:
     return _sqlite_file(_with_default_driver(_split_fragment(url)[0]))
 
 
+def _in_memory(address: sa.URL) -> bool:
+    """True for an in-memory SQLite database, which only the engine that opens it sees."""
+    return address.get_backend_name() == "sqlite" and address.database in (None, "", ":memory:")
+
+
 def _sqlite_file(address: sa.URL) -> str | None:
     database = address.database
     if address.get_backend_name() != "sqlite" or not database or database == ":memory:":
@@ -781,12 +865,14 @@ def _fresh(column: sa.Column[Any]) -> sa.Column[Any]:
 
 
 def _text(value: Any, size: int | None = None) -> str | None:
-    """``value`` fit for a text column of ``size`` characters (NULL if it is no string, or longer).
+    """``value`` fit for a text column of ``size`` characters (NULL if it is no string, longer, or holds NUL).
 
-    Lone surrogates (which UTF-8 cannot hold) become "?".  The pickle and
-    the ``meta`` JSON keep the exact value; only the column differs.
+    PostgreSQL's text cannot hold NUL; the other databases could, but a
+    column holds the same everywhere.  Lone surrogates (which UTF-8 cannot
+    hold) become "?".  The pickle and the ``meta`` JSON keep the exact
+    value; only the column differs.
     """
-    if not isinstance(value, str) or (size is not None and len(value) > size):
+    if not isinstance(value, str) or (size is not None and len(value) > size) or "\0" in value:
         return None
     if not value.isascii():
         try:

@@ -28,7 +28,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
-from ..exceptions import Error, InvalidArgument, LoadError, NoSuchObject, SaveError
+from ..exceptions import Error, InvalidArgument, LoadError, NoSuchObject, SaveError, StoreError
 from .idfactory import ID_LINES, IdFactory, id_list, is_id, parse_id
 from .serialization import DEFAULT_PROTOCOL, FORMAT_VERSION, Serializer, encode_json
 
@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 MAX_ID_BLOCK = 1024
 #: How many records ``load_many`` reads at a time (bounds the raw bytes held in memory).
 LOAD_BATCH = 1000
+#: The largest number an id holds (18 digits: see ``ID_PATTERN``).
+LAST_NUMBER = 10**18 - 1
+#: The largest number a store takes from elsewhere (a foreign save, an import), or counts from when its counter
+#: is lost: the counter moves past it, and a billion numbers stay free after it for new ids.
+LAST_TAKEN = LAST_NUMBER - 10**9
 
 
 @dataclass(slots=True)  # a batch holds thousands: no __dict__ each
@@ -76,11 +81,14 @@ class Store(abc.ABC):
         )
         self._cache: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
         # every object in memory that got its id from this store, through any handle: saving it needs no check
+        # (a backend whose records are not named by the URL alone keys this by what names them)
         self._known = known_objects(url)
         # what each record seen by this handle refers to (only those that refer to something)
         self._refs: dict[str, tuple[str, ...]] = {}
         self._lock = threading.RLock()
         self._numbers: list[int] = []
+        # the numbers this handle reserved for imports: later batches of one copy may use them
+        self._imported: list[range] = []
         self._block = 1
         self._pid = os.getpid()
         #: The plugins told of saves (``task_saved``), set by the session that uses this store.
@@ -242,8 +250,13 @@ class Store(abc.ABC):
         for record in foreign:
             self._known[record.id] = record.obj
 
-    def _claim_numbers(self, records: list[Record]) -> None:
-        """Reserve the numbers of ``records`` in the counter, or raise SaveError if one was handed out already."""
+    def _claim_numbers(self, records: list[Record]) -> list[range]:
+        """Reserve the numbers of ``records`` in the counter, or raise SaveError if one was handed out already.
+
+        Returns the numbers reserved: from the lowest of ``records`` to the highest, or what of them other
+        handles left.
+        """
+        self._check_room(records)
         first = self._reserve(1).start  # every number below was handed out; this one is ours now
         lowest = min(records, key=lambda record: record.number)
         if lowest.number < first:
@@ -253,11 +266,23 @@ class Store(abc.ABC):
                 "saved yet); set persistent_id to None to save a copy under a new id",
             )
         top = max(record.number for record in records)
-        if top > first:
-            more = self._reserve(top - first)
-            taken = [record for record in records if first < record.number < more.start]  # by another handle, meanwhile
-            if taken:
-                raise SaveError(taken[0].id, f"{self} handed out this number to another handle meanwhile; try again")
+        if top <= first:
+            return [range(first, first + 1)]
+        more = self._reserve(top - first)
+        taken = [record for record in records if first < record.number < more.start]  # by another handle, meanwhile
+        if taken:
+            raise SaveError(taken[0].id, f"{self} handed out this number to another handle meanwhile; try again")
+        return [range(first, first + 1), more]
+
+    def _check_room(self, records: list[Record]) -> None:
+        """Raise SaveError for a record whose number would leave the counter no room for new ids."""
+        for record in records:
+            if record.number > LAST_TAKEN:
+                raise SaveError(
+                    record.id,
+                    f"its number is too high for {self} to take from elsewhere (above {LAST_TAKEN}): the counter "
+                    "would run out of ids; set persistent_id to None to save a copy under a new id",
+                )
 
     def occupants(self, ids: Iterable[str]) -> dict[str, dict[str, Any] | LoadError]:
         """The metadata of what the store holds where each id would be written; free ids are left out.
@@ -289,6 +314,8 @@ class Store(abc.ABC):
     def _next_number(self) -> int:
         if not self._numbers:
             block = self._reserve(self._block)
+            if block.stop - 1 > LAST_NUMBER:  # moved there by an earlier version, which took any number
+                raise StoreError(str(self), f"has run out of object ids: its counter is past {LAST_NUMBER}")
             self._numbers = list(reversed(block))
             self._block = min(self._block * 2, MAX_ID_BLOCK)
         return self._numbers.pop()
@@ -470,8 +497,14 @@ class Store(abc.ABC):
     def import_records(self, records: Iterable[tuple[str, dict[str, Any], bytes]]) -> None:
         """Write records exported from another store, keeping their ids, in one batch.
 
-        The counter moves past the highest number imported, so new ids never
-        collide with them.
+        A record goes where a row or file already is (the caller checks
+        :meth:`occupants` first), or takes a number this store never handed
+        out, as a foreign save does: the counter moves past it, so new ids
+        never collide with it.  A number handed out already (to an object
+        since removed, or to one not saved yet) is a SaveError, and nothing
+        is written; but one that an earlier import through this handle
+        reserved (a copy in batches: children numbered between their
+        parents) is this import's to take.
         """
         batch = []
         for oid, meta, data in records:
@@ -481,7 +514,11 @@ class Store(abc.ABC):
             return
         with self._lock:
             self._check_pid()
-            self._bump(max(record.number for record in batch))
+            held = self.occupants([record.id for record in batch])
+            fresh = [record for record in batch if record.id not in held
+                     and not any(record.number in span for span in self._imported)]
+            if fresh:
+                self._imported += self._claim_numbers(fresh)
             self._write(batch)
             for record in batch:
                 self._cache.pop(record.id, None)
@@ -506,6 +543,7 @@ class Store(abc.ABC):
         with self._lock:
             self._pid = os.getpid()
             self._numbers = []
+            self._imported = []
 
     def _check_pid(self) -> None:
         if self._pid != os.getpid():
@@ -575,10 +613,17 @@ _known_objects: dict[str, weakref.WeakValueDictionary[str, Any]] = {}
 _known_objects_lock = threading.Lock()
 
 
-def known_objects(url: str) -> weakref.WeakValueDictionary[str, Any]:
-    """The objects in memory that got their ids from the store at ``url``, by id (shared by its handles)."""
+def known_objects(where: str | None) -> weakref.WeakValueDictionary[str, Any]:
+    """The objects in memory that got their ids from the records at ``where``, by id (shared by their handles).
+
+    ``where`` names the records, not just the place: a store URL, or a
+    database and table.  None gives a registry of one's own, for records no
+    other handle can reach (an in-memory database).
+    """
+    if where is None:
+        return weakref.WeakValueDictionary()
     with _known_objects_lock:
-        return _known_objects.setdefault(url, weakref.WeakValueDictionary())
+        return _known_objects.setdefault(where, weakref.WeakValueDictionary())
 
 
 @contextmanager
@@ -705,13 +750,15 @@ _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 # the password runs to the last "@": it may hold "/" (SQLAlchemy takes that) or "@" (which it cannot, but a
 # user may try); masking too much of a URL is harmless, showing part of a password is not
 _PASSWORD = re.compile(r"(://[^:/@]*):(.*)@")
-_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pwd)=)[^&#]*", re.IGNORECASE)
+#: The name of a URL option whose value is secret: ``password``, ``sslpassword``, ``api_token``...
+SECRET_OPTION = re.compile(r"password|passwd|pwd|secret|token", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(rf"([?&][^=&#]*(?:{SECRET_OPTION.pattern})[^=&#]*=)[^&#]*", re.IGNORECASE)
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _registry: dict[str, Callable[..., Store]] = {}
 
 
 def mask_password(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
+    """``url`` with any password, and the value of any option named like one (see SECRET_OPTION), as ``***``."""
     return _QUERY_PASSWORD.sub(r"\1***", _PASSWORD.sub(r"\1:***@", str(url)))
 
 
