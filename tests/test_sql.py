@@ -481,10 +481,10 @@ def test_opening_an_existing_store_reads_no_catalog_and_writes_nothing(opened: A
 def test_opening_a_store_whose_counter_row_is_gone_makes_it_above_the_highest_id(opened: Any) -> None:
     store = opened()
     highest = max(parse_id(oid)[1] for oid in store.save_many([Task() for _ in range(3)]))
-    own_row = store.counters.c.name == store.table_name  # the counters table is shared by every store table there
-    with store.engine.begin() as conn:
-        conn.execute(sa.delete(store.counters).where(own_row))
+    with store.engine.begin() as conn:  # its own row only: the counters table serves every store table there
+        conn.execute(sa.delete(store.counters).where(store.counters.c.name == store.table_name))
     again = opened()
+    own_row = again.counters.c.name == again.table_name
     with again.engine.connect() as conn:
         assert conn.execute(sa.select(again.counters.c.next_id).where(own_row)).scalar_one() == highest + 1
     assert parse_id(again.save(Task()))[1] == highest + 1

@@ -518,7 +518,7 @@ class Store(abc.ABC):
             fresh = [record for record in batch if record.id not in held
                      and not any(record.number in span for span in self._imported)]
             if fresh:
-                self._imported += self._claim_numbers(fresh)
+                self._imported = _merged([*self._imported, *self._claim_numbers(fresh)])
             self._write(batch)
             for record in batch:
                 self._cache.pop(record.id, None)
@@ -611,6 +611,18 @@ class Store(abc.ABC):
 
 _known_objects: dict[str, weakref.WeakValueDictionary[str, Any]] = {}
 _known_objects_lock = threading.Lock()
+
+
+def _merged(spans: list[range]) -> list[range]:
+    """``spans`` (ranges of step 1) with those that overlap or touch made one: a copy's reserves mostly follow
+    each other, so the list stays short however many batches it takes."""
+    merged: list[range] = []
+    for span in sorted(spans, key=lambda span: span.start):
+        if merged and span.start <= merged[-1].stop:
+            merged[-1] = range(merged[-1].start, max(merged[-1].stop, span.stop))
+        else:
+            merged.append(span)
+    return merged
 
 
 def known_objects(where: str | None) -> weakref.WeakValueDictionary[str, Any]:
