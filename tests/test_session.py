@@ -910,12 +910,18 @@ def test_removing_a_top_level_task_that_a_collection_holds_keeps_its_record(any_
     again.store.close()
 
 
-def test_remove_keeps_children_that_an_unreadable_task_may_hold(tmp_path):
+def two_collections_sharing_a_child(path: Path) -> tuple[Task, Task, str, str]:
+    """A closed session at ``path``: "first" holds "shared" and "own", "second" holds "shared"."""
     shared, own = Task(jobname="shared"), Task(jobname="own")
-    session = Session(tmp_path / "s")
+    session = Session(path)
     first = session.add(TaskCollection(jobname="first", tasks=[shared, own]))
     second = session.add(TaskCollection(jobname="second", tasks=[shared]))
     session.close()
+    return shared, own, first, second
+
+
+def test_remove_keeps_children_that_an_unreadable_task_may_hold(tmp_path):
+    shared, own, first, second = two_collections_sharing_a_child(tmp_path / "s")
     record = tmp_path / "s" / "jobs" / second
     saved = record.read_bytes()
     record.write_bytes(b"damaged")  # for now: a disk error, a bad edit
@@ -933,11 +939,7 @@ def test_remove_keeps_children_that_an_unreadable_task_may_hold(tmp_path):
 
 
 def test_remove_decides_what_is_still_held_from_the_metadata_not_the_listing_line(tmp_path):
-    shared, own = Task(jobname="shared"), Task(jobname="own")
-    session = Session(tmp_path / "s")
-    first = session.add(TaskCollection(jobname="first", tasks=[shared, own]))
-    second = session.add(TaskCollection(jobname="second", tasks=[shared]))
-    session.close()
+    shared, own, first, second = two_collections_sharing_a_child(tmp_path / "s")
     # the listing line of "second" left behind by a hand edit: it says no children, its metadata says "shared"
     record = tmp_path / "s" / "jobs" / second
     listing, rest = record.read_bytes().split(b"\n", 1)
