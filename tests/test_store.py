@@ -264,6 +264,16 @@ def test_replace_overwrites_a_record(store, open_store):
 def test_replace_refuses_an_invalid_id(store):
     with pytest.raises(InvalidArgument):
         store.replace("nonsense", Task())
+    with pytest.raises(SaveError, match="too high"):
+        store.replace(f"Task.{10**18 - 1}", Task())
+
+
+def test_an_id_given_by_replace_is_never_handed_out_again(store, open_store):
+    other = open_store()  # another handle, which numbers from the same counter
+    store.replace("Task.5", Task(jobname="replaced"))  # no RepairWarning either (warnings fail the tests)
+    new = [*store.save_many([Task() for _ in range(3)]), *other.save_many([Task() for _ in range(3)])]
+    assert "Task.5" not in new and min(parse_id(oid)[1] for oid in new) > 5
+    assert open_store().load("Task.5").jobname == "replaced"
 
 
 # -- children -----------------------------------------------------------------------

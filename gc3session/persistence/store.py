@@ -126,11 +126,19 @@ class Store(abc.ABC):
         return [obj.persistent_id for obj in objs]
 
     def replace(self, id: str, obj: Any) -> None:  # noqa: A002
-        """Save ``obj`` under ``id``, overwriting what is stored there."""
-        parse_id(id)
+        """Save ``obj`` under ``id``, overwriting what is stored there.
+
+        The counter moves past the id's number, so that no new object gets it.
+        """
+        number = parse_id(id)[1]
+        if number > LAST_TAKEN:
+            raise SaveError(id, f"its number is too high for {self} (above {LAST_TAKEN}): the counter would run out "
+                                "of ids")
         self._set_id(obj, id)
         with self._lock:
+            self._check_pid()
             self._known[id] = obj  # on purpose: no check that the id is its own
+            self.skip_past(number)
             self.save_many([obj])
 
     def skip_past(self, number: int) -> None:
