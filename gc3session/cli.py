@@ -26,7 +26,7 @@ from typing import Any
 import click
 
 from ._version import __version__
-from .exceptions import Error, InvalidArgument, LoadError, SessionError, StoreNotFound
+from .exceptions import Error, InvalidArgument, LoadError, SaveError, SessionError, StoreNotFound
 from .migrate import import_gc3pie
 from .persistence.atomic import TEMP_PREFIX
 from .persistence.filesystem import FilesystemStore
@@ -707,7 +707,10 @@ def copy_records(view: SessionView, target: Session) -> list[LoadError]:
                 raise click.ClickException(
                     f"the destination store already holds other objects with these ids: {shown}; use --renumber"
                 )
-            target.store.import_records(records)
+            try:
+                target.store.import_records(records)
+            except SaveError as error:  # a number the destination handed out already (see import_records)
+                raise click.ClickException(f"{error}; use --renumber") from None
             bar.update(sum(1 for oid in copied if oid in view.id_set))
     failed_ids = {e.id for e in failed}
     for oid in view.ids:

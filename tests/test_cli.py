@@ -372,6 +372,20 @@ def test_a_failed_copy_into_an_empty_directory_leaves_it_empty(tmp_path: Path) -
     assert (tmp_path / "c").is_dir() and os.listdir(tmp_path / "c") == []
 
 
+def test_copy_refuses_a_number_the_destination_handed_out_already_and_says_renumber(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/shared.db"
+    other = Session(tmp_path / "other", store_or_url=url)
+    other.remove(other.add(Task(jobname="gone")))  # Task.1 handed out there, its row since deleted
+    other.close()
+    Session(tmp_path / "a").add(Task(jobname="a"))  # Task.1 too
+    refused = run("copy", tmp_path / "a", tmp_path / "c", "--store", url)
+    assert refused.exit_code == 1 and "handed out number 1" in refused.output and "--renumber" in refused.output
+    assert not (tmp_path / "c").exists()
+    renumbered = run("copy", tmp_path / "a", tmp_path / "c", "--store", url, "--renumber")
+    assert renumbered.exit_code == 0, renumbered.output
+    assert [t.jobname for t in Session(tmp_path / "c")] == ["a"]
+
+
 def test_copy_refuses_an_sql_row_held_by_an_id_with_another_prefix(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/shared.db"
     Session(tmp_path / "a", store_or_url=url).add(Task(jobname="a"))  # Task.1: row 1
