@@ -135,9 +135,20 @@ class Task(Persistable):
             setattr(self, name, value)
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name == "execution":
+            if not isinstance(value, Execution):  # the state, its history and return code live there
+                raise InvalidArgument(f"a task's execution must be an Execution, not {type(value).__name__} "
+                                      f"(the name is taken: give the attribute another one)")
+            old = self.__dict__.get("execution")
+            if old is not None and old is not value and old in _observers:  # the session's plugins keep watching
+                _observers[value] = _observers.pop(old)
         object.__setattr__(self, name, value)
         if name not in ("changed", "state"):  # setting the state marks the execution when it changes
             object.__setattr__(self, "changed", True)
+
+    def __delattr__(self, name: str) -> None:
+        object.__delattr__(self, name)
+        object.__setattr__(self, "changed", True)
 
     @property
     def changed(self) -> bool:

@@ -11,6 +11,7 @@ from helpers import Bare
 import gc3session
 from gc3session import Execution, InvalidArgument, Persistable, State, Task, TaskCollection
 from gc3session.persistence import FilesystemStore
+from gc3session.task import observe
 
 # -- State ----------------------------------------------------------------------
 
@@ -209,6 +210,29 @@ def test_task_changed_flag_follows_assignments_and_state_changes():
 
     task.execution.info = "done"
     assert task.changed
+
+
+def test_deleting_an_attribute_marks_the_task_changed():
+    task = Task(secret="s")
+    task.changed = False
+    del task.secret
+    assert task.changed and not hasattr(task, "secret")
+
+
+def test_a_task_execution_must_be_an_execution():
+    with pytest.raises(InvalidArgument, match="execution must be an Execution, not str"):
+        Task(jobname="x", execution="local")
+    task = Task()
+    task.execution = Execution("SUBMITTED")
+    assert task.state == State.SUBMITTED
+
+
+def test_a_replaced_execution_keeps_its_observer():
+    task, seen = Task(), []
+    observe(task.execution, lambda old, new: seen.append((old, new)))
+    task.execution = Execution("SUBMITTED")
+    task.state = "TERMINATED"
+    assert seen == [(State.SUBMITTED, State.TERMINATED)]
 
 
 def test_task_changed_can_be_set_true_explicitly():
