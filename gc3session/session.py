@@ -101,6 +101,7 @@ class Session:
         self._file_lock = FileLock(self._file(self.LOCK_FILENAME))
         self._lock_pid = os.getpid()
         self._past_index = False  # whether the store was told to number new tasks above every id of the index
+        self._finished = False  # closed (by close() or the end of a with block)
 
         if os.path.lexists(self.path) and not os.path.isdir(self.path):
             raise SessionError(self.path, "exists and is not a directory")
@@ -370,7 +371,10 @@ class Session:
 
     def save(self, obj: Any) -> str:
         """Save ``obj`` to the store without adding it to the session; return its id."""
-        return self.store.save(obj)
+        with self._mutex:
+            if not self._past_index:
+                self._skip_past_index()
+            return self.store.save(obj)
 
     def save_all(self, flush: bool = True) -> None:
         """Save every task (and child) whose ``changed`` flag is set, in one batch."""
@@ -666,12 +670,15 @@ class Session:
         self._finish(None, save=save)
 
     def _finish(self, error: BaseException | None, *, save: bool = True) -> None:
+        if self._finished:  # closed already: the end of a with block after close(save=False) saves nothing
+            return
         with ExitStack() as closing:  # each step runs even if an earlier one raised; the last one first
             closing.callback(self.store.close)
             closing.callback(self._closed, error)
             closing.callback(self._record_end, error)
             if save:
                 self.save_all()
+        self._finished = True  # not when a step failed: closing again tries again
 
     def _record_end(self, error: BaseException | None) -> None:
         if os.path.isdir(self.path):  # not after destroy()

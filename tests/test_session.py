@@ -268,6 +268,30 @@ def test_close_without_saving_records_the_end_and_writes_nothing_else(tmp_path):
     again.store.close()
 
 
+def test_close_without_saving_in_a_with_block_saves_nothing_at_its_end(tmp_path):
+    kept = Session(tmp_path / "s").add(Task(jobname="kept"))
+    with Session(tmp_path / "s") as session:
+        session.tasks[kept].jobname = "unwanted"
+        session.add(Task(jobname="unwanted too"), flush=False)
+        session.close(save=False)
+        end = session.runs[-1]["end"]
+    session.close()  # closed already: nothing more, not even a new end time
+    assert session.runs[-1]["end"] == end
+    assert [t.jobname for t in Session(tmp_path / "s")] == ["kept"]
+
+
+def test_a_failed_close_can_be_tried_again(tmp_path, monkeypatch):
+    session = Session(tmp_path / "s")
+    task = Task(jobname="saved at last")
+    session.add(task, flush=False)
+    monkeypatch.setattr(session.store, "save_many", lambda objs: (_ for _ in ()).throw(SaveError("x", "disk full")))
+    with pytest.raises(SaveError):
+        session.close()
+    monkeypatch.undo()
+    session.close()
+    assert [t.jobname for t in Session(tmp_path / "s")] == ["saved at last"]
+
+
 def test_task_ids_loads_only_those(session):
     ids = [session.add(Task(jobname=str(i))) for i in range(4)]
     partial = Session(session.path, task_ids=ids[1:3])
@@ -297,6 +321,8 @@ def test_new_tasks_never_take_the_ids_of_tasks_the_index_keeps_for_repair(tmp_pa
         damaged = Session(tmp_path / "s")
     kept = set(later) if loss == "backup restored" else {*first, *later}
     assert set(damaged.load_errors) == kept
+    saved = damaged.save(Task(jobname="saved, not added"))  # save() gives new ids too
+    assert saved not in [*first, *later] and parse_id(saved)[1] > parse_id(later[-1])[1]
     new = damaged.add(Task(jobname="new"))
     assert new not in [*first, *later] and parse_id(new)[1] > parse_id(later[-1])[1]
     assert index_lines(damaged) == [*first, *later, new]
