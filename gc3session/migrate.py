@@ -429,10 +429,12 @@ def _write(report: ImportReport, found: dict[str, dict[str, Any]], store_args: d
 
 
 def _refuse_clashes(target: Session, found: dict[str, dict[str, Any]]) -> None:
-    """Refuse to overwrite other objects that a shared destination store holds under the same ids."""
-    present = [oid for oid in target.store.list() if oid in found]
-    clashes = [oid for oid, meta in target.store.iter_metadata(present)
-               if not (isinstance(meta, dict) and meta.get("crc32") == found[oid]["meta"]["crc32"])]
+    """Refuse to overwrite other objects that a shared destination store holds where these would go: under the
+    same ids, or the same numbers (a SQL row is keyed by the number alone).  The very same records (an import
+    that failed, run again) are taken as they are."""
+    clashes = [oid for oid, meta in target.store.occupants(list(found)).items()
+               if not (isinstance(meta, dict) and meta.get("id") == oid
+                       and meta.get("crc32") == found[oid]["meta"]["crc32"])]
     if clashes:
         shown = ", ".join(clashes[:5]) + (" ..." if len(clashes) > 5 else "")
         raise SaveError(shown, f"the store {mask_password(target.store_url)} holds other objects with these ids")

@@ -397,6 +397,23 @@ def test_shared_destination_store_is_not_overwritten(gc3pie_session: tuple[Path,
     again.close()
 
 
+def test_a_shared_sql_store_is_not_overwritten_through_a_number_either(
+    gc3pie_session: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    source, ids = gc3pie_session
+    url = f"sqlite:///{tmp_path}/shared.db"
+    from gc3session import Task
+
+    other = Session(tmp_path / "other", store_or_url=url)
+    for i in range(len(ids)):
+        other.add(Task(jobname=f"theirs-{i}"))  # Task.1...: the rows that Application.1... would take
+    other.close()
+    with pytest.raises(SaveError, match="holds other objects with these ids"):
+        import_gc3pie(source, tmp_path / "new", store_url=url)
+    assert not (tmp_path / "new").exists()
+    assert [t.jobname for t in Session(tmp_path / "other")] == [f"theirs-{i}" for i in range(len(ids))]
+
+
 def test_ids_that_share_a_number_are_refused(gc3pie_session: tuple[Path, list[str]], tmp_path: Path) -> None:
     source, ids = gc3pie_session
     number = int(ids[0].split(".")[1])
