@@ -407,8 +407,8 @@ def show(session: str, task_id: str) -> None:
         ("size", f"{meta.get('size')} bytes"),
         ("format", f"{meta.get('format')} (written by gc3session {meta.get('version')})"),
     ]
-    for name, value in fields:
-        click.echo(f"{name + ':':<12}{'-' if value is None else value}")
+    for name, value in fields:  # cell(): a line end or an escape sequence in a job name shows as such
+        click.echo(f"{name + ':':<12}{'-' if value is None else cell(str(value))}")
     try:
         runs = read_runs(view.path)["runs"]
         last = f"; last {run_line(runs[-1])}" if runs else ""
@@ -417,7 +417,7 @@ def show(session: str, task_id: str) -> None:
         click.echo(f"session runs: unreadable ({error})")
     click.echo("history:")
     for when, state in history_of(meta):
-        click.echo(f"  {local_time(when)}  {state}")
+        click.echo(f"  {local_time(when)}  {cell(state)}")
 
 
 @main.command()
@@ -438,7 +438,7 @@ def log(session: str) -> None:
             click.echo(f"warning: {meta}", err=True)
     events.sort(key=lambda e: (e[0], e[1]))
     for when, oid, jobname, state in events:
-        click.echo(f"{local_time(when)}  {oid}  {jobname}  {state}")
+        click.echo(f"{local_time(when)}  {oid}  {cell(jobname)}  {cell(state)}")
 
 
 @main.command()

@@ -65,6 +65,7 @@ class Session:
     DEFAULT_STORE_DIR = "jobs"
     LOCK_FILENAME = ".lock"
     _opening_later = False  # a subclass that loads its tasks after __init__ calls session_opened itself
+    _owns_its_store = True  # refuses a store inside another session's directory (a temporary session only looks)
 
     def __init__(
         self,
@@ -102,6 +103,7 @@ class Session:
         self._lock_pid = os.getpid()
         self._past_index = False  # whether the store was told to number new tasks above every id of the index
         self._finished = False  # closed (by close() or the end of a with block)
+        self._forgotten: set[str] = set()  # forgotten since the last flush: their records still hold children
 
         if os.path.lexists(self.path) and not os.path.isdir(self.path):
             raise SessionError(self.path, "exists and is not a directory")
@@ -148,11 +150,19 @@ class Session:
     ) -> bool:
         if store_or_url is None:
             url = self.DEFAULT_STORE_DIR
-            self.store: Store = FilesystemStore(self._file(url), **extra_args)
         elif isinstance(store_or_url, Store):
-            url, self.store = store_or_url.url, store_or_url
+            url = store_or_url.url
         else:
             url = absolute_url(os.fspath(store_or_url))
+        holder = _session_around(local_store_path(resolve_store_url(self.path, url)), self.path)
+        if holder is not None and self._owns_its_store:  # checked before the store is made: nothing is created
+            raise InvalidArgument(f"the store {mask_password(url)} is inside session {holder}, whose destroy() "
+                                  "would delete it, and the tasks of this session with it: put it elsewhere")
+        if store_or_url is None:
+            self.store: Store = FilesystemStore(self._file(url), **extra_args)
+        elif isinstance(store_or_url, Store):
+            self.store = store_or_url
+        else:
             self.store = make_store(url, **extra_args)
         self.store.hooks = self.hooks
         self.store_url = url
@@ -245,9 +255,12 @@ class Session:
             )
         return loaded
 
-    def _load_lazily(self, ids: list[str]) -> None:
-        with self._mutex:
-            self._load_into_session(ids)
+    def _load_lazily(self, ids: list[str]) -> dict[str, LoadError]:
+        """Load the tasks of ``ids`` still to be loaded; return the errors of those that failed."""
+        with self._mutex:  # asked for outside it: another thread may have removed or loaded some meanwhile
+            wanted = [oid for oid in ids if oid in self.tasks and self.tasks.peek(oid) is None]
+            self._load_into_session(wanted)
+            return {oid: self.load_errors[oid] for oid in wanted if oid in self.load_errors}
 
     # -- the index ------------------------------------------------------------
 
@@ -359,6 +372,7 @@ class Session:
         self._past_index = True
 
     def _register(self, oid: str, task: Any = None) -> None:
+        self._forgotten.discard(oid)  # the session's again
         if oid in self._removed:
             self._removed.discard(oid)
         elif oid not in self._index:
@@ -401,6 +415,7 @@ class Session:
                 self.store.remove_many(self.pending_deletions())
                 self._doomed.clear()
                 self._pending = None
+            self._forgotten.clear()
 
     def pending_deletions(self) -> list[str]:
         """The records the next :meth:`flush` deletes.
@@ -438,7 +453,7 @@ class Session:
     def _holders(self) -> list[str]:
         """The session's tasks that may hold others: those not loaded, and loaded ones with children."""
         peek = self.tasks.peek
-        return [oid for oid in dict.fromkeys(itertools.chain(self._index, self.tasks))
+        return [oid for oid in dict.fromkeys(itertools.chain(self._index, self.tasks, self._forgotten))
                 if (task := peek(oid)) is None or getattr(task, "tasks", None)]
 
     def load(self, id: str, add: bool = True, flush: bool = True) -> Any:  # noqa: A002
@@ -489,6 +504,7 @@ class Session:
                 self.store.save(task)
                 del self._unsaved[id]
             self._drop(id)
+            self._forgotten.add(id)  # its record stays, holding its children: a removal pending must keep them
             if flush:
                 self.flush()
             self.hooks.call("task_removed", session=self, task_id=id)
@@ -506,6 +522,7 @@ class Session:
         with self._mutex:
             doomed = self._descendants([id])
             self._drop(id)
+            self._forgotten.discard(id)
             for oid in doomed:
                 self._unsaved.pop(oid, None)
                 self._doomed[oid] = oid == id or self._doomed.get(oid, False)
@@ -712,6 +729,7 @@ class TemporarySession(Session):
     """
 
     _opening_later = True
+    _owns_its_store = False
 
     def __init__(
         self,
@@ -775,7 +793,7 @@ class TaskMap(MutableMapping[str, Any]):
 
     def loaded(self) -> list[Any]:
         """The tasks loaded so far."""
-        return [task for task in self._tasks.values() if task is not _UNLOADED]
+        return [task for task in list(self._tasks.values()) if task is not _UNLOADED]  # a copy: threads add
 
     def get_many(self, ids: Iterable[str]) -> list[Any]:
         """The tasks of ``ids`` that are in the map, loading the missing ones in one batch.
@@ -790,15 +808,19 @@ class TaskMap(MutableMapping[str, Any]):
         return [task for task in found if task is not _UNLOADED]
 
     def _load_missing(self) -> None:
-        missing = [oid for oid, task in self._tasks.items() if task is _UNLOADED]
+        missing = [oid for oid, task in list(self._tasks.items()) if task is _UNLOADED]  # a copy: threads add
         if missing:
             self._load(missing)
 
     def __getitem__(self, oid: str) -> Any:
         task = self._tasks[oid]
         if task is _UNLOADED:
-            self._load([oid])
-            task = self._tasks.get(oid, _UNLOADED)
+            errors = self._load([oid]) or {}
+            if oid in errors:  # the reason, not just that it failed
+                raise errors[oid]
+            if oid not in self._tasks:  # removed by another thread while this one waited to load it
+                raise KeyError(oid)
+            task = self._tasks[oid]
             if task is _UNLOADED:
                 raise LoadError(oid, "it could not be loaded (see Session.load_errors)")
         return task
@@ -840,6 +862,20 @@ class TaskMap(MutableMapping[str, Any]):
 
 
 _UNLOADED = object()
+
+
+def _session_around(records: str | None, own: str) -> str | None:
+    """The session directory, other than ``own``, that holds the store at ``records`` (a directory or file)."""
+    if records is None or is_inside(records, own):
+        return None
+    here = os.path.dirname(os.path.abspath(records))
+    while True:
+        if is_session(here):
+            return here
+        parent = os.path.dirname(here)
+        if parent == here:
+            return None
+        here = parent
 
 
 def is_session(path: str | os.PathLike[str]) -> bool:

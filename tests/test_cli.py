@@ -231,6 +231,15 @@ def test_show_unknown_id_is_one_clear_line(sample: Path) -> None:
     assert "Task.999999" in result.output and "Traceback" not in result.output
 
 
+def test_log_and_show_escape_line_ends_and_escape_sequences_in_job_names(tmp_path: Path) -> None:
+    oid = Session(tmp_path / "s").add(Task(jobname="weird\tname\nsecond line \x1b[31mred"))
+    logged = run("log", tmp_path / "s")
+    assert logged.exit_code == 0 and len(logged.output.splitlines()) == 1 and "\x1b" not in logged.output
+    assert "weird\\tname\\nsecond line \\x1b[31mred" in logged.output
+    shown = run("show", tmp_path / "s", oid)
+    assert shown.exit_code == 0 and "\x1b" not in shown.output and "jobname:    weird\\tname\\n" in shown.output
+
+
 def test_log_is_oldest_first(sample: Path) -> None:
     result = run("log", sample)
     assert result.exit_code == 0
@@ -493,9 +502,17 @@ def test_copy_into_the_sessions_own_store_is_refused_but_with_renumber(tmp_path:
     session.add(TaskCollection(jobname="c", tasks=[Task(jobname="t")]))
     session.close()
     refused = run("copy", tmp_path / "a", tmp_path / "b", "--store", url)
-    assert refused.exit_code == 1 and "these very records" in refused.output and "--renumber" in refused.output
+    if kind == "file":
+        assert refused.exit_code == 1 and f"is inside session {tmp_path / 'a'}" in refused.output
+    else:
+        assert refused.exit_code == 1 and "these very records" in refused.output and "--renumber" in refused.output
     assert not (tmp_path / "b").exists()
     renumbered = run("copy", tmp_path / "a", tmp_path / "b", "--store", url, "--renumber")
+    if kind == "file":  # a store inside a session directory goes when that session is destroyed: it is its own
+        assert renumbered.exit_code == 1 and f"is inside session {tmp_path / 'a'}" in renumbered.output
+        assert not (tmp_path / "b").exists()
+        assert run("destroy", tmp_path / "a", "--yes").exit_code == 0
+        return
     assert renumbered.exit_code == 0, renumbered.output
     assert run("destroy", tmp_path / "b", "--yes").exit_code == 0
     verified = run("verify", tmp_path / "a")

@@ -61,9 +61,9 @@ def test_hooks_see_children_lazy_loads_forget_and_batches(tmp_path: Any) -> None
 
 
 def test_task_added_fires_for_load_into_session_but_not_for_a_second_add(tmp_path: Any) -> None:
-    with Session(tmp_path / "a", autoload_plugins=False) as first:
+    store_url = str(tmp_path / "shared")  # outside both sessions: a store inside one is that session's alone
+    with Session(tmp_path / "a", store_or_url=store_url, autoload_plugins=False) as first:
         oid = first.add(Task("shared"))
-        store_url = first.store.url
     plugin = RecordingPlugin()
     with Session(tmp_path / "b", store_or_url=store_url, plugins=[plugin], autoload_plugins=False) as second:
         task = second.load(oid)

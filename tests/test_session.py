@@ -11,6 +11,8 @@ import shutil
 import stat
 import string
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import helpers
@@ -290,6 +292,63 @@ def test_a_failed_close_can_be_tried_again(tmp_path, monkeypatch):
     monkeypatch.undo()
     session.close()
     assert [t.jobname for t in Session(tmp_path / "s")] == ["saved at last"]
+
+
+@pytest.mark.parametrize("where", ["jobs", "sub/records", "tasks.db"])
+def test_a_new_session_refuses_a_store_inside_another_session(tmp_path, where):
+    """That session's destroy() would delete the store, and the new session's tasks with it."""
+    Session(tmp_path / "a").add(Task(jobname="a"))
+    url = f"sqlite:///{tmp_path / 'a' / where}" if where.endswith(".db") else str(tmp_path / "a" / where)
+    with pytest.raises(InvalidArgument, match=f"is inside session {tmp_path / 'a'}"):
+        Session(tmp_path / "b", store_or_url=url)
+    assert not (tmp_path / "b").exists() and sorted(os.listdir(tmp_path / "a" / "jobs"))[-1] == "Task.1"
+    assert not (tmp_path / "a" / where.split("/")[0]).exists() or where == "jobs"
+
+
+def test_a_removal_pending_keeps_the_children_of_a_task_forgotten_meanwhile(tmp_path):
+    shared, own, first, second = two_collections_sharing_a_child(tmp_path / "s")
+    session = Session(tmp_path / "s")
+    session.remove(first, flush=False)
+    session.forget(second, flush=False)  # its record stays, and holds "shared"
+    session.flush()
+    assert shared.persistent_id in session.store.list() and own.persistent_id not in session.store.list()
+    assert session.store.load(second).tasks[0].jobname == "shared"
+
+
+def test_iterating_a_session_while_another_thread_adds_is_safe(tmp_path):
+    session = Session(tmp_path / "s")
+    for i in range(200):
+        session.add(Task(jobname=str(i)), flush=False)
+    done = threading.Event()
+
+    def adding():
+        while not done.is_set():
+            session.add(Task(), flush=False)
+
+    worker = threading.Thread(target=adding)
+    worker.start()
+    try:
+        for _ in range(200):
+            assert len(list(session)) >= 200 and len(session.list_names()) >= 200
+    finally:
+        done.set()
+        worker.join()
+
+
+def test_a_lazy_load_that_waited_for_a_removal_does_not_bring_the_task_back(tmp_path):
+    session = Session(tmp_path / "s")
+    gone, kept = session.add(Task(jobname="gone")), session.add(Task(jobname="kept"))
+    session.close()
+    lazy = Session(tmp_path / "s", lazy=True)
+    looked_up = []
+    with lazy._mutex:  # the lookup starts, then waits while this thread removes the task
+        reader = threading.Thread(target=lambda: looked_up.append(lazy.tasks.get(gone)))
+        reader.start()
+        time.sleep(0.2)
+        lazy.remove(gone, flush=False)
+    reader.join()
+    lazy.flush()
+    assert gone not in lazy and lazy.list_ids() == [kept] and index_lines(lazy) == [kept]
 
 
 def test_task_ids_loads_only_those(session):
@@ -1438,6 +1497,7 @@ def test_lazy_task_that_fails_to_load_is_reported_and_kept(tmp_path):
     with pytest.warns(LoadWarning), pytest.raises(LoadError) as info:
         lazy.tasks[ids[1]]
     assert info.value.id == ids[1] and ids[1] in lazy.load_errors
+    assert info.value.reason == lazy.load_errors[ids[1]].reason  # the reason itself, not "see load_errors"
     lazy.add(Task(jobname="more"))
     assert ids[1] in (tmp_path / "s" / "index.txt").read_text().split()
 
