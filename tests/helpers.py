@@ -168,3 +168,14 @@ def run_in_processes(function: Callable[..., Any], jobs: list[tuple[Any, ...]], 
         futures = [pool.submit(function, *job, f"w{n}", gate) for n, job in enumerate(jobs)]
         open_gate(gate, len(jobs), futures)
         return [future.result(timeout=GATE_TIMEOUT) for future in futures]
+
+
+class Meddler:
+    """Pickles as a new Meddler, calling ``Meddler.during()`` meanwhile: a change another thread makes then."""
+
+    during: Any = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if Meddler.during is not None:
+            Meddler.during()
+        return (Meddler, ())

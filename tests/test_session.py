@@ -351,6 +351,27 @@ def test_a_lazy_load_that_waited_for_a_removal_does_not_bring_the_task_back(tmp_
     assert gone not in lazy and lazy.list_ids() == [kept] and index_lines(lazy) == [kept]
 
 
+def test_a_change_made_while_its_task_is_being_saved_is_saved_next_time(tmp_path, monkeypatch):
+    session = Session(tmp_path / "s")
+    task = Task(jobname="t", meddler=helpers.Meddler())
+    oid = session.add(task)
+    task.jobname = "changed"
+    # mid-pickling: whether the pickle has it or not depends on where the pickler was, but it is not lost
+    monkeypatch.setattr(helpers.Meddler, "during", lambda: setattr(task, "jobname", "changed during the save"))
+    session.save_all()
+    assert task.changed  # the change came after the flag was cleared: it waits for the next save
+    monkeypatch.setattr(helpers.Meddler, "during", None)
+    session.close()
+    assert Session(tmp_path / "s").tasks[oid].jobname == "changed during the save"
+
+
+def test_a_failed_save_leaves_every_change_to_save(session):
+    good, bad = Task(jobname="good"), Task(jobname="bad", lock=threading.Lock())
+    with pytest.raises(SaveError):
+        session.store.save_many([good, bad])
+    assert good.changed and bad.changed
+
+
 def test_task_ids_loads_only_those(session):
     ids = [session.add(Task(jobname=str(i))) for i in range(4)]
     partial = Session(session.path, task_ids=ids[1:3])

@@ -105,14 +105,19 @@ class Store(abc.ABC):
         objs = list(objs)
         with self._lock, gc_paused():  # a batch makes containers, not cyclic garbage (see gc_paused)
             self._check_pid()
-            records = self._encode(list({id(obj): obj for obj in objs}.values()))
-            if records:
-                self._check_foreign(records)
-                self._write(records)
+            cleared: list[Any] = []  # each object's changed flag is cleared before it is pickled (see _encode)
+            try:
+                records = self._encode(list({id(obj): obj for obj in objs}.values()), cleared)
+                if records:
+                    self._check_foreign(records)
+                    self._write(records)
+            except BaseException:
+                for obj in cleared:  # nothing was written: every change is still to save
+                    obj.changed = True
+                raise
             cache, known, refs = self._cache, self._known, self._refs
             for record in records:  # per-object bookkeeping: kept lean, it runs for every object written
                 obj, oid = record.obj, record.id
-                obj.changed = False
                 if cache.get(oid) is not obj:  # a look-up costs a fifth of a weak insert
                     cache[oid] = obj
                 if known.get(oid) is not obj:
@@ -159,7 +164,10 @@ class Store(abc.ABC):
                 self._known[oid] = obj
             return oid
 
-    def _encode(self, objs: list[Any]) -> list[Record]:
+    def _encode(self, objs: list[Any], cleared: list[Any]) -> list[Record]:
+        """The records of ``objs`` and of the new or changed persistables they hold; each object's changed flag
+        is cleared just before it is pickled (and the object put in ``cleared``), so that a change another
+        thread makes meanwhile leaves it set, to be saved next time."""
         queued = {id(obj) for obj in objs}
         pending = deque(objs)
         records: list[Record] = []
@@ -184,6 +192,8 @@ class Store(abc.ABC):
             created = getattr(obj, "_persistent_created", None)
             if created is None:
                 created = obj._persistent_created = now
+            obj.changed = False
+            cleared.append(obj)
             try:
                 data = dumps(obj, reference)
             except Error:
