@@ -393,7 +393,10 @@ class Session:
     def save_all(self, flush: bool = True) -> None:
         """Save every task (and child) whose ``changed`` flag is set, in one batch."""
         with self._mutex:
-            changed = [t for t in self._walk(self.tasks.loaded()) if getattr(t, "changed", True)]
+            walked = list(self._walk(self.tasks.loaded()))
+            # and persistables they hold in other attributes (t.prepare = Task()): saved as records of their own
+            walked += self.store.referenced(walked)
+            changed = [t for t in walked if getattr(t, "changed", True)]
             self.store.save_many(list(self._unsaved.values()) + changed)
             self._unsaved.clear()
             if flush:
@@ -465,6 +468,9 @@ class Session:
         with self._mutex:
             loaded = self.store.load_many(ids)
             if not add:
+                for oid, task in loaded.items():  # a task of the session not loaded yet (lazy) is now: save_all sees it
+                    if oid in self.tasks and self.tasks.peek(oid) is None:
+                        self.tasks[oid] = task
                 return loaded
             new = [task for oid, task in loaded.items() if oid not in self._index]
             for oid, task in loaded.items():

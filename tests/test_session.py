@@ -372,6 +372,25 @@ def test_a_failed_save_leaves_every_change_to_save(session):
     assert good.changed and bad.changed
 
 
+def test_save_all_saves_a_changed_task_held_in_an_attribute(tmp_path):
+    session = Session(tmp_path / "s")
+    oid = session.add(Task(jobname="main", prepare=Task(jobname="prep")))
+    session.close()
+    session = Session(tmp_path / "s")
+    session.tasks[oid].prepare.state = "TERMINATED"  # the main task itself is unchanged
+    session.close()
+    assert Session(tmp_path / "s").tasks[oid].prepare.state == State.TERMINATED
+
+
+def test_a_task_of_a_lazy_session_loaded_without_adding_is_saved_by_save_all(tmp_path):
+    oid = Session(tmp_path / "s").add(Task(jobname="t"))
+    lazy = Session(tmp_path / "s", lazy=True)
+    task = lazy.load(oid, add=False)
+    task.state = "TERMINATED"
+    lazy.close()
+    assert Session(tmp_path / "s").tasks[oid].state == State.TERMINATED
+
+
 def test_task_ids_loads_only_those(session):
     ids = [session.add(Task(jobname=str(i))) for i in range(4)]
     partial = Session(session.path, task_ids=ids[1:3])

@@ -146,6 +146,23 @@ class Store(abc.ABC):
             self.skip_past(number)
             self.save_many([obj])
 
+    def referenced(self, objs: Iterable[Any]) -> builtins.list[Any]:
+        """The objects in memory that the records of ``objs`` refer to, and those refer to, and so on (children,
+        and persistables held in any other attribute), as this handle last saved or loaded them."""
+        with self._lock:
+            refs, cache = self._refs, self._cache
+            seen = {id(obj) for obj in objs}
+            found: builtins.list[Any] = []
+            stack = [oid for obj in objs if (oid := getattr(obj, "persistent_id", None)) in refs]
+            while stack:
+                for ref in refs.get(stack.pop(), ()):
+                    obj = cache.get(ref)
+                    if obj is not None and id(obj) not in seen:
+                        seen.add(id(obj))
+                        found.append(obj)
+                        stack.append(ref)
+            return found
+
     def skip_past(self, number: int) -> None:
         """Never hand out ``number``, or a number below it, from now on (through any handle of the store)."""
         with self._lock:
