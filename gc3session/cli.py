@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import unicodedata
+import warnings
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from functools import cached_property
@@ -147,11 +148,18 @@ class Tool(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():  # a warning is one line on stderr, not Python's file:line form
+                warnings.simplefilter("default")  # each shown once, whatever filters the process was given
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
         except Error as error:
             if ctx.meta.get("gc3session.debug"):
                 raise
             raise click.ClickException(str(error)) from None
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    click.echo(f"warning: {message}", err=True)
 
 
 session_argument = click.argument("session", type=click.Path(file_okay=False, path_type=str))
@@ -277,8 +285,9 @@ def write_table(rows: Iterable[tuple[str, ...]], terminal: bool) -> None:
     name_width = max(10, width - sum(fixed.values()) - 8)
     widths = (fixed["id"], name_width, fixed["state"], fixed["class"], fixed["modified"])
     click.echo("  ".join(fit(h, w) for h, w in zip(headers, widths, strict=True)).rstrip())
-    for row in rows:
-        click.echo("  ".join(fit(c, w) for c, w in zip(row, widths, strict=True)).rstrip())
+    for oid, *cells in rows:  # an id cut keeps its number: ParallelTaskCollection.10 and .11 must differ
+        click.echo("  ".join([fit_id(oid, widths[0]), *(fit(c, w) for c, w in zip(cells, widths[1:], strict=True))])
+                   .rstrip())
 
 
 def table_cells(oid: str, meta: dict[str, Any] | LoadError, depth: int = 0) -> tuple[str, ...]:
@@ -315,6 +324,14 @@ def fit(text: str, width: int) -> str:
         used += columns[end]
         end += 1
     return text[:end] + "…" + " " * (width - 1 - used)
+
+
+def fit_id(text: str, width: int) -> str:
+    """An id (indented by its depth) fitted to ``width`` columns, cut in its class name rather than its number."""
+    head, dot, number = text.rpartition(".")
+    if len(text) <= width or not dot or len(number) + 2 > width:
+        return fit(text, width)
+    return f"{head[: width - len(number) - 2]}….{number}"
 
 
 def _columns(char: str) -> int:

@@ -23,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 from gc3session import Session, State, Task, TaskCollection, __version__, cli
-from gc3session.cli import fit, main, table_cells, table_time, write_table
+from gc3session.cli import fit, fit_id, main, table_cells, table_time, write_table
 from gc3session.exceptions import StoreError
 from gc3session.persistence.filesystem import FilesystemStore, decode_record, encode_record
 from gc3session.runs import read_runs
@@ -238,6 +238,24 @@ def test_log_and_show_escape_line_ends_and_escape_sequences_in_job_names(tmp_pat
     assert "weird\\tname\\nsecond line \\x1b[31mred" in logged.output
     shown = run("show", tmp_path / "s", oid)
     assert shown.exit_code == 0 and "\x1b" not in shown.output and "jobname:    weird\\tname\\n" in shown.output
+
+
+def test_long_ids_are_cut_in_their_class_name_and_keep_their_number() -> None:
+    cut = [fit_id(f"ParallelTaskCollection.{n}", 20) for n in (10, 11, 12)]
+    assert cut == ["ParallelTaskColl….10", "ParallelTaskColl….11", "ParallelTaskColl….12"]
+    assert fit_id("Task.1", 20) == "Task.1".ljust(20)
+    assert fit_id("  Sequential.123456789012345678", 20) == "….123456789012345678"  # the number, whole
+
+
+def test_warnings_are_one_line_on_stderr(tmp_path: Path) -> None:
+    session = Session(tmp_path / "s")
+    session.add(Task())
+    session.close()
+    with open(tmp_path / "s" / "index.txt", "a") as index:
+        index.write("Task.2")  # a torn last line that reads as an id: ignored, with a warning
+    result = run("verify", tmp_path / "s")
+    assert "warning: " in result.output and "has no newline: ignored" in result.output
+    assert "RepairWarning" not in result.output and ".py:" not in result.output
 
 
 def test_log_is_oldest_first(sample: Path) -> None:
