@@ -258,6 +258,16 @@ def test_warnings_are_one_line_on_stderr(tmp_path: Path) -> None:
     assert "RepairWarning" not in result.output and ".py:" not in result.output
 
 
+def test_ls_shows_the_tasks_before_a_bad_line_of_the_index_then_the_error(tmp_path: Path) -> None:
+    session = Session(tmp_path / "s")
+    first = session.add(Task(jobname="first"))
+    session.close()
+    (tmp_path / "s" / "index.txt").write_text(f"{first}\n../not an id\n")
+    result = run("ls", tmp_path / "s")
+    assert result.exit_code == 1 and "line 2" in result.output
+    assert result.stdout.splitlines()[1].split("\t")[:2] == [first, "first"]
+
+
 def test_log_is_oldest_first(sample: Path) -> None:
     result = run("log", sample)
     assert result.exit_code == 0

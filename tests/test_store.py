@@ -764,9 +764,23 @@ def test_id_chunks_checks_every_id_and_names_the_bad_one(bad):
     assert list(store_module.id_chunks(iter(good), 3)) == [good[:3], good[3:6], good[6:]]
     for position in (0, 3, 6):
         ids = [*good[:position], bad, *good[position:]]
+        chunks = store_module.id_chunks(ids, 4)
+        before = [oid for _ in range(position // 4 + (position % 4 > 0)) for oid in next(chunks)]
+        assert before == good[:position]  # the ids before the bad one come first
         with pytest.raises(InvalidArgument, match="not a valid object id") as excinfo:
-            list(store_module.id_chunks(ids, 4))
+            next(chunks)
         assert repr(bad) in str(excinfo.value)
+
+
+def test_id_chunks_give_the_ids_read_before_the_stream_failed():
+    def stream():
+        yield from ["Task.1", "Task.2"]
+        raise OSError("the index cannot be read on")
+
+    chunks = store_module.id_chunks(stream(), 4)
+    assert next(chunks) == ["Task.1", "Task.2"]
+    with pytest.raises(OSError, match="cannot be read on"):
+        next(chunks)
 
 
 def test_iter_children_gives_each_records_own_children(store):

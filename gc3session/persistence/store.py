@@ -698,13 +698,34 @@ def gc_paused() -> Iterator[None]:
 
 
 def id_chunks(ids: Iterable[str], size: int) -> Iterator[list[str]]:
-    """``ids`` in lists of ``size``, each id checked (InvalidArgument for one that is not valid)."""
+    """``ids`` in lists of ``size``, each id checked (InvalidArgument for one that is not valid).
+
+    The ids before a failure (an id that is not valid, or an error of the
+    stream itself, such as a bad line of an index read as it goes) come
+    first, in a list of their own: a listing shows what it could read.
+    """
     stream = iter(ids)
-    while chunk := list(itertools.islice(stream, size)):
+    while True:
+        chunk: list[str] = []
+        failure: Exception | None = None
+        try:
+            for oid in itertools.islice(stream, size):
+                chunk.append(oid)
+        except Exception as error:  # raised again below, after the ids read before it
+            failure = error
         if not all_ids(chunk):
-            for oid in chunk:
-                parse_id(oid)  # raises the error that names the first one that is not valid
-        yield chunk
+            for n, oid in enumerate(chunk):
+                try:
+                    parse_id(oid)
+                except InvalidArgument as error:  # the first that is not valid, named
+                    chunk, failure = chunk[:n], error
+                    break
+        if chunk:
+            yield chunk
+        if failure is not None:
+            raise failure
+        if len(chunk) < size:
+            return
 
 
 def all_ids(oids: list[Any]) -> bool:
