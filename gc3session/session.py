@@ -695,19 +695,24 @@ class Session:
     def _finish(self, error: BaseException | None, *, save: bool = True) -> None:
         if self._finished:  # closed already: the end of a with block after close(save=False) saves nothing
             return
-        with ExitStack() as closing:  # each step runs even if an earlier one raised; the last one first
-            closing.callback(self.store.close)
-            closing.callback(self._closed, error)
-            closing.callback(self._record_end, error)
+        failure = error
+        try:
             if save:
                 self.save_all()
+        except BaseException as saving:  # the run record says the run did not end well
+            failure = failure or saving
+            raise
+        finally:
+            with ExitStack() as closing:  # each step runs even if an earlier one raised; the last one first
+                closing.callback(self.store.close)
+                closing.callback(self._closed, failure)
+                closing.callback(self._record_end, failure)
         self._finished = True  # not when a step failed: closing again tries again
 
     def _record_end(self, error: BaseException | None) -> None:
         if os.path.isdir(self.path):  # not after destroy()
             self._run["end"] = _time.time()
-            if error is not None:
-                self._run["error"] = error_record(error)
+            self._run["error"] = None if error is None else error_record(error)  # a close tried again: its own
             with self._locked():
                 update_runs(self.path, self._run)
 

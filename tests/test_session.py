@@ -289,8 +289,10 @@ def test_a_failed_close_can_be_tried_again(tmp_path, monkeypatch):
     monkeypatch.setattr(session.store, "save_many", lambda objs: (_ for _ in ()).throw(SaveError("x", "disk full")))
     with pytest.raises(SaveError):
         session.close()
+    assert session.runs[-1]["error"]["message"].endswith("disk full")  # not recorded as a run that ended well
     monkeypatch.undo()
     session.close()
+    assert session.runs[-1]["error"] is None
     assert [t.jobname for t in Session(tmp_path / "s")] == ["saved at last"]
 
 
