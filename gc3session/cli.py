@@ -726,7 +726,10 @@ def copy_records(view: SessionView, target: Session) -> list[LoadError]:
                 )
             try:
                 target.store.import_records(records)
-            except SaveError as error:  # a number the destination handed out already (see import_records)
+            except SaveError as error:
+                if "handed out" not in error.reason and "too high" not in error.reason:  # a write that failed
+                    raise
+                # a number the destination handed out already, or one it cannot take (see import_records)
                 raise click.ClickException(f"{error}; use --renumber") from None
             bar.update(sum(1 for oid in copied if oid in view.id_set))
     failed_ids = {e.id for e in failed}

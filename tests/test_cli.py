@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 from gc3session import Session, State, Task, TaskCollection, __version__, cli
 from gc3session.cli import fit, fit_id, main, table_cells, table_time, write_table
-from gc3session.exceptions import StoreError
+from gc3session.exceptions import SaveError, StoreError
 from gc3session.persistence.filesystem import FilesystemStore, decode_record, encode_record
 from gc3session.runs import read_runs
 
@@ -421,6 +421,18 @@ def test_copy_refuses_a_number_the_destination_handed_out_already_and_says_renum
     renumbered = run("copy", tmp_path / "a", tmp_path / "c", "--store", url, "--renumber")
     assert renumbered.exit_code == 0, renumbered.output
     assert [t.jobname for t in Session(tmp_path / "c")] == ["a"]
+
+
+def test_copy_that_cannot_write_says_so_without_suggesting_renumber(tmp_path: Path, monkeypatch: Any) -> None:
+    Session(tmp_path / "a").add(Task(jobname="a"))
+
+    def disk_full(store: Any, records: Any) -> None:
+        raise SaveError(records[0].id, "cannot write: No space left on device")
+
+    monkeypatch.setattr(FilesystemStore, "_write", disk_full)
+    result = run("copy", tmp_path / "a", tmp_path / "b")
+    assert result.exit_code == 1 and "No space left" in result.output and "--renumber" not in result.output
+    assert not (tmp_path / "b").exists()
 
 
 def test_copy_refuses_an_sql_row_held_by_an_id_with_another_prefix(tmp_path: Path) -> None:
