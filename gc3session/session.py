@@ -344,8 +344,7 @@ class Session:
                     self.store.save(task)
                 self.flush()
             return oid, False
-        if not self._past_index:
-            self._skip_past_index()
+        self._skip_past_index()
         if flush:
             oid = self.store.save(task)
         else:
@@ -366,6 +365,8 @@ class Session:
         database lost or emptied): new tasks would then take the ids of the
         tasks that the index keeps for repair.
         """
+        if self._past_index:
+            return
         highest = max((n for n in map(number_of, self._index) if n <= LAST_TAKEN), default=0)  # see LAST_TAKEN
         if highest:
             self.store.skip_past(highest)
@@ -386,8 +387,7 @@ class Session:
     def save(self, obj: Any) -> str:
         """Save ``obj`` to the store without adding it to the session; return its id."""
         with self._mutex:
-            if not self._past_index:
-                self._skip_past_index()
+            self._skip_past_index()
             return self.store.save(obj)
 
     def save_all(self, flush: bool = True) -> None:

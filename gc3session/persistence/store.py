@@ -136,9 +136,7 @@ class Store(abc.ABC):
         The counter moves past the id's number, so that no new object gets it.
         """
         number = parse_id(id)[1]
-        if number > LAST_TAKEN:
-            raise SaveError(id, f"its number is too high for {self} (above {LAST_TAKEN}): the counter would run out "
-                                "of ids")
+        self._check_room([(id, number)])
         self._set_id(obj, id)
         with self._lock:
             self._check_pid()
@@ -291,7 +289,7 @@ class Store(abc.ABC):
         Returns the numbers reserved: from the lowest of ``records`` to the highest, or what of them other
         handles left.
         """
-        self._check_room(records)
+        self._check_room((record.id, record.number) for record in records)
         first = self._reserve(1).start  # every number below was handed out; this one is ours now
         lowest = min(records, key=lambda record: record.number)
         if lowest.number < first:
@@ -309,12 +307,12 @@ class Store(abc.ABC):
             raise SaveError(taken[0].id, f"{self} handed out this number to another handle meanwhile; try again")
         return [range(first, first + 1), more]
 
-    def _check_room(self, records: list[Record]) -> None:
-        """Raise SaveError for a record whose number would leave the counter no room for new ids."""
-        for record in records:
-            if record.number > LAST_TAKEN:
+    def _check_room(self, numbered: Iterable[tuple[str, int]]) -> None:
+        """Raise SaveError for an ``(id, number)`` whose number would leave the counter no room for new ids."""
+        for oid, number in numbered:
+            if number > LAST_TAKEN:
                 raise SaveError(
-                    record.id,
+                    oid,
                     f"its number is too high for {self} to take from elsewhere (above {LAST_TAKEN}): the counter "
                     "would run out of ids; set persistent_id to None to save a copy under a new id",
                 )
