@@ -300,7 +300,7 @@ def table_cells(oid: str, meta: dict[str, Any] | LoadError, depth: int = 0) -> t
     jobname = jobname if type(jobname) is str else str(jobname or "")
     state = state if type(state) is str else str(state or "")
     cls = (cls if type(cls) is str else str(cls or "")).rpartition(".")[2]
-    if not (jobname + state + cls).isprintable():  # one test for the three: most often, all are
+    if not (jobname.isprintable() and state.isprintable() and cls.isprintable()):
         jobname, state, cls = cell(jobname), cell(state), cell(cls)
     return "  " * depth + oid if depth else oid, jobname, state, cls, table_time(get("modified"))
 
@@ -371,8 +371,9 @@ def table_time(value: Any) -> str:
     :func:`whole_second`'s checks, with the date's own check left to the
     cached :func:`_table_second`: one look-up a task, on a listing's hot path.
     """
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return ""
+    if type(value) is not float and type(value) is not int:  # the common case first: a number read from JSON
+        second = whole_second(value)
+        return "" if second is None else _table_second(second)
     try:
         return _table_second(int(value))
     except (OverflowError, ValueError):  # infinite, NaN

@@ -1046,8 +1046,10 @@ class IdSet:
         """Add ``oid``, a valid id; True if it was not in the set yet."""
         return bool(self.new([oid]))
 
-    def new(self, ids: Iterable[str]) -> list[str]:
+    def new(self, ids: list[str]) -> list[str]:
         """Add ``ids``, valid ids; those that were not in the set yet, in order, once each."""
+        if len(ids) > 1 and self._new_run(ids):
+            return ids
         fresh = []
         bitmaps = self._bits
         span = self.SPAN
@@ -1066,12 +1068,38 @@ class IdSet:
                 continue
             byte = offset >> 3
             if byte >= len(bits):
-                bits.extend(bytes(min(max(byte + 1, 2 * len(bits)), span >> 3) - len(bits)))
+                self._grow(bits, byte)
             mask = 1 << (offset & 7)
             if not bits[byte] & mask:
                 bits[byte] |= mask
                 fresh.append(oid)
         return fresh
+
+    def _new_run(self, ids: list[str]) -> bool:
+        """Add ``ids`` in one step if they are one prefix's consecutive numbers, none of them in the set yet
+        (the common case: a block of an index that one session wrote); False, adding nothing, if not."""
+        prefix, _, digits = ids[0].rpartition(".")
+        low = int(digits)
+        if ids != [f"{prefix}.{number}" for number in range(low, low + len(ids))]:
+            return False
+        base, bits = self._bits.get(prefix) or (low, bytearray())
+        start, stop = low - base, low - base + len(ids)  # offsets of the run in the bitmap
+        if start < 0 or stop > self.SPAN:
+            return False
+        first, last = start >> 3, (stop - 1) >> 3  # the bytes that hold the run's bits
+        if last >= len(bits):
+            self._grow(bits, last)
+        held = int.from_bytes(bits[first : last + 1], "little")
+        run = ((1 << len(ids)) - 1) << (start - 8 * first)
+        if held & run:  # some are in the set already: the general path keeps the first of each
+            return False
+        bits[first : last + 1] = (held | run).to_bytes(last - first + 1, "little")
+        self._bits[prefix] = base, bits
+        return True
+
+    def _grow(self, bits: bytearray, byte: int) -> None:
+        """Make ``bits`` hold ``byte``: at least doubled, up to the span."""
+        bits.extend(bytes(min(max(byte + 1, 2 * len(bits)), self.SPAN >> 3) - len(bits)))
 
 
 def shorten(text: str, limit: int = 300) -> str:

@@ -1636,6 +1636,22 @@ def test_id_set_holds_what_a_set_holds_in_a_bit_per_number():
     assert all(len(bits) <= IdSet.SPAN // 8 for _, bits in ids._bits.values())
 
 
+@given(st.lists(st.tuples(st.sampled_from(["Task", "Other"]), st.integers(1, 60), st.integers(1, 20),
+                          st.booleans()), max_size=12))
+def test_id_set_new_agrees_with_a_set_on_runs_and_scattered_ids(batches):
+    """Runs of consecutive numbers take a one-step path; whatever the batches, new() gives what a set would."""
+    ids = IdSet()
+    reference: set[str] = set()
+    for prefix, low, length, scattered in batches:
+        numbers = list(range(low, low + length))
+        if scattered:  # not a run: repeats and gaps
+            numbers = [n * 3 % 70 + 1 for n in numbers] + numbers[:2]
+        batch = [f"{prefix}.{n}" for n in numbers]
+        expected = list(dict.fromkeys(oid for oid in batch if oid not in reference))
+        assert ids.new(batch) == expected, batch
+        reference.update(batch)
+
+
 def test_id_set_takes_a_bit_per_number_from_the_first_one_added():
     dense = IdSet()
     for number in range(1, 1_000_001):

@@ -36,7 +36,6 @@ from gc3session.persistence import (
     Serializer,
     SqlStore,
     Store,
-    filesystem,
     make_store,
     register,
 )
@@ -1351,13 +1350,21 @@ def test_filesystem_listing_reads_healthy_records_once_each_on_its_fast_path(tmp
     store = FilesystemStore(tmp_path / "s")
     big = TaskCollection(jobname="big", tasks=[Task() for _ in range(60)])  # a listing line longer than a read
     ids = [*store.save_many([Task(jobname=str(i)) for i in range(5)]), store.save(big)]
-    read: list[str] = []
-    real = filesystem.read_head
-    monkeypatch.setattr(filesystem, "read_head", lambda path, *a, **k: read.append(path) or real(path, *a, **k))
+    listing = FilesystemStore(tmp_path / "s")
+    opened: list[str] = []
+    real = os.open
+
+    def counted(path: str, *args: object, **kwargs: object) -> int:
+        opened.append(os.fsdecode(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counted)
+    monkeypatch.setattr(os, "supports_dir_fd", {*os.supports_dir_fd, counted})
     monkeypatch.setattr(FilesystemStore, "_summary_of", None)  # the general path: not for healthy records
-    found = dict(FilesystemStore(tmp_path / "s").iter_summaries(ids))
+    found = dict(listing.iter_summaries(ids))
     assert [found[oid]["jobname"] for oid in ids] == ["0", "1", "2", "3", "4", "big"]
-    assert read == ids  # each record read once, by its name in the store directory
+    # the directory, then each record once, by its name in it
+    assert opened == [os.path.join(listing.directory, ""), *ids]
 
 
 def test_filesystem_store_writes_the_chosen_protocol(tmp_path):

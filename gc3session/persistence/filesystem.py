@@ -150,11 +150,18 @@ class FilesystemStore(Store):
         if dir_fd is None:  # each file's own open then says what is wrong
             yield from self._parse_heads(ids, self._summary_of, metadata=False)
             return
+        open_file, read, close, flags = os.open, os.read, os.close, os.O_RDONLY  # local names: once a task
         try:
             for oid in ids:
                 try:
-                    head = read_head(oid, dir_fd)
-                except OSError:
+                    fd = open_file(oid, flags, dir_fd=dir_fd)
+                    try:
+                        head = read(fd, SUMMARY_BLOCK)
+                        if b"\n" not in head:  # a listing line longer than a read (a big collection's)
+                            head = _read_on(fd, head, 1)
+                    finally:
+                        close(fd)
+                except OSError:  # the general path says what is wrong
                     head = b""
                 summary = parse_summary(head)
                 if summary is None:
@@ -325,12 +332,12 @@ def parse_summary(head: bytes) -> dict[str, Any] | None:
         return None
     try:
         text = head[:end].decode()
-        values, stop = scan_json(text, 0)
-    except (ValueError, StopIteration):  # UnicodeDecodeError included; StopIteration: no JSON value at all
+        # a JSON value that starts with "[" is a list: unpacking checks its length
+        (oid, cls, jobname, state, returncode, modified, children), stop = scan_json(text, 0)
+    except (ValueError, StopIteration):  # not UTF-8, not JSON, not seven fields; StopIteration: no JSON value
         return None
-    if stop != len(text) or type(values) is not list or len(values) != len(SUMMARY_FIELDS):
+    if stop != len(text):
         return None
-    oid, cls, jobname, state, returncode, modified, children = values
     return {"id": oid, "cls": cls, "jobname": jobname, "state": state, "returncode": returncode,
             "modified": modified, "children": children}
 

@@ -489,7 +489,12 @@ class Store(abc.ABC):
         self._check_pid()
         if ids is None:
             return read(None)
-        return (entry for chunk in id_chunks(ids, LOAD_BATCH) for entry in read(chunk))
+        return self._read_chunks(read, ids)
+
+    @staticmethod
+    def _read_chunks(read: Callable[[builtins.list[str]], Iterator[Any]], ids: Iterable[str]) -> Iterator[Any]:
+        for chunk in id_chunks(ids, LOAD_BATCH):
+            yield from read(chunk)  # a generator still, which a caller may close
 
     def remove(self, id: str) -> None:  # noqa: A002
         """Delete ``id`` from the store (nothing happens if it is not there)."""
@@ -707,8 +712,7 @@ def id_chunks(ids: Iterable[str], size: int) -> Iterator[list[str]]:
         chunk: list[str] = []
         failure: Exception | None = None
         try:
-            for oid in itertools.islice(stream, size):
-                chunk.append(oid)
+            chunk.extend(itertools.islice(stream, size))  # what came before a failure stays in the list
         except Exception as error:  # raised again below, after the ids read before it
             failure = error
         if not all_ids(chunk):
