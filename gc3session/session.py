@@ -430,8 +430,12 @@ class Session:
         with self._mutex:
             if not self._doomed:
                 return []
-            key = (tuple(self._doomed.items()), len(self._index), len(self.tasks))
-            if self._pending is None or self._pending[0] != key:  # session-tool rm asks, then flushes
+            # worked out again when anything it depends on may have changed since (session-tool rm asks, then
+            # flushes): what was removed, the session's tasks, and what the tasks in memory hold
+            holding = [(task, *task.tasks) for task in self._walk(self.tasks.loaded())  # tasks compare by id
+                       if isinstance(getattr(task, "tasks", None), (list, tuple))]
+            key = (tuple(self._doomed.items()), len(self._index), len(self.tasks), holding)
+            if self._pending is None or self._pending[0] != key:
                 named = {oid for oid, by_name in self._doomed.items() if by_name}  # nothing holds through them,
                 unreadable: list[str] = []
                 while True:  # unless another task holds them: then they stay, and so does what they hold

@@ -317,6 +317,21 @@ def test_a_removal_pending_keeps_the_children_of_a_task_forgotten_meanwhile(tmp_
     assert session.store.load(second).tasks[0].jobname == "shared"
 
 
+def test_a_removal_asked_about_keeps_a_child_given_to_another_collection_before_the_flush(tmp_path):
+    """pending_deletions() is worked out again when a task in memory holds other children since it was asked."""
+    session = Session(tmp_path / "s")
+    child = Task(jobname="moved")
+    old, new = TaskCollection(tasks=[child]), TaskCollection(tasks=[])
+    session.add(old)
+    session.add(new)
+    session.remove(old.persistent_id, flush=False)
+    assert child.persistent_id in session.pending_deletions()  # asked, as session-tool rm does
+    new.tasks.append(child)
+    session.save(new)  # the new holder's record names the child
+    session.flush()
+    assert Session(tmp_path / "s").store.load(new.persistent_id).tasks[0].jobname == "moved"
+
+
 def test_iterating_a_session_while_another_thread_adds_is_safe(tmp_path):
     session = Session(tmp_path / "s")
     for i in range(200):
