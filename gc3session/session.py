@@ -103,6 +103,7 @@ class Session:
         self._lock_pid = os.getpid()
         self._past_index = False  # whether the store was told to number new tasks above every id of the index
         self._finished = False  # closed (by close() or the end of a with block)
+        self._destroyed = False  # by destroy(): nothing may be written any more, which would make the directory again
         self._forgotten: set[str] = set()  # forgotten since the last flush: their records still hold children
 
         if os.path.lexists(self.path) and not os.path.isdir(self.path):
@@ -331,6 +332,7 @@ class Session:
 
     def _add(self, task: Any, flush: bool) -> tuple[str, bool]:
         """Add without telling plugins; return the id and whether the task is new to the session."""
+        self._check_not_destroyed()
         oid = getattr(task, "persistent_id", None)
         if oid is not None and oid in self.tasks:
             try:
@@ -357,6 +359,11 @@ class Session:
         if flush:
             self.flush()
         return oid, True
+
+    def _check_not_destroyed(self) -> None:
+        if self._destroyed:
+            raise SessionError(self.path, "was destroyed: nothing more is written to it "
+                               "(open a new session to start again)")
 
     def _skip_past_index(self) -> None:
         """Before the first new id of this open: make the store's counter pass every id of the index.
@@ -387,12 +394,14 @@ class Session:
     def save(self, obj: Any) -> str:
         """Save ``obj`` to the store without adding it to the session; return its id."""
         with self._mutex:
+            self._check_not_destroyed()
             self._skip_past_index()
             return self.store.save(obj)
 
     def save_all(self, flush: bool = True) -> None:
         """Save every task (and child) whose ``changed`` flag is set, in one batch."""
         with self._mutex:
+            self._check_not_destroyed()
             walked = list(self._walk(self.tasks.loaded()))
             # and persistables they hold in other attributes (t.prepare = Task()): saved as records of their own
             walked += self.store.referenced(walked)
@@ -405,6 +414,7 @@ class Session:
     def flush(self) -> None:
         """Write what ``add``, ``remove`` and ``forget`` left pending: new tasks, index, deletions."""
         with self._mutex:
+            self._check_not_destroyed()
             if self._unsaved:
                 self.store.save_many(list(self._unsaved.values()))
                 self._unsaved.clear()
@@ -470,6 +480,8 @@ class Session:
     def load_many(self, ids: Iterable[str], add: bool = True, flush: bool = True) -> dict[str, Any]:
         """Load several tasks in one batch; return ``{id: task}``.  Raises LoadError on a failure."""
         with self._mutex:
+            if add:
+                self._check_not_destroyed()
             loaded = self.store.load_many(ids)
             if not add:
                 for oid, task in loaded.items():  # a task of the session not loaded yet (lazy) is now: save_all sees it
@@ -509,6 +521,7 @@ class Session:
     def forget(self, id: str, flush: bool = True) -> None:  # noqa: A002
         """Drop task ``id`` from the session; it stays in the store."""
         with self._mutex:
+            self._check_not_destroyed()
             task = self._unsaved.get(id)
             if task is not None:  # saved first: if that fails (a full disk), the task is still the session's
                 self.store.save(task)
@@ -530,6 +543,7 @@ class Session:
         names them.
         """
         with self._mutex:
+            self._check_not_destroyed()
             doomed = self._descendants([id])
             self._drop(id)
             self._forgotten.discard(id)
@@ -587,8 +601,15 @@ class Session:
         return list(found)
 
     def destroy(self) -> None:
-        """Remove every task of the session from the store, then the session directory."""
+        """Remove every task of the session from the store, then the session directory.
+
+        The session is then destroyed: adding, saving, removing or flushing
+        raises SessionError (it would make the directory again, without its
+        store URL); ``close()`` does nothing more.  A destroy that failed
+        can be tried again.
+        """
         with self._mutex:
+            self._destroyed = True
             records = self.store.directory if isinstance(self.store, FilesystemStore) else None
             store_inside = records is not None and is_inside(records, self.path)
             if not store_inside:
@@ -605,8 +626,9 @@ class Session:
                 where = error.filename or real
                 raise SaveError(str(where), f"cannot remove: {error.strerror or error}") from error
             self.tasks.clear()
-            self._index.clear()
-            self._unsaved.clear()
+            for pending in (self._index, self._added, self._removed, self._unsaved, self._doomed, self._forgotten):
+                pending.clear()
+            self._pending = None
 
     # -- reading --------------------------------------------------------------
 
@@ -664,6 +686,7 @@ class Session:
         return self._timestamp("end")
 
     def _set_timestamp(self, key: str, time: float | None) -> None:
+        self._check_not_destroyed()
         path = self._file(self.TIMESTAMP_FILES[key])
         when = _time.time() if time is None else float(time)
         try:
@@ -701,7 +724,7 @@ class Session:
             return
         failure = error
         try:
-            if save:
+            if save and not self._destroyed:
                 self.save_all()
         except BaseException as saving:  # the run record says the run did not end well
             failure = failure or saving

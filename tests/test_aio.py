@@ -216,3 +216,14 @@ async def test_a_cancelled_close_still_closes(tmp_path: Any) -> None:
     reopened = Session(tmp_path / "s", autoload_plugins=False)
     assert reopened.tasks[task.persistent_id].state == "TERMINATED"
     assert reopened.runs[0]["end"] is not None
+
+
+async def test_an_add_made_while_destroy_runs_is_refused_and_makes_no_directory(tmp_path: Any) -> None:
+    session = await AsyncSession.open(tmp_path / "s")
+    await session.add(Task())
+    destroying = asyncio.ensure_future(session.destroy())
+    await asyncio.sleep(0)  # destroy() is on the worker; the add waits behind it
+    late = asyncio.ensure_future(session.add(Task(jobname="late")))
+    outcome = await asyncio.gather(late, destroying, return_exceptions=True)
+    assert isinstance(outcome[0], SessionError) and "was destroyed" in str(outcome[0])
+    assert outcome[1] is None and not (tmp_path / "s").exists()

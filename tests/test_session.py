@@ -1145,6 +1145,32 @@ def test_destroy_removes_the_directory_and_its_store(session):
     assert len(session) == 0
 
 
+@pytest.mark.parametrize("after", [
+    lambda s, _: s.add(Task()), lambda s, _: s.add(Task(), flush=False), lambda s, _: s.save(Task()),
+    lambda s, _: s.save_all(), lambda s, _: s.flush(), lambda s, _: s.remove("Task.1"),
+    lambda s, _: s.forget("Task.1"), lambda s, other: s.load(other), lambda s, _: s.set_start_timestamp(),
+    lambda s, _: s.set_end_timestamp(),
+])
+def test_a_destroyed_session_writes_nothing_more(any_session, open_store, after):
+    """Writing would make the directory again, without its store URL, and the store would take records for it."""
+    any_session.add(Task())
+    any_session.destroy()
+    other = open_store().save(Task(jobname="another session's"))
+    with pytest.raises(SessionError, match="was destroyed"):
+        after(any_session, other)
+    any_session.close()  # closing still works, and saves nothing
+    assert not os.path.lexists(any_session.path)
+    store = open_store()
+    assert [meta["jobname"] for _, meta in store.iter_metadata(store.list())] == ["another session's"]
+
+
+def test_a_session_destroyed_in_a_with_block_closes_quietly(tmp_path):
+    with Session(tmp_path / "s") as session:
+        session.add(Task())
+        session.destroy()
+    assert not (tmp_path / "s").exists() and session.runs == []
+
+
 def test_destroy_through_a_symbolic_link_removes_the_session_and_the_link(tmp_path, store_url, open_store):
     real = Session(tmp_path / "real", store_or_url=store_url)
     real.add(Task())
