@@ -33,7 +33,7 @@ from .persistence.idfactory import is_id, parse_id
 from .persistence.opcodes import Built, CorruptPickle, Global, attributes, class_path, trace
 from .persistence.serialization import FORMAT_VERSION
 from .persistence.store import mask_password, url_scheme
-from .session import Session, is_session
+from .session import Session, is_session, made_whole
 from .task import State
 
 log = logging.getLogger(__name__)
@@ -398,34 +398,41 @@ def _write(report: ImportReport, found: dict[str, dict[str, Any]], store_args: d
             params["gc3pie_command"] = f.readline(2000).strip() or None
     except OSError:
         pass
-    target = Session(report.destination, store_or_url=report.store_url, params=params, **store_args)
-    try:
-        _refuse_clashes(target, found)
-        ids = list(found)
-        for start in range(0, len(ids), BATCH):
-            batch = []
-            for oid in ids[start : start + BATCH]:
-                entry = found[oid]
-                with open(entry["path"], "rb") as f:
-                    data = f.read()
-                if zlib.crc32(data) != entry["meta"]["crc32"]:
-                    raise SaveError(oid, f"{entry['path']} changed during the import: run it again when gc3pie is done")
-                batch.append((oid, entry["meta"], data))
-            target.store.import_records(batch)
-        for oid in report.tasks:
-            target._register(oid)
-        target.flush()
-        for key, name in GC3PIE_TIMESTAMPS.items():
-            stamp = os.path.join(report.source, name)
-            if os.path.exists(stamp):
-                setter = target.set_start_timestamp if key == "start" else target.set_end_timestamp
-                setter(os.stat(stamp).st_mtime)
-    except BaseException:
-        target.store.close()
-        shutil.rmtree(target.path, ignore_errors=True)
-        raise
-    target.close()
+    with made_whole(report.destination) as building:  # killed half way: DEST.unfinished, not a DEST that looks whole
+        target = None
+        try:
+            target = Session(building, store_or_url=report.store_url, params=params, **store_args)
+            _write_records(report, found, target)
+        except BaseException:
+            if target is not None:
+                target.store.close()
+            shutil.rmtree(building, ignore_errors=True)  # new: all in it is the import's
+            raise
+        target.close()
     report.store_url = target.store_url
+
+
+def _write_records(report: ImportReport, found: dict[str, dict[str, Any]], target: Session) -> None:
+    _refuse_clashes(target, found)
+    ids = list(found)
+    for start in range(0, len(ids), BATCH):
+        batch = []
+        for oid in ids[start : start + BATCH]:
+            entry = found[oid]
+            with open(entry["path"], "rb") as f:
+                data = f.read()
+            if zlib.crc32(data) != entry["meta"]["crc32"]:
+                raise SaveError(oid, f"{entry['path']} changed during the import: run it again when gc3pie is done")
+            batch.append((oid, entry["meta"], data))
+        target.store.import_records(batch)
+    for oid in report.tasks:
+        target._register(oid)
+    target.flush()
+    for key, name in GC3PIE_TIMESTAMPS.items():
+        stamp = os.path.join(report.source, name)
+        if os.path.exists(stamp):
+            setter = target.set_start_timestamp if key == "start" else target.set_end_timestamp
+            setter(os.stat(stamp).st_mtime)
 
 
 def _refuse_clashes(target: Session, found: dict[str, dict[str, Any]]) -> None:

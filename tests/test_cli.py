@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from gc3session import Session, State, Task, TaskCollection, __version__, cli
 from gc3session.cli import fit, fit_id, main, table_cells, table_time, write_table
 from gc3session.exceptions import SaveError, StoreError
+from gc3session.persistence import SqlStore
 from gc3session.persistence.filesystem import FilesystemStore, decode_record, encode_record
 from gc3session.runs import read_runs
 
@@ -433,6 +434,75 @@ def test_copy_that_cannot_write_says_so_without_suggesting_renumber(tmp_path: Pa
     result = run("copy", tmp_path / "a", tmp_path / "b")
     assert result.exit_code == 1 and "No space left" in result.output and "--renumber" not in result.output
     assert not (tmp_path / "b").exists()
+
+
+def many_tasks(path: Path, n: int) -> Session:
+    session = Session(path)
+    for i in range(n):
+        session.add(Task(jobname=f"t{i}"), flush=False)
+    session.flush()
+    return session
+
+
+def test_a_copy_killed_half_way_leaves_an_unfinished_directory_not_dest(tmp_path: Path) -> None:
+    """kill -9 in the middle: DEST must not look like a whole session; what is left can be destroyed, records too."""
+    many_tasks(tmp_path / "a", 1500).close()  # two batches of records
+    url = f"sqlite:///{tmp_path}/copies.db"
+    code = textwrap.dedent(f"""
+        import os
+        from gc3session import cli
+        from gc3session.persistence import SqlStore
+        real = SqlStore.import_records
+        def killed_after_the_first_batch(store, records):
+            if store.list():
+                os._exit(9)
+            real(store, records)
+        SqlStore.import_records = killed_after_the_first_batch
+        cli.main(["copy", {str(tmp_path / "a")!r}, {str(tmp_path / "b")!r}, "--store", {url!r}])
+    """)
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    unfinished = tmp_path / "b.unfinished"
+    assert not (tmp_path / "b").exists() and len(Session(unfinished).list_ids()) == 1000
+    again = run("copy", tmp_path / "a", tmp_path / "b", "--store", url)
+    assert again.exit_code == 1 and f"{unfinished}: is left from making" in again.output
+    assert f"session-tool destroy {unfinished}" in again.output
+    assert run("destroy", unfinished, "--yes").exit_code == 0
+    assert sqlite3.connect(tmp_path / "copies.db").execute("SELECT count(*) FROM store").fetchone() == (0,)
+    # the store handed those numbers out once, and never again: the copy again takes new ones
+    done = run("copy", tmp_path / "a", tmp_path / "b", "--store", url, "--renumber")
+    assert done.exit_code == 0 and "copied 1500 task(s)" in done.output, done.output
+    assert len(Session(tmp_path / "b").list_ids()) == 1500 and not unfinished.exists()
+
+
+@pytest.mark.parametrize("renumber", [False, True])
+def test_a_copy_that_fails_after_some_batches_deletes_what_it_wrote_in_a_shared_store(
+    tmp_path: Path, monkeypatch: Any, renumber: bool
+) -> None:
+    many_tasks(tmp_path / "a", 1500).close()
+    url = f"sqlite:///{tmp_path}/shared.db"
+    other = Session(tmp_path / "other", store_or_url=url)
+    other.add(Task(jobname="another session's"))  # Task.1: a plain copy keeps ids, so it takes a store of its own
+    other.close()
+    if not renumber:
+        url = f"sqlite:///{tmp_path}/shared.db#table=copies"
+    writing = "_write" if renumber else "import_records"  # how each way of copying writes a batch
+    real = getattr(SqlStore, writing)
+    calls: list[int] = []
+
+    def disk_full_at_the_second_batch(store: Any, records: Any) -> None:
+        calls.append(len(records))
+        if len(calls) == 2:
+            raise SaveError("Task.1001", "cannot write: No space left on device")
+        real(store, records)
+
+    monkeypatch.setattr(SqlStore, writing, disk_full_at_the_second_batch)
+    result = run("copy", tmp_path / "a", tmp_path / "b", "--store", url, *(["--renumber"] if renumber else []))
+    assert result.exit_code == 1 and "No space left" in result.output and calls == [1000, 500]
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.unfinished").exists()
+    assert [t.jobname for t in Session(tmp_path / "other")] == ["another session's"]
+    db = sqlite3.connect(tmp_path / "shared.db")
+    tables = ["store"] if renumber else ["store", "copies"]  # the other session's record, and no copy
+    assert [db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in tables] == [1, 0][: len(tables)]
 
 
 def test_copy_refuses_an_sql_row_held_by_an_id_with_another_prefix(tmp_path: Path) -> None:

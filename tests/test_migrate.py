@@ -15,7 +15,7 @@ import gc3pie_standin as g
 import pytest
 from click.testing import CliRunner
 
-from gc3session import Session, State
+from gc3session import Session, State, migrate
 from gc3session.cli import main
 from gc3session.exceptions import InvalidArgument, LoadError, LoadWarning, SaveError, SessionError, StoreError
 from gc3session.migrate import GC3PIE_CLASS_MAP, GC3PieId, describe_gc3pie_record, import_gc3pie
@@ -128,6 +128,28 @@ def test_new_tasks_get_new_numbers(gc3pie_session: tuple[Path, list[str]], tmp_p
 
     session = Session(tmp_path / "new", lazy=True)
     assert session.add(Task(jobname="after")) == "Task.9"  # the imported records are numbered 1 to 8
+
+
+def test_the_new_session_appears_only_once_whole(
+    gc3pie_session: tuple[Path, list[str]], tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Made beside DEST, as DEST.unfinished, and renamed: an import killed half way leaves no DEST that looks whole."""
+    source, ids = gc3pie_session
+    real = migrate._write_records
+    seen: list[tuple[bool, list[str]]] = []
+
+    def watched(report: Any, found: Any, target: Session) -> None:
+        real(report, found, target)
+        seen.append((os.path.exists(tmp_path / "new"), Session(tmp_path / "new.unfinished", lazy=True).list_ids()))
+
+    monkeypatch.setattr(migrate, "_write_records", watched)
+    import_gc3pie(source, tmp_path / "new")
+    assert seen == [(False, ids)]
+    assert not (tmp_path / "new.unfinished").exists() and Session(tmp_path / "new", lazy=True).list_ids() == ids
+    (tmp_path / "again.unfinished").mkdir()  # left by an import that was killed
+    with pytest.raises(SessionError, match=r"again\.unfinished: is left from making .*again, which did not finish"):
+        import_gc3pie(source, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
 
 
 def test_import_into_sqlite(gc3pie_session: tuple[Path, list[str]], tmp_path: Path) -> None:
