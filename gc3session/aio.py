@@ -211,7 +211,7 @@ class AsyncSession:
         await self._finish(None)
 
     async def _finish(self, error: BaseException | None) -> None:
-        if self._session is None:
+        if self._session is None or (self._closing is None and self._executor is None):  # not open, or destroyed
             return
         if self._closing is None:
             self._closed = True  # adds from now on are refused; those queued are written first

@@ -333,6 +333,7 @@ class Session:
     def _add(self, task: Any, flush: bool) -> tuple[str, bool]:
         """Add without telling plugins; return the id and whether the task is new to the session."""
         self._check_not_destroyed()
+        self._pending = None  # the task may hold what a removal pending would delete
         oid = getattr(task, "persistent_id", None)
         if oid is not None and oid in self.tasks:
             try:
@@ -396,12 +397,14 @@ class Session:
         with self._mutex:
             self._check_not_destroyed()
             self._skip_past_index()
+            self._pending = None  # the record may now hold what a removal pending would delete
             return self.store.save(obj)
 
     def save_all(self, flush: bool = True) -> None:
         """Save every task (and child) whose ``changed`` flag is set, in one batch."""
         with self._mutex:
             self._check_not_destroyed()
+            self._pending = None  # the records may now hold what a removal pending would delete
             walked = list(self._walk(self.tasks.loaded()))
             # and persistables they hold in other attributes (t.prepare = Task()): saved as records of their own
             walked += self.store.referenced(walked)
@@ -606,20 +609,24 @@ class Session:
         The session is then destroyed: adding, saving, removing or flushing
         raises SessionError (it would make the directory again, without its
         store URL); ``close()`` does nothing more.  A destroy that failed
-        can be tried again.
+        can be tried again: it goes on from where it stopped.
         """
         with self._mutex:
-            self._destroyed = True
             records = self.store.directory if isinstance(self.store, FilesystemStore) else None
             store_inside = records is not None and is_inside(records, self.path)
             if not store_inside:
                 self.store.remove_many(self._descendants([*self._index, *self.tasks, *self._doomed]))
+            # from here on the session is going: nothing may write it again (an add waiting for the mutex, a close
+            # that would save); until here, a failure (a database down) left it whole, and writable
+            self._destroyed = True
             self.store.close()
             real = os.path.realpath(self.path)  # a session reached through a symbolic link: its target goes
             try:
-                if records is not None and store_inside and os.path.realpath(records) != real:
-                    shutil.rmtree(os.path.realpath(records))  # the records first: if that fails, the index names all
-                shutil.rmtree(real)
+                inside = os.path.realpath(records) if records is not None and store_inside else None
+                if inside is not None and inside != real and os.path.lexists(inside):
+                    shutil.rmtree(inside)  # the records first: if that fails, the index names all
+                if os.path.lexists(real):  # a destroy tried again may have removed it already
+                    shutil.rmtree(real)
                 if real != self.path and os.path.islink(self.path):
                     os.unlink(self.path)
             except OSError as error:
@@ -1102,8 +1109,9 @@ class IdSet:
         """Add ``oid``, a valid id; True if it was not in the set yet."""
         return bool(self.new([oid]))
 
-    def new(self, ids: list[str]) -> list[str]:
+    def new(self, ids: Iterable[str]) -> list[str]:
         """Add ``ids``, valid ids; those that were not in the set yet, in order, once each."""
+        ids = ids if type(ids) is list else list(ids)
         if len(ids) > 1 and self._new_run(ids):
             return ids
         fresh = []

@@ -227,3 +227,11 @@ async def test_an_add_made_while_destroy_runs_is_refused_and_makes_no_directory(
     outcome = await asyncio.gather(late, destroying, return_exceptions=True)
     assert isinstance(outcome[0], SessionError) and "was destroyed" in str(outcome[0])
     assert outcome[1] is None and not (tmp_path / "s").exists()
+
+
+async def test_a_destroyed_async_session_closes_quietly(tmp_path: Any) -> None:
+    async with AsyncSession(tmp_path / "s") as session:
+        await session.add(Task())
+        await session.destroy()
+    await session.close()
+    assert not (tmp_path / "s").exists()

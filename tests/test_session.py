@@ -317,6 +317,24 @@ def test_a_removal_pending_keeps_the_children_of_a_task_forgotten_meanwhile(tmp_
     assert session.store.load(second).tasks[0].jobname == "shared"
 
 
+def test_a_removal_asked_about_keeps_a_child_that_a_record_saved_since_names(tmp_path):
+    """A holder not in memory, changed through the store and saved by the session: the answer is worked out again."""
+    session = Session(tmp_path / "s")
+    child = Task(jobname="moved")
+    old, new = TaskCollection(tasks=[child]), TaskCollection(tasks=[])
+    session.add(old)
+    session.add(new)
+    session.close()
+    session = Session(tmp_path / "s", lazy=True)
+    session.remove(old.persistent_id, flush=False)
+    assert child.persistent_id in session.pending_deletions()  # asked, as session-tool rm does
+    holder = session.store.load(new.persistent_id)
+    holder.tasks.append(session.store.load(child.persistent_id))
+    session.save(holder)
+    session.flush()
+    assert Session(tmp_path / "s").store.load(new.persistent_id).tasks[0].jobname == "moved"
+
+
 def test_a_removal_asked_about_keeps_a_child_given_to_another_collection_before_the_flush(tmp_path):
     """pending_deletions() is worked out again when a task in memory holds other children since it was asked."""
     session = Session(tmp_path / "s")
@@ -1164,6 +1182,45 @@ def test_a_destroyed_session_writes_nothing_more(any_session, open_store, after)
     assert [meta["jobname"] for _, meta in store.iter_metadata(store.list())] == ["another session's"]
 
 
+def test_a_destroy_that_failed_can_be_tried_again_from_where_it_stopped(tmp_path, monkeypatch):
+    session = Session(tmp_path / "s")
+    session.add(Task())
+    real, calls = shutil.rmtree, []
+
+    def busy_the_second_time(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # the records went; the session directory is busy
+            raise OSError(16, "Device or resource busy", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", busy_the_second_time)
+    with pytest.raises(SaveError, match="Device or resource busy"):
+        session.destroy()
+    assert not (tmp_path / "s" / "jobs").exists() and (tmp_path / "s").exists()
+    session.destroy()
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_destroy_that_deleted_nothing_leaves_the_session_whole_and_writable(tmp_path, monkeypatch):
+    """A shared store that is down: nothing was deleted, so closing still saves what was pending."""
+    session = Session(tmp_path / "s", store_or_url=f"sqlite:///{tmp_path}/shared.db")
+    task = Task(jobname="t")
+    session.add(task)
+    task.state = State.RUNNING
+    session.add(Task(jobname="pending"), flush=False)
+
+    def down(ids):
+        raise StoreError("sqlite:///shared.db", "database is down")
+
+    monkeypatch.setattr(session.store, "remove_many", down)
+    with pytest.raises(StoreError, match="down"):
+        session.destroy()
+    monkeypatch.undo()
+    session.close()
+    assert sorted((t.jobname, t.state) for t in Session(tmp_path / "s")) == [
+        ("pending", State.NEW), ("t", State.RUNNING)]
+
+
 def test_a_session_destroyed_in_a_with_block_closes_quietly(tmp_path):
     with Session(tmp_path / "s") as session:
         session.add(Task())
@@ -1691,6 +1748,10 @@ def test_id_set_new_agrees_with_a_set_on_runs_and_scattered_ids(batches):
         expected = list(dict.fromkeys(oid for oid in batch if oid not in reference))
         assert ids.new(batch) == expected, batch
         reference.update(batch)
+
+
+def test_id_set_new_takes_any_iterable():
+    assert IdSet().new(f"Task.{n}" for n in (3, 4, 3)) == ["Task.3", "Task.4"]
 
 
 def test_id_set_takes_a_bit_per_number_from_the_first_one_added():

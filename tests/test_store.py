@@ -1447,7 +1447,7 @@ def test_filesystem_store_creates_its_directory_or_refuses(tmp_path):
 @pytest.mark.parametrize(
     "damage",
     ["empty", "truncated-listing", "truncated-metadata", "truncated-data", "garbage", "not-an-object",
-     "old-not-an-object", "flipped-byte", "bad-pickle"],
+     "old-not-an-object", "flipped-byte", "bad-pickle", "nested-too-deep"],
 )
 def test_filesystem_damaged_record_gives_load_error_naming_the_id(tmp_path, damage):
     store = FilesystemStore(tmp_path / "s")
@@ -1479,8 +1479,14 @@ def test_filesystem_damaged_record_gives_load_error_naming_the_id(tmp_path, dama
         meta = json.loads(line)
         meta.update(size=len(junk), crc32=zlib.crc32(junk))
         path.write_bytes(encode_record(meta, junk))
+    elif damage == "nested-too-deep":  # the JSON scanner recurses: RecursionError, not a bad record, before
+        path.write_bytes(b"[" * 100_000 + b"\n" + b"{" * 100_000 + b"\n" + data)
 
     fresh = FilesystemStore(tmp_path / "s")
+    listed = dict(fresh.iter_summaries([oid, good]))  # a listing goes on past a damaged record
+    assert listed[good]["jobname"] == "good"
+    if damage in ("empty", "garbage", "nested-too-deep"):  # no listing line, nor metadata, to show
+        assert isinstance(listed[oid], LoadError) and listed[oid].id == oid
     with pytest.raises(LoadError) as excinfo:
         fresh.load(oid)
     assert excinfo.value.id == oid

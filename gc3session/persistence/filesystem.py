@@ -334,7 +334,7 @@ def parse_summary(head: bytes) -> dict[str, Any] | None:
         text = head[:end].decode()
         # a JSON value that starts with "[" is a list: unpacking checks its length
         (oid, cls, jobname, state, returncode, modified, children), stop = scan_json(text, 0)
-    except (ValueError, StopIteration):  # not UTF-8, not JSON, not seven fields; StopIteration: no JSON value
+    except (ValueError, StopIteration, RecursionError):  # not UTF-8 or JSON, not 7 fields, no value, too deep
         return None
     if stop != len(text):
         return None

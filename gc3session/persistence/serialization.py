@@ -87,6 +87,8 @@ def decode_json(text: str) -> Any:
         value, end = scan_json(text, start)
     except StopIteration as stop:  # how the scanner says there is no value at ``start``
         raise json.JSONDecodeError("Expecting value", text, stop.value) from None
+    except RecursionError:  # a damaged record, nested thousands deep: bad JSON like any other
+        raise json.JSONDecodeError("Nested too deep", text, start) from None
     if end != len(text) and text[end:].strip(" \t\n\r"):
         raise json.JSONDecodeError("Extra data", text, _json_space.match(text, end).end())  # type: ignore[union-attr]
     return value
