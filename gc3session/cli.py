@@ -27,14 +27,23 @@ from typing import Any
 import click
 
 from ._version import __version__
-from .exceptions import Error, InvalidArgument, LoadError, SaveError, SessionError, StoreNotFound
+from .exceptions import Error, InvalidArgument, LoadError, SaveError, SessionError, StoreNotFound, TableNotFound
 from .migrate import import_gc3pie
 from .persistence.atomic import TEMP_PREFIX
 from .persistence.filesystem import FilesystemStore
 from .persistence.idfactory import id_list, is_id
 from .persistence.store import Store, make_store, mask_password
 from .runs import read_runs
-from .session import Session, is_session, iter_index, made_whole, read_index, read_store_url, resolve_store_url
+from .session import (
+    Session,
+    is_session,
+    iter_index,
+    made_whole,
+    read_index,
+    read_store_url,
+    resolve_store_url,
+    table_not_found,
+)
 
 FORMATS = ("table", "json", "csv")
 COLUMNS = ("id", "jobname", "state", "class", "returncode", "modified")
@@ -66,7 +75,16 @@ class SessionView:
 
     @cached_property
     def store(self) -> Store:
-        return make_store(resolve_store_url(self.path, self.store_url), create=False)
+        return self.open_store()
+
+    def open_store(self, **options: Any) -> Store:
+        """The session's store as it is: nothing is created, and a missing SQL table is a StoreNotFound."""
+        url = resolve_store_url(self.path, self.store_url)
+        try:
+            return make_store(url, create=False, **options)
+        except TableNotFound as error:
+            where = os.path.join(self.path, Session.STORE_URL_FILENAME)
+            raise table_not_found(where, url, error, len(self.ids)) from None
 
     def metadata(self, ids: Iterable[str]) -> Iterator[tuple[str, dict[str, Any] | LoadError]]:
         return self.store.iter_metadata(ids)
@@ -155,7 +173,9 @@ class Tool(click.Group):
         except Error as error:
             if ctx.meta.get("gc3session.debug"):
                 raise
-            raise click.ClickException(str(error)) from None
+            # a store not found: its hint is Python's (load=False), which means nothing in a shell
+            shown = f"{error.path}: {error.reason}" if isinstance(error, StoreNotFound) else str(error)
+            raise click.ClickException(shown) from None
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
@@ -617,8 +637,7 @@ def verify(session: str, allowed: tuple[str, ...]) -> None:
         if not is_id(line):
             problems += 1
             click.echo(f"{view.index_path}: {line[:60]!r} is not a task id")
-    store = make_store(resolve_store_url(view.path, view.store_url), create=False,
-                       **({"allowed_classes": list(allowed)} if allowed else {}))
+    store = view.open_store(**({"allowed_classes": list(allowed)} if allowed else {}))
     errors: dict[str, LoadError] = {}
     for start in range(0, len(ids), 1000):
         store.load_many(ids[start : start + 1000], errors=errors)

@@ -126,6 +126,11 @@ class StoreError(Error):
         return f"store {self.url}: {self.reason}"
 
 
+class TableNotFound(StoreError):
+    """A SQL store's table is not in its database, where it must be: opened with ``create=False``, or as the
+    store of a session whose index names tasks (a typo in ``store.url``, or a table dropped)."""
+
+
 class LoadWarning(UserWarning):
     """Some tasks of a session could not be loaded; they stay in its index."""
 
@@ -136,5 +141,5 @@ class RepairWarning(UserWarning):
 
 __all__ = [
     "Error", "InvalidArgument", "LoadError", "LoadWarning", "NoSuchObject", "RepairWarning", "SaveError",
-    "SessionError", "StoreError", "StoreNotFound",
+    "SessionError", "StoreError", "StoreNotFound", "TableNotFound",
 ]

@@ -30,8 +30,17 @@ from typing import Any, BinaryIO
 
 from filelock import FileLock
 
-from .exceptions import InvalidArgument, LoadError, LoadWarning, RepairWarning, SaveError, SessionError, StoreNotFound
-from .persistence import local_store_path
+from .exceptions import (
+    InvalidArgument,
+    LoadError,
+    LoadWarning,
+    RepairWarning,
+    SaveError,
+    SessionError,
+    StoreNotFound,
+    TableNotFound,
+)
+from .persistence import SQL_SCHEMES, local_store_path
 from .persistence.atomic import write_atomically
 from .persistence.filesystem import FilesystemStore
 from .persistence.idfactory import PLAIN_ID_LINES, is_id, number_of, parse_id
@@ -199,9 +208,13 @@ class Session:
         self._index = dict.fromkeys(read_index(index))
         url = resolve_store_url(self.path, self.store_url)
         where = self._file(self.STORE_URL_FILENAME)
+        if self._index and url_scheme(url) in SQL_SCHEMES:  # a missing table is a typo, or a table dropped: the
+            extra_args = {**extra_args, "existing_table": True}  # index names tasks that a new one would not hold
         try:
             self._check_store_is_there(local_store_path(url), where)
             self.store = make_store(url, **extra_args)
+        except TableNotFound as error:
+            raise table_not_found(where, url, error, len(self._index)) from None
         except (ValueError, OSError) as error:  # InvalidArgument is a ValueError
             kind = InvalidArgument if isinstance(error, InvalidArgument) else SessionError
             reason = f"names a store that cannot be used: {shorten(str(error))}"
@@ -950,6 +963,13 @@ def made_whole(destination: str) -> Iterator[str]:
     except OSError as error:
         raise SaveError(final, f"cannot move the new session {building} there: {error.strerror or error}; "
                         f"it is whole: move it yourself") from error
+
+
+def table_not_found(where: str, url: str, error: TableNotFound, tasks: int) -> StoreNotFound:
+    """The error for a session's SQL store whose table is missing, ``where`` its ``store.url``."""
+    return StoreNotFound(where, f"names {mask_password(url)}: {error.reason}, while the index names {tasks} task(s) "
+                         "(a typo in store.url, or a table dropped?): correct store.url, or, if the records are lost, "
+                         "make an empty table with gc3session.persistence.make_store(URL)", mask_password(url))
 
 
 def is_session(path: str | os.PathLike[str]) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import helpers
 import pytest
+from click.testing import CliRunner
 from helpers import NewTask, OldTask
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -35,7 +36,8 @@ from gc3session import (
     TemporarySession,
 )
 from gc3session import session as session_module
-from gc3session.exceptions import LoadWarning, RepairWarning
+from gc3session.cli import main as cli_main
+from gc3session.exceptions import LoadWarning, RepairWarning, TableNotFound
 from gc3session.persistence import FilesystemStore, make_store
 from gc3session.persistence import store as store_module
 from gc3session.persistence.atomic import TEMP_PREFIX
@@ -451,6 +453,9 @@ def test_new_tasks_never_take_the_ids_of_tasks_the_index_keeps_for_repair(tmp_pa
         shutil.copytree(tmp_path / "backup", tmp_path / "s" / "jobs")
     else:
         os.truncate(tmp_path / "tasks.db", 0)
+        with pytest.raises(StoreNotFound, match="no table 'store', while the index names 5 task"):
+            Session(tmp_path / "s")  # said at once, and no table is made
+        make_store(url).close()  # the records are lost: the user makes an empty table, on purpose
     with pytest.warns(LoadWarning):
         damaged = Session(tmp_path / "s")
     kept = set(later) if loss == "backup restored" else {*first, *later}
@@ -540,6 +545,33 @@ def test_a_session_whose_store_is_gone_does_not_open_and_makes_no_new_store(tmp_
     assert not records.exists()
     os.rename(moved, records)  # the disk is back: nothing was lost or numbered twice
     assert [t.jobname for t in Session(tmp_path / "s")] == ["kept"]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mysql"])
+def test_a_session_whose_sql_table_is_missing_does_not_open_nor_make_it(tmp_path, store_url_of, kind):
+    """A typo in store.url's table (or a table dropped): a new, empty table would hold none of the tasks the index
+    names, a removal would report records deleted that were not, and new tasks would take their ids."""
+    url = store_url_of(kind)
+    session = Session(tmp_path / "s", store_or_url=url)
+    session.add(Task(jobname="kept"))
+    session.close()
+    typo = url.replace("#table=", "#table=typo_") if "#table=" in url else url + "#table=typo_store"
+    (tmp_path / "s" / "store.url").write_text(typo + "\n")
+    store_url_of(kind, typo.rpartition("#table=")[2])  # dropped after the test, should the check fail to stop it
+    with pytest.raises(StoreNotFound, match=r"no table 'typo_\w+', while the index names 1 task\(s\) \(a typo"):
+        Session(tmp_path / "s")
+    for command in (["rm", str(tmp_path / "s"), "Task.1"], ["destroy", str(tmp_path / "s"), "--yes"],
+                    ["ls", str(tmp_path / "s")], ["verify", str(tmp_path / "s")]):
+        result = CliRunner().invoke(cli_main, command, input="y\n")
+        assert result.exit_code == 1 and "a typo in store.url" in result.output, (command, result.output)
+    assert read_index(str(tmp_path / "s" / "index.txt")) == ["Task.1"]
+    with pytest.raises(TableNotFound):
+        make_store(typo, create=False)  # the typo's table was never made
+    (tmp_path / "s" / "store.url").write_text(url + "\n")  # corrected
+    assert [t.jobname for t in Session(tmp_path / "s")] == ["kept"]
+    empty = Session(tmp_path / "e", store_or_url=typo)  # a session that names no tasks: a new table is right
+    empty.close()
+    assert len(Session(tmp_path / "e")) == 0
 
 
 def test_a_session_whose_store_directory_is_an_empty_mount_point_does_not_open(tmp_path):

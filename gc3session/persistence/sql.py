@@ -28,7 +28,7 @@ from sqlalchemy import event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
 
-from ..exceptions import Error, InvalidArgument, LoadError, RepairWarning, SaveError, StoreError
+from ..exceptions import Error, InvalidArgument, LoadError, RepairWarning, SaveError, StoreError, TableNotFound
 from .idfactory import IdFactory, id_list, number_of, parse_id
 from .serialization import DEFAULT_PROTOCOL, decode_json, encode_json
 from .store import (
@@ -104,7 +104,9 @@ class SqlStore(Store):
     ``store``.  ``extra_fields`` maps :class:`sqlalchemy.Column` objects to
     functions of the object (see :data:`gc3session.persistence.accessors.GET`);
     each is a column filled on every save.  ``create=False`` refuses to
-    create a missing table.
+    create a missing table or database file; ``existing_table=True`` only
+    the table (its id counter is made if it is missing): a session whose
+    index names tasks opens its store so.  Either raises TableNotFound.
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class SqlStore(Store):
         *,
         protocol: int = DEFAULT_PROTOCOL,
         fsync: bool = False,
+        existing_table: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(url, idfactory=idfactory, protocol=protocol, **store_options(options))
@@ -134,6 +137,7 @@ class SqlStore(Store):
         self._secrets = [*(str(p) for p in (self._address.password, *secret) if p), *_url_secrets(address)]
         self.fsync = fsync
         self._create = create
+        self._existing_table = existing_table
         database = _sqlite_file(self._address)
         if not create and database is not None and not os.path.exists(database):  # connecting would create it
             raise StoreError(self._masked(), f"no database file {database} (and create=False)")
@@ -200,8 +204,8 @@ class SqlStore(Store):
                     if present is None:  # a table is missing: reflection says which
                         inspector = sa.inspect(self.engine)
                         if not inspector.has_table(self.table_name):
-                            if not create:
-                                raise StoreError(self._masked(), f"no table {self.table_name!r} (and create=False)")
+                            if not create or self._existing_table:
+                                raise TableNotFound(self._masked(), f"no table {self.table_name!r}")
                             self._create_tables(metadata)
                         elif create and not inspector.has_table(COUNTERS_TABLE):  # reading needs none
                             self._create_tables(metadata)
