@@ -104,9 +104,10 @@ class SqlStore(Store):
     ``store``.  ``extra_fields`` maps :class:`sqlalchemy.Column` objects to
     functions of the object (see :data:`gc3session.persistence.accessors.GET`);
     each is a column filled on every save.  ``create=False`` refuses to
-    create a missing table or database file; ``existing_table=True`` only
-    the table (its id counter is made if it is missing): a session whose
-    index names tasks opens its store so.  Either raises TableNotFound.
+    create a missing table (TableNotFound) or SQLite file (StoreError);
+    ``existing_table=True`` refuses only to create the table (its id counter
+    is made if it is missing): a session whose index names tasks opens its
+    store so.
     """
 
     def __init__(
