@@ -38,7 +38,6 @@ from .session import (
     Session,
     is_session,
     iter_index,
-    made_whole,
     read_index,
     read_store_url,
     resolve_store_url,
@@ -682,35 +681,40 @@ def copy(session: str, dest: str, store_url: str | None, renumber: bool) -> None
     view = SessionView(session)
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise click.ClickException(f"{dest} exists and is not an empty directory")
-    with made_whole(dest) as building:  # killed half way, the copy leaves DEST.unfinished, not a DEST that looks whole
-        target = None
-        try:
-            target = Session(building, store_or_url=store_url)
-            missing = renumber_into(view, target) if renumber else copy_records(view, target)
-            copied = len(read_index(os.path.join(target.path, Session.INDEX_FILENAME)))  # what the copy's index names
-            target.close()
-        except BaseException:
-            discard(target, building)
-            raise
-    click.echo(f"copied {copied} task(s) to {os.path.abspath(dest)} ({mask_password(target.store_url)})")
+    existed = os.path.isdir(dest)
+    target = Session(dest, store_or_url=store_url)
+    written: list[str] = []  # the records the copy wrote: deleted again if it fails, so that a shared store keeps
+    try:  # no orphans
+        missing = renumber_into(view, target) if renumber else copy_records(view, target, written)
+    except BaseException:
+        if renumber:  # every record it wrote is a new one, reached from its tasks
+            written = target._descendants(list(target.tasks))
+        with contextlib.suppress(Error):  # what cannot be deleted now stays; DEST is cleared in any case
+            target.store.remove_many(written)
+        target.store.close()
+        for entry in os.listdir(target.path):  # DEST was empty or new: all in it is the copy's
+            entry_path = os.path.join(target.path, entry)
+            if os.path.isdir(entry_path) and not os.path.islink(entry_path):
+                shutil.rmtree(entry_path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry_path)
+        if not existed:  # a directory that was there before stays
+            with contextlib.suppress(OSError):
+                os.rmdir(target.path)
+        raise
+    copied = len(read_index(os.path.join(target.path, Session.INDEX_FILENAME)))  # what the copy's index names
+    target.close()
+    click.echo(f"copied {copied} task(s) to {target.path} ({mask_password(target.store_url)})")
     if missing:
         for error in missing:
             click.echo(str(error), err=True)
         sys.exit(1)
 
 
-def discard(target: Session | None, building: str) -> None:
-    """Delete a copy that failed: the records its index names (and their children), then its new directory."""
-    if target is not None:
-        try:
-            target.destroy()
-        except Exception:  # what cannot be deleted now stays; the directory, at least, goes
-            target.store.close()
-    shutil.rmtree(building, ignore_errors=True)
-
-
-def copy_records(view: SessionView, target: Session) -> list[LoadError]:
-    """Copy raw records, with everything they refer to, keeping ids; return the ones that failed."""
+def copy_records(view: SessionView, target: Session, written: list[str]) -> list[LoadError]:
+    """Copy raw records, with everything they refer to, keeping ids (put in ``written`` once written); return the
+    ones that failed."""
     failed: list[LoadError] = []
     seen: set[str] = set()
     queue = deque(view.ids)
@@ -752,11 +756,13 @@ def copy_records(view: SessionView, target: Session) -> list[LoadError]:
                     raise
                 # a number the destination handed out already, or one it cannot take (see import_records)
                 raise click.ClickException(f"{error}; use --renumber") from None
-            tasks = [oid for oid in copied if oid in view.id_set]  # in the order of the index: it is queued first
-            for oid in tasks:  # indexed as they are copied: a copy that fails deletes what its index names
-                target._register(oid)
-            target.flush()
-            bar.update(len(tasks))
+            written.extend(copied)
+            bar.update(sum(1 for oid in copied if oid in view.id_set))
+    failed_ids = {e.id for e in failed}
+    for oid in view.ids:
+        if oid not in failed_ids:
+            target._register(oid)
+    target.flush()
     return failed
 
 
@@ -772,7 +778,7 @@ def renumber_into(view: SessionView, target: Session) -> list[LoadError]:
     with progress(len(tasks), "copying") as bar:
         for n, task in enumerate(tasks.values(), 1):
             target.add(task, flush=False)
-            if n % 1000 == 0:  # indexed as they are copied: a copy that fails deletes what its index names
+            if n % 1000 == 0:  # written a batch at a time
                 target.flush()
             bar.update(1)
         target.flush()

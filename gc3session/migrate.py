@@ -18,6 +18,7 @@ pickle unchanged, with gc3session metadata beside it, through
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -28,12 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._version import __version__
-from .exceptions import InvalidArgument, LoadError, SaveError, SessionError, StoreError
+from .exceptions import Error, InvalidArgument, LoadError, SaveError, SessionError, StoreError
 from .persistence.idfactory import is_id, parse_id
 from .persistence.opcodes import Built, CorruptPickle, Global, attributes, class_path, trace
 from .persistence.serialization import FORMAT_VERSION
 from .persistence.store import mask_password, url_scheme
-from .session import Session, is_session, made_whole
+from .session import Session, is_session
 from .task import State
 
 log = logging.getLogger(__name__)
@@ -398,53 +399,52 @@ def _write(report: ImportReport, found: dict[str, dict[str, Any]], store_args: d
             params["gc3pie_command"] = f.readline(2000).strip() or None
     except OSError:
         pass
-    with made_whole(report.destination) as building:  # killed half way: DEST.unfinished, not a DEST that looks whole
-        target = None
-        try:
-            target = Session(building, store_or_url=report.store_url, params=params, **store_args)
-            _write_records(report, found, target)
-        except BaseException:
-            if target is not None:
-                target.store.close()
-            shutil.rmtree(building, ignore_errors=True)  # new: all in it is the import's
-            raise
-        target.close()
+    target = Session(report.destination, store_or_url=report.store_url, params=params, **store_args)
+    written: list[str] = []  # deleted again if the import fails, so that a shared store keeps no orphans
+    try:
+        there = _refuse_clashes(target, found)
+        ids = list(found)
+        for start in range(0, len(ids), BATCH):
+            batch = []
+            for oid in ids[start : start + BATCH]:
+                entry = found[oid]
+                with open(entry["path"], "rb") as f:
+                    data = f.read()
+                if zlib.crc32(data) != entry["meta"]["crc32"]:
+                    raise SaveError(oid, f"{entry['path']} changed during the import: run it again when gc3pie is done")
+                batch.append((oid, entry["meta"], data))
+            target.store.import_records(batch)
+            written.extend(oid for oid, _, _ in batch if oid not in there)
+        for oid in report.tasks:
+            target._register(oid)
+        target.flush()
+        for key, name in GC3PIE_TIMESTAMPS.items():
+            stamp = os.path.join(report.source, name)
+            if os.path.exists(stamp):
+                setter = target.set_start_timestamp if key == "start" else target.set_end_timestamp
+                setter(os.stat(stamp).st_mtime)
+    except BaseException:
+        with contextlib.suppress(Error):  # what cannot be deleted now stays; the new session goes in any case
+            target.store.remove_many(written)
+        target.store.close()
+        shutil.rmtree(target.path, ignore_errors=True)
+        raise
+    target.close()
     report.store_url = target.store_url
 
 
-def _write_records(report: ImportReport, found: dict[str, dict[str, Any]], target: Session) -> None:
-    _refuse_clashes(target, found)
-    ids = list(found)
-    for start in range(0, len(ids), BATCH):
-        batch = []
-        for oid in ids[start : start + BATCH]:
-            entry = found[oid]
-            with open(entry["path"], "rb") as f:
-                data = f.read()
-            if zlib.crc32(data) != entry["meta"]["crc32"]:
-                raise SaveError(oid, f"{entry['path']} changed during the import: run it again when gc3pie is done")
-            batch.append((oid, entry["meta"], data))
-        target.store.import_records(batch)
-    for oid in report.tasks:
-        target._register(oid)
-    target.flush()
-    for key, name in GC3PIE_TIMESTAMPS.items():
-        stamp = os.path.join(report.source, name)
-        if os.path.exists(stamp):
-            setter = target.set_start_timestamp if key == "start" else target.set_end_timestamp
-            setter(os.stat(stamp).st_mtime)
-
-
-def _refuse_clashes(target: Session, found: dict[str, dict[str, Any]]) -> None:
+def _refuse_clashes(target: Session, found: dict[str, dict[str, Any]]) -> set[str]:
     """Refuse to overwrite other objects that a shared destination store holds where these would go: under the
     same ids, or the same numbers (a SQL row is keyed by the number alone).  The very same records (an import
-    that failed, run again) are taken as they are."""
-    clashes = [oid for oid, meta in target.store.occupants(list(found)).items()
-               if not (isinstance(meta, dict) and meta.get("id") == oid
-                       and meta.get("crc32") == found[oid]["meta"]["crc32"])]
+    that was killed, run again) are taken as they are: their ids are returned."""
+    occupied = target.store.occupants(list(found))
+    same = {oid for oid, meta in occupied.items() if isinstance(meta, dict) and meta.get("id") == oid
+            and meta.get("crc32") == found[oid]["meta"]["crc32"]}
+    clashes = [oid for oid in occupied if oid not in same]
     if clashes:
         shown = ", ".join(clashes[:5]) + (" ..." if len(clashes) > 5 else "")
         raise SaveError(shown, f"the store {mask_password(target.store_url)} holds other objects with these ids")
+    return same
 
 
 __all__ = ["GC3PIE_CLASS_MAP", "GC3PieId", "ImportReport", "describe_gc3pie_record", "import_gc3pie"]

@@ -936,35 +936,6 @@ def _session_around(records: str | None, own: str) -> str | None:
         here = parent
 
 
-#: The suffix of the directory that a new session is made in by :func:`made_whole` until it is whole.
-UNFINISHED_SUFFIX = ".unfinished"
-
-
-@contextmanager
-def made_whole(destination: str) -> Iterator[str]:
-    """The directory to make a new session for ``destination`` (new, or an empty directory) in.
-
-    It is ``destination`` + ``.unfinished``, beside it, renamed to
-    ``destination`` when the block ends well: a process killed half way (a
-    copy, an import) leaves that directory, never a session at
-    ``destination`` that looks whole.  If the block raises, the caller
-    discards what it wrote, and nothing is renamed.
-    """
-    if not os.fspath(destination).strip():
-        raise InvalidArgument("the session path is empty")
-    final = os.path.realpath(destination)  # an empty directory reached through a link: the session goes there
-    building = final + UNFINISHED_SUFFIX
-    if os.path.lexists(building):
-        raise SessionError(building, f"is left from making {destination}, which did not finish: remove it "
-                           f"(session-tool destroy {building} also deletes the records it holds) and try again")
-    yield building
-    try:
-        os.rename(building, final)  # replaces an empty directory
-    except OSError as error:
-        raise SaveError(final, f"cannot move the new session {building} there: {error.strerror or error}; "
-                        f"it is whole: move it yourself") from error
-
-
 def table_not_found(where: str, url: str, error: TableNotFound, tasks: int) -> StoreNotFound:
     """The error for a session's SQL store whose table is missing, ``where`` its ``store.url``."""
     return StoreNotFound(where, f"names {mask_password(url)}: {error.reason}, while the index names {tasks} task(s) "
@@ -1252,6 +1223,6 @@ def is_inside(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -
 
 
 __all__ = [
-    "IdSet", "Session", "TemporarySession", "is_session", "iter_index", "made_whole", "read_index", "read_store_url",
+    "IdSet", "Session", "TemporarySession", "is_session", "iter_index", "read_index", "read_store_url",
     "resolve_store_url",
 ]

@@ -444,36 +444,6 @@ def many_tasks(path: Path, n: int) -> Session:
     return session
 
 
-def test_a_copy_killed_half_way_leaves_an_unfinished_directory_not_dest(tmp_path: Path) -> None:
-    """kill -9 in the middle: DEST must not look like a whole session; what is left can be destroyed, records too."""
-    many_tasks(tmp_path / "a", 1500).close()  # two batches of records
-    url = f"sqlite:///{tmp_path}/copies.db"
-    code = textwrap.dedent(f"""
-        import os
-        from gc3session import cli
-        from gc3session.persistence import SqlStore
-        real = SqlStore.import_records
-        def killed_after_the_first_batch(store, records):
-            if store.list():
-                os._exit(9)
-            real(store, records)
-        SqlStore.import_records = killed_after_the_first_batch
-        cli.main(["copy", {str(tmp_path / "a")!r}, {str(tmp_path / "b")!r}, "--store", {url!r}])
-    """)
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
-    unfinished = tmp_path / "b.unfinished"
-    assert not (tmp_path / "b").exists() and len(Session(unfinished).list_ids()) == 1000
-    again = run("copy", tmp_path / "a", tmp_path / "b", "--store", url)
-    assert again.exit_code == 1 and f"{unfinished}: is left from making" in again.output
-    assert f"session-tool destroy {unfinished}" in again.output
-    assert run("destroy", unfinished, "--yes").exit_code == 0
-    assert sqlite3.connect(tmp_path / "copies.db").execute("SELECT count(*) FROM store").fetchone() == (0,)
-    # the store handed those numbers out once, and never again: the copy again takes new ones
-    done = run("copy", tmp_path / "a", tmp_path / "b", "--store", url, "--renumber")
-    assert done.exit_code == 0 and "copied 1500 task(s)" in done.output, done.output
-    assert len(Session(tmp_path / "b").list_ids()) == 1500 and not unfinished.exists()
-
-
 @pytest.mark.parametrize("renumber", [False, True])
 def test_a_copy_that_fails_after_some_batches_deletes_what_it_wrote_in_a_shared_store(
     tmp_path: Path, monkeypatch: Any, renumber: bool
@@ -498,11 +468,34 @@ def test_a_copy_that_fails_after_some_batches_deletes_what_it_wrote_in_a_shared_
     monkeypatch.setattr(SqlStore, writing, disk_full_at_the_second_batch)
     result = run("copy", tmp_path / "a", tmp_path / "b", "--store", url, *(["--renumber"] if renumber else []))
     assert result.exit_code == 1 and "No space left" in result.output and calls == [1000, 500]
-    assert not (tmp_path / "b").exists() and not (tmp_path / "b.unfinished").exists()
+    assert not (tmp_path / "b").exists()
     assert [t.jobname for t in Session(tmp_path / "other")] == ["another session's"]
     db = sqlite3.connect(tmp_path / "shared.db")
     tables = ["store"] if renumber else ["store", "copies"]  # the other session's record, and no copy
     assert [db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in tables] == [1, 0][: len(tables)]
+
+
+def test_a_copy_refused_half_way_deletes_only_its_own_records_not_the_children_another_session_holds(
+    tmp_path: Path,
+) -> None:
+    """The collection is copied first, its children in a later batch, where another session holds a number."""
+    url = f"sqlite:///{tmp_path}/shared.db"
+    source = Session(tmp_path / "a")
+    source.store.skip_past(101)
+    children = [Task(jobname="x"), Task(jobname="y")]
+    assert [source.save(child) for child in children] == ["Task.102", "Task.103"]
+    source.store.skip_past(200)
+    source.add(TaskCollection(jobname="c", tasks=children))  # TaskCollection.201, above the other's numbers
+    source.close()
+    other = Session(tmp_path / "other", store_or_url=url)
+    other.store.skip_past(101)
+    held = other.add(Task(jobname="another session's"))  # Task.102, the number of the first child
+    other.close()
+    refused = run("copy", tmp_path / "a", tmp_path / "b", "--store", url)
+    assert refused.exit_code == 1 and "Task.102" in refused.output and "--renumber" in refused.output
+    assert [t.jobname for t in Session(tmp_path / "other")] == ["another session's"] and held == "Task.102"
+    assert sqlite3.connect(tmp_path / "shared.db").execute("SELECT id FROM store").fetchall() == [(102,)]
+    assert not (tmp_path / "b").exists()  # and TaskCollection.201, which it did write, is gone
 
 
 def test_copy_refuses_an_sql_row_held_by_an_id_with_another_prefix(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from gc3session import Session, State, migrate
 from gc3session.cli import main
 from gc3session.exceptions import InvalidArgument, LoadError, LoadWarning, SaveError, SessionError, StoreError
 from gc3session.migrate import GC3PIE_CLASS_MAP, GC3PieId, describe_gc3pie_record, import_gc3pie
-from gc3session.persistence import make_store
+from gc3session.persistence import SqlStore, make_store
 from gc3session.persistence.opcodes import attributes, class_path, trace
 
 CLASS_MAP = {**GC3PIE_CLASS_MAP, **g.STANDIN_CLASS_MAP}
@@ -130,26 +130,26 @@ def test_new_tasks_get_new_numbers(gc3pie_session: tuple[Path, list[str]], tmp_p
     assert session.add(Task(jobname="after")) == "Task.9"  # the imported records are numbered 1 to 8
 
 
-def test_the_new_session_appears_only_once_whole(
+def test_an_import_that_fails_half_way_deletes_the_records_it_wrote(
     gc3pie_session: tuple[Path, list[str]], tmp_path: Path, monkeypatch: Any
 ) -> None:
-    """Made beside DEST, as DEST.unfinished, and renamed: an import killed half way leaves no DEST that looks whole."""
-    source, ids = gc3pie_session
-    real = migrate._write_records
-    seen: list[tuple[bool, list[str]]] = []
+    """A shared store keeps no orphans."""
+    source, _ = gc3pie_session
+    url = f"sqlite:///{tmp_path}/tasks.db"
+    monkeypatch.setattr(migrate, "BATCH", 3)
+    real = SqlStore.import_records
+    calls: list[int] = []
 
-    def watched(report: Any, found: Any, target: Session) -> None:
-        real(report, found, target)
-        seen.append((os.path.exists(tmp_path / "new"), Session(tmp_path / "new.unfinished", lazy=True).list_ids()))
+    def full_at_the_second_batch(store: Any, records: Any) -> None:
+        calls.append(len(records))
+        if len(calls) == 2:
+            raise SaveError(records[0][0], "cannot write: No space left on device")
+        real(store, records)
 
-    monkeypatch.setattr(migrate, "_write_records", watched)
-    import_gc3pie(source, tmp_path / "new")
-    assert seen == [(False, ids)]
-    assert not (tmp_path / "new.unfinished").exists() and Session(tmp_path / "new", lazy=True).list_ids() == ids
-    (tmp_path / "again.unfinished").mkdir()  # left by an import that was killed
-    with pytest.raises(SessionError, match=r"again\.unfinished: is left from making .*again, which did not finish"):
-        import_gc3pie(source, tmp_path / "again")
-    assert not (tmp_path / "again").exists()
+    monkeypatch.setattr(SqlStore, "import_records", full_at_the_second_batch)
+    with pytest.raises(SaveError, match="No space left"):
+        import_gc3pie(source, tmp_path / "new", store_url=url)
+    assert calls == [3, 3] and make_store(url).list() == [] and not (tmp_path / "new").exists()
 
 
 def test_import_into_sqlite(gc3pie_session: tuple[Path, list[str]], tmp_path: Path) -> None:
