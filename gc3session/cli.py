@@ -756,7 +756,7 @@ def copy_records(view: SessionView, target: Session, written: list[str]) -> list
                     raise
                 # a number the destination handed out already, or one it cannot take (see import_records)
                 raise click.ClickException(f"{error}; use --renumber") from None
-            written.extend(copied)
+            written.extend(copied)  # once written: a number refused may be another process's, not yet saved
             bar.update(sum(1 for oid in copied if oid in view.id_set))
     failed_ids = {e.id for e in failed}
     for oid in view.ids:
