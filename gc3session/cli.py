@@ -689,8 +689,10 @@ def copy(session: str, dest: str, store_url: str | None, renumber: bool) -> None
     except BaseException:
         if renumber:  # every record it wrote is a new one, reached from its tasks
             written = target._descendants(list(target.tasks))
-        with contextlib.suppress(Error):  # what cannot be deleted now stays; DEST is cleared in any case
+        try:
             target.store.remove_many(written)
+        except Error as failure:  # they stay; DEST is cleared in any case
+            click.echo(f"warning: the {len(written)} record(s) the copy wrote stay in the store: {failure}", err=True)
         target.store.close()
         for entry in os.listdir(target.path):  # DEST was empty or new: all in it is the copy's
             entry_path = os.path.join(target.path, entry)

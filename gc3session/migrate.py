@@ -18,7 +18,6 @@ pickle unchanged, with gc3session metadata beside it, through
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -424,8 +423,10 @@ def _write(report: ImportReport, found: dict[str, dict[str, Any]], store_args: d
                 setter = target.set_start_timestamp if key == "start" else target.set_end_timestamp
                 setter(os.stat(stamp).st_mtime)
     except BaseException:
-        with contextlib.suppress(Error):  # what cannot be deleted now stays; the new session goes in any case
+        try:
             target.store.remove_many(written)
+        except Error as error:  # they stay; the new session goes in any case
+            log.warning("the %d record(s) the import wrote stay in the store: %s", len(written), error)
         target.store.close()
         shutil.rmtree(target.path, ignore_errors=True)
         raise

@@ -475,6 +475,27 @@ def test_a_copy_that_fails_after_some_batches_deletes_what_it_wrote_in_a_shared_
     assert [db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in tables] == [1, 0][: len(tables)]
 
 
+def test_a_copy_that_fails_and_cannot_delete_what_it_wrote_says_so(tmp_path: Path, monkeypatch: Any) -> None:
+    many_tasks(tmp_path / "a", 1500).close()
+    url = f"sqlite:///{tmp_path}/shared.db"
+    real = SqlStore.import_records
+
+    def full_at_the_second_batch(store: Any, records: Any) -> None:
+        if store.list():
+            raise SaveError("Task.1001", "cannot write: No space left on device")
+        real(store, records)
+
+    def down(store: Any, ids: Any) -> None:
+        raise StoreError("sqlite:///shared.db", "database is locked")
+
+    monkeypatch.setattr(SqlStore, "import_records", full_at_the_second_batch)
+    monkeypatch.setattr(SqlStore, "remove_many", down)
+    result = run("copy", tmp_path / "a", tmp_path / "b", "--store", url)
+    assert result.exit_code == 1 and "No space left" in result.output
+    assert "warning: the 1000 record(s) the copy wrote stay in the store" in result.output
+    assert "database is locked" in result.output and not (tmp_path / "b").exists()
+
+
 def test_a_copy_refused_half_way_deletes_only_its_own_records_not_the_children_another_session_holds(
     tmp_path: Path,
 ) -> None:
