@@ -684,11 +684,12 @@ def copy(session: str, dest: str, store_url: str | None, renumber: bool) -> None
     existed = os.path.isdir(dest)
     target = Session(dest, store_or_url=store_url)
     written: list[str] = []  # the records the copy wrote: deleted again if it fails, so that a shared store keeps
-    try:  # no orphans
-        missing = renumber_into(view, target) if renumber else copy_records(view, target, written)
+    copies: list[Any] = []  # no orphans; with --renumber, the objects given new ids
+    try:
+        missing = renumber_into(view, target, copies) if renumber else copy_records(view, target, written)
     except BaseException:
-        if renumber:  # every record it wrote is a new one, reached from its tasks
-            written = target._descendants(list(target.tasks))
+        if renumber:  # each a new record, under a number the store handed out to this copy
+            written = [obj.persistent_id for obj in copies if obj.persistent_id is not None]
         try:
             target.store.remove_many(written)
         except Error as failure:  # they stay; DEST is cleared in any case
@@ -768,8 +769,9 @@ def copy_records(view: SessionView, target: Session, written: list[str]) -> list
     return failed
 
 
-def renumber_into(view: SessionView, target: Session) -> list[LoadError]:
-    """Load the tasks and save them into the target with fresh ids; return the ones that failed."""
+def renumber_into(view: SessionView, target: Session, copies: list[Any]) -> list[LoadError]:
+    """Load the tasks, and all they hold or refer to (put in ``copies``), and save them into the target with
+    fresh ids; return the ones that failed."""
     errors: dict[str, LoadError] = {}
     tasks = view.store.load_many(view.ids, errors=errors)
     closure = [oid for oid, meta in view.all_metadata(("children", "references")) if isinstance(meta, dict)]
@@ -777,6 +779,7 @@ def renumber_into(view: SessionView, target: Session) -> list[LoadError]:
     for obj in objects.values():
         obj.persistent_id = None
         obj.changed = True
+    copies.extend(objects.values())
     with progress(len(tasks), "copying") as bar:
         for n, task in enumerate(tasks.values(), 1):
             target.add(task, flush=False)

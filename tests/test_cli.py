@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from gc3session import Session, State, Task, TaskCollection, __version__, cli
 from gc3session.cli import fit, fit_id, main, table_cells, table_time, write_table
 from gc3session.exceptions import SaveError, StoreError
-from gc3session.persistence import SqlStore
+from gc3session.persistence import SqlStore, filesystem
 from gc3session.persistence.filesystem import FilesystemStore, decode_record, encode_record
 from gc3session.runs import read_runs
 
@@ -473,6 +473,44 @@ def test_a_copy_that_fails_after_some_batches_deletes_what_it_wrote_in_a_shared_
     db = sqlite3.connect(tmp_path / "shared.db")
     tables = ["store"] if renumber else ["store", "copies"]  # the other session's record, and no copy
     assert [db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in tables] == [1, 0][: len(tables)]
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_copy_cut_short_in_a_batch_of_files_leaves_none_of_them(
+    tmp_path: Path, monkeypatch: Any, failure: BaseException
+) -> None:
+    """A filesystem store writes a batch file by file: those written before the failure go again."""
+    many_tasks(tmp_path / "a", 5).close()
+    real, calls = filesystem.write_atomically, []
+
+    def third_fails(*args: Any, **kwargs: Any) -> None:
+        calls.append(args[0])
+        if len(calls) == 3:
+            raise failure
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(filesystem, "write_atomically", third_fails)
+    result = run("copy", tmp_path / "a", tmp_path / "b", "--store", tmp_path / "shared")
+    assert result.exit_code == 1 and len(calls) == 3
+    assert not (tmp_path / "b").exists() and FilesystemStore(tmp_path / "shared").list() == []
+
+
+def test_a_renumbering_copy_that_fails_deletes_the_records_its_tasks_refer_to(tmp_path: Path, monkeypatch: Any) -> None:
+    url = f"sqlite:///{tmp_path}/shared.db"
+    holder = Task(jobname="holder", extra={"inner": Task(jobname="held in a dict")})
+    Session(tmp_path / "a", store_or_url=url).add(holder)
+    real = Session.flush
+
+    def fails_once_written(session: Session) -> None:
+        real(session)
+        if session.path == str(tmp_path / "b"):
+            raise SaveError(session.path, "cannot write: No space left on device")
+
+    monkeypatch.setattr(Session, "flush", fails_once_written)
+    result = run("copy", tmp_path / "a", tmp_path / "b", "--store", url, "--renumber")
+    assert result.exit_code == 1 and "No space left" in result.output
+    rows = sqlite3.connect(tmp_path / "shared.db").execute("SELECT persistent_id, jobname FROM store").fetchall()
+    assert sorted(rows) == [("Task.1", "holder"), ("Task.2", "held in a dict")]  # the source's, and no copy
 
 
 def test_a_copy_that_fails_and_cannot_delete_what_it_wrote_says_so(tmp_path: Path, monkeypatch: Any) -> None:

@@ -19,7 +19,7 @@ from gc3session import Session, State, migrate
 from gc3session.cli import main
 from gc3session.exceptions import InvalidArgument, LoadError, LoadWarning, SaveError, SessionError, StoreError
 from gc3session.migrate import GC3PIE_CLASS_MAP, GC3PieId, describe_gc3pie_record, import_gc3pie
-from gc3session.persistence import SqlStore, make_store
+from gc3session.persistence import SqlStore, filesystem, make_store
 from gc3session.persistence.opcodes import attributes, class_path, trace
 
 CLASS_MAP = {**GC3PIE_CLASS_MAP, **g.STANDIN_CLASS_MAP}
@@ -150,6 +150,25 @@ def test_an_import_that_fails_half_way_deletes_the_records_it_wrote(
     with pytest.raises(SaveError, match="No space left"):
         import_gc3pie(source, tmp_path / "new", store_url=url)
     assert calls == [3, 3] and make_store(url).list() == [] and not (tmp_path / "new").exists()
+
+
+def test_an_import_cut_short_in_a_batch_of_files_leaves_none_of_them(
+    gc3pie_session: tuple[Path, list[str]], tmp_path: Path, monkeypatch: Any
+) -> None:
+    source, _ = gc3pie_session
+    real, calls = filesystem.write_atomically, []
+
+    def third_fails(*args: Any, **kwargs: Any) -> None:
+        calls.append(args[0])
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(filesystem, "write_atomically", third_fails)
+    with pytest.raises(SaveError, match="No space left"):
+        import_gc3pie(source, tmp_path / "new", store_url=str(tmp_path / "records"))
+    assert len(calls) == 3 and make_store(str(tmp_path / "records")).list() == []
+    assert not (tmp_path / "new").exists()
 
 
 def test_import_into_sqlite(gc3pie_session: tuple[Path, list[str]], tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import builtins
+import contextlib
 import gc
 import itertools
 import logging
@@ -542,7 +543,9 @@ class Store(abc.ABC):
         since removed, or to one not saved yet) is a SaveError, and nothing
         is written; but one that an earlier import through this handle
         reserved (a copy in batches: children numbered between their
-        parents) is this import's to take.
+        parents) is this import's to take.  A batch that fails half way
+        (files are written one by one) deletes the records it added, and
+        leaves those that were there.
         """
         batch = []
         for oid, meta, data in records:
@@ -557,7 +560,12 @@ class Store(abc.ABC):
                      and not any(record.number in span for span in self._imported)]
             if fresh:
                 self._imported = _merged([*self._imported, *self._claim_numbers(fresh)])
-            self._write(batch)
+            try:
+                self._write(batch)
+            except BaseException:  # a batch cut short (files are written one by one): its new records go again
+                with contextlib.suppress(Exception):  # (their numbers are this import's), not those already there
+                    self._delete([record.id for record in batch if record.id not in held])
+                raise
             for record in batch:
                 self._cache.pop(record.id, None)
 
