@@ -32,7 +32,7 @@ from .migrate import import_gc3pie
 from .persistence.atomic import TEMP_PREFIX
 from .persistence.filesystem import FilesystemStore
 from .persistence.idfactory import id_list, is_id
-from .persistence.store import Store, make_store, mask_password
+from .persistence.store import Store, make_store, mask_password, same_records
 from .runs import read_runs
 from .session import (
     Session,
@@ -740,8 +740,7 @@ def copy_records(view: SessionView, target: Session, written: list[str]) -> list
             copied = {oid: meta for oid, meta, _ in records}
             occupied = target.store.occupants(list(copied))
             if occupied:  # the copies would overwrite other objects, or share these very records
-                same = [oid for oid, meta in occupied.items() if isinstance(meta, dict) and meta.get("id") == oid
-                        and meta.get("crc32") == copied[oid].get("crc32")]
+                same = same_records(occupied, {oid: meta.get("crc32") for oid, meta in copied.items()})
                 shown = ", ".join(list(occupied)[:5]) + (" ..." if len(occupied) > 5 else "")
                 if len(same) == len(occupied):
                     raise click.ClickException(

@@ -32,7 +32,7 @@ from .exceptions import Error, InvalidArgument, LoadError, SaveError, SessionErr
 from .persistence.idfactory import is_id, parse_id
 from .persistence.opcodes import Built, CorruptPickle, Global, attributes, class_path, trace
 from .persistence.serialization import FORMAT_VERSION
-from .persistence.store import mask_password, url_scheme
+from .persistence.store import mask_password, same_records, url_scheme
 from .session import Session, is_session
 from .task import State
 
@@ -439,8 +439,7 @@ def _refuse_clashes(target: Session, found: dict[str, dict[str, Any]]) -> set[st
     same ids, or the same numbers (a SQL row is keyed by the number alone).  The very same records (an import
     that was killed, run again) are taken as they are: their ids are returned."""
     occupied = target.store.occupants(list(found))
-    same = {oid for oid, meta in occupied.items() if isinstance(meta, dict) and meta.get("id") == oid
-            and meta.get("crc32") == found[oid]["meta"]["crc32"]}
+    same = same_records(occupied, {oid: found[oid]["meta"]["crc32"] for oid in occupied})
     clashes = [oid for oid in occupied if oid not in same]
     if clashes:
         shown = ", ".join(clashes[:5]) + (" ..." if len(clashes) > 5 else "")

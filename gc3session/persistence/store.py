@@ -659,6 +659,13 @@ _known_objects: dict[str, weakref.WeakValueDictionary[str, Any]] = {}
 _known_objects_lock = threading.Lock()
 
 
+def same_records(occupied: dict[str, dict[str, Any] | LoadError], checksums: dict[str, Any]) -> set[str]:
+    """The ids in ``occupied`` (what :meth:`Store.occupants` found) that hold the very record meant to go there:
+    its own id, and the checksum in ``checksums``."""
+    return {oid for oid, meta in occupied.items()
+            if isinstance(meta, dict) and meta.get("id") == oid and meta.get("crc32") == checksums.get(oid)}
+
+
 def _merged(spans: list[range]) -> list[range]:
     """``spans`` (ranges of step 1) with those that overlap or touch made one: a copy's reserves mostly follow
     each other, so the list stays short however many batches it takes."""
