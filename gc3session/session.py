@@ -466,7 +466,8 @@ class Session:
                 unreadable: list[str] = []
                 while True:  # unless another task holds them: then they stay, and so does what they hold
                     unreadable.clear()
-                    held = set(self._descendants(self._holders(), stop=named, unreadable=unreadable))
+                    held = set(self._descendants(self._holders(), stop=named, unreadable=unreadable,
+                                                 references=True))
                     if named.isdisjoint(held):
                         break
                     named -= held
@@ -484,10 +485,11 @@ class Session:
             return list(self._pending[1])
 
     def _holders(self) -> list[str]:
-        """The session's tasks that may hold others: those not loaded, and loaded ones with children."""
-        peek = self.tasks.peek
+        """The session's tasks that may hold or refer to others: those not loaded, loaded ones with children,
+        and loaded ones whose records refer to other objects."""
+        peek, refers = self.tasks.peek, self.store.references_of
         return [oid for oid in dict.fromkeys(itertools.chain(self._index, self.tasks, self._forgotten))
-                if (task := peek(oid)) is None or getattr(task, "tasks", None)]
+                if (task := peek(oid)) is None or getattr(task, "tasks", None) or refers(oid)]
 
     def load(self, id: str, add: bool = True, flush: bool = True) -> Any:  # noqa: A002
         """Load task ``id`` from the store; with ``add`` it becomes part of the session."""
@@ -583,12 +585,16 @@ class Session:
             self._removed.add(oid)
 
     def _descendants(
-        self, ids: Iterable[str], stop: Iterable[str] = (), unreadable: list[str] | None = None
+        self, ids: Iterable[str], stop: Iterable[str] = (), unreadable: list[str] | None = None,
+        references: bool = False,
     ) -> list[str]:
         """``ids`` and the ids of all their children, a generation at a time, from memory or else metadata.
 
         Ids in ``stop`` are found, but what they hold is not followed.  The
         ids whose children could not be read are put in ``unreadable``.
+        With ``references``, also every object their records refer to in
+        other attributes (a task loaded: as its record was last saved or
+        loaded), since deleting one would leave a record that cannot load.
         """
         stopped = set(stop)
         found: dict[str, None] = {}
@@ -606,7 +612,10 @@ class Session:
                 held = getattr(task, "tasks", None)
                 if isinstance(held, (list, tuple)):
                     children.update((c.persistent_id, c) for c in held if getattr(c, "persistent_id", None))
-            for oid, held in self.store.iter_children(unloaded) if unloaded else ():  # in batches
+                if references:
+                    for ref in self.store.references_of(oid):
+                        children.setdefault(ref, self.tasks.peek(ref))
+            for oid, held in self.store.iter_children(unloaded, references) if unloaded else ():  # in batches
                 if isinstance(held, LoadError):
                     if unreadable is not None:
                         unreadable.append(oid)

@@ -1090,6 +1090,44 @@ def test_removing_a_top_level_task_that_a_collection_holds_keeps_its_record(any_
     again.store.close()
 
 
+@pytest.mark.parametrize("lazy", [False, True])
+def test_removing_a_task_that_another_refers_to_keeps_its_record(any_session, open_store, lazy):
+    """A reference in any attribute, not only a collection's children: deleting the record would leave the task
+    that refers to it unable to load."""
+    needed = Task(jobname="needed")
+    user = Task(jobname="user")
+    user.depends_on = needed
+    target = any_session.add(needed)
+    referrer = any_session.add(user)
+    any_session.store.close()
+    session = Session(any_session.path, lazy=lazy)
+    assert session.pending_deletions() == []
+    session.remove(target)
+    assert session.list_ids() == [referrer] and target in open_store().list()  # only its index line went
+    session.store.close()
+    again = Session(any_session.path)
+    assert not again.load_errors
+    assert again.tasks[referrer].depends_on.jobname == "needed"
+    again.remove(referrer)  # a record referred to is not held: it is not the referrer's to delete with it
+    assert open_store().list() == [target]
+    again.store.close()
+
+
+def test_a_removal_keeps_a_child_that_the_saved_record_of_its_holder_still_names(tmp_path):
+    """The holder in memory let go of the child, but its record was not saved yet: if the process dies before
+    it is, the record still names the child, which must still be there."""
+    session = Session(tmp_path / "s")
+    child = Task(jobname="child")
+    holder = session.add(TaskCollection(jobname="holder", tasks=[child, Task(jobname="other")]))
+    top = session.add(child)  # the same task, top-level too
+    session.tasks[holder].tasks.remove(child)
+    session.remove(top)
+    session.close(save=False)  # as if the process died here: the holder's change is not saved
+    again = Session(tmp_path / "s")
+    assert not again.load_errors
+    assert [t.jobname for t in again.tasks[holder].tasks] == ["child", "other"]
+
+
 def two_collections_sharing_a_child(path: Path) -> tuple[Task, Task, str, str]:
     """A closed session at ``path``: "first" holds "shared" and "own", "second" holds "shared"."""
     shared, own = Task(jobname="shared"), Task(jobname="own")

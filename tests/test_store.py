@@ -353,6 +353,22 @@ def test_persistable_inside_other_containers_is_a_reference(store, open_store):
     assert other.load(child.persistent_id) is loaded.by_name["c"]
 
 
+def test_a_record_whose_reference_is_gone_is_named_in_the_error(store, open_store):
+    """The error names the record that failed to load, and the one it refers to, not only the one missing."""
+    needed, user = Task(jobname="needed"), Task(jobname="user")
+    user.depends_on = needed
+    oid = store.save(user)
+    store.remove(needed.persistent_id)  # behind its back, as a bad hand edit or an older version could
+    other = open_store()
+    with pytest.raises(LoadError) as excinfo:
+        other.load(oid)
+    assert excinfo.value.id == oid and not isinstance(excinfo.value, NoSuchObject)
+    assert f"it refers to {needed.persistent_id}, which cannot be loaded: no such object" in str(excinfo.value)
+    errors: dict[str, LoadError] = {}
+    assert other.load_many([oid], errors=errors) == {}
+    assert errors[oid].id == oid and needed.persistent_id in errors[oid].reason
+
+
 def test_a_changed_child_is_saved_with_its_container(store, open_store):
     child = Task(jobname="a")
     collection = TaskCollection(tasks=[child])

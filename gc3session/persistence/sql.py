@@ -578,8 +578,13 @@ class SqlStore(Store):
 
         yield from self._rows_of(columns, ids, summary)
 
-    def iter_children(self, ids: Iterable[str]) -> Iterator[tuple[str, list[str] | LoadError]]:
-        """The ``children`` column alone: the one place a row keeps them."""
+    def iter_children(
+        self, ids: Iterable[str], references: bool = False
+    ) -> Iterator[tuple[str, list[str] | LoadError]]:
+        """The ``children`` column alone: the one place a row keeps them (references: in the metadata column)."""
+        if references:
+            yield from super().iter_children(ids, references)
+            return
         self._check_pid()
         yield from self._rows_of(("persistent_id", "children"), ids, lambda row: id_list(_child_list(*row)))
 

@@ -408,9 +408,11 @@ class Store(abc.ABC):
                 try:
                     loaded[oid] = resolve(oid)
                 except LoadError as error:
+                    failure = error if error.id == oid else LoadError(  # a record it refers to: name both
+                        oid, f"it refers to {error.id}, which cannot be loaded: {error.reason}")
                     if errors is None:
-                        raise
-                    errors[oid] = error
+                        raise failure from (None if failure is error else error)
+                    errors[oid] = failure
         finally:
             if fresh and self.hooks is not None:
                 self.hooks.watch(fresh)
@@ -475,14 +477,27 @@ class Store(abc.ABC):
         """
         return self._in_chunks(self._read_summaries, ids)
 
-    def iter_children(self, ids: Iterable[str]) -> Iterator[tuple[str, builtins.list[str] | LoadError]]:
-        """``(id, the ids of its children)``, streaming, as each record itself holds them.
+    def iter_children(
+        self, ids: Iterable[str], references: bool = False
+    ) -> Iterator[tuple[str, builtins.list[str] | LoadError]]:
+        """``(id, the ids of its children)``, streaming, as each record itself holds them; with ``references``,
+        also the ids of every other object the record refers to.
 
         For decisions that delete (which children does a collection still
         hold?): read from the metadata, never from a copy kept for listings.
         """
         for oid, meta in self.iter_metadata(ids):
-            yield oid, meta if isinstance(meta, LoadError) else id_list(meta.get("children"))
+            if isinstance(meta, LoadError):
+                yield oid, meta
+            elif references:
+                yield oid, list(dict.fromkeys([*id_list(meta.get("children")), *id_list(meta.get("references"))]))
+            else:
+                yield oid, id_list(meta.get("children"))
+
+    def references_of(self, id: str) -> tuple[str, ...]:  # noqa: A002
+        """The ids the record of ``id`` refers to (children included), as this handle last saved or loaded it;
+        empty for a record it has not seen."""
+        return self._refs.get(id, ())
 
     def _in_chunks(
         self, read: Callable[[builtins.list[str] | None], Iterator[Any]], ids: Iterable[str] | None
