@@ -114,6 +114,9 @@ class Session:
         self._finished = False  # closed (by close() or the end of a with block)
         self._destroyed = False  # by destroy(): nothing may be written any more, which would make the directory again
         self._forgotten: set[str] = set()  # forgotten since the last flush: their records still hold children
+        # objects loaded with load(add=False) that are no task of the session (a child, in a lazy session): saved
+        # by save_all like the tasks loaded (held here: a change made through a reference dropped since is saved)
+        self._apart: dict[str, Any] = {}
 
         if os.path.lexists(self.path) and not os.path.isdir(self.path):
             raise SessionError(self.path, "exists and is not a directory")
@@ -143,6 +146,10 @@ class Session:
         """Make the session files (over those there, unless ``only_new``); False if, ``only_new``, another
         process made them first."""
         made = not os.path.isdir(self.path)
+        holder = enclosing_session(self.path) if self._owns_its_store else None
+        if holder is not None:
+            raise InvalidArgument(f"{self.path} is inside session {holder}, whose destroy() would delete it, and the "
+                                  "tasks of this session with it: put it elsewhere")
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as error:
@@ -315,7 +322,9 @@ class Session:
         except OSError as error:
             raise SaveError(path, f"cannot append to the index: {error.strerror or error}") from error
 
-    def _rewrite_index(self) -> None:
+    def _rewrite_index(self) -> list[str]:
+        """Write the index without the tasks removed, merged with what other processes appended; return the ids
+        they appended that this session does not know."""
         path = self._file(self.INDEX_FILENAME)
         try:
             with self._locked():
@@ -326,6 +335,8 @@ class Session:
                 write_atomically(path, b"".join(line + b"\n" for line in kept))
         except OSError as error:
             raise SaveError(path, f"cannot rewrite the index: {error.strerror or error}") from error
+        index = self._index
+        return [oid for line in present if (oid := line.decode(errors="replace")) not in index and is_id(oid)]
 
     # -- adding, saving, loading ------------------------------------------------
 
@@ -418,7 +429,7 @@ class Session:
         with self._mutex:
             self._check_not_destroyed()
             self._pending = None  # the records may now hold what a removal pending would delete
-            walked = list(self._walk(self.tasks.loaded()))
+            walked = list(self._walk([*self.tasks.loaded(), *self._apart.values()]))
             # and persistables they hold in other attributes (t.prepare = Task()): saved as records of their own
             walked += self.store.referenced(walked)
             changed = [t for t in walked if getattr(t, "changed", True)]
@@ -434,16 +445,28 @@ class Session:
             if self._unsaved:
                 self.store.save_many(list(self._unsaved.values()))
                 self._unsaved.clear()
+                self._pending = None  # their records may now refer to what a removal pending would delete
+            others: list[str] = []
             if self._removed:
-                self._rewrite_index()
+                others = self._rewrite_index()
             elif self._added:
                 self._append_to_index(list(self._added))
             self._added.clear()
             self._removed.clear()
             if self._doomed:
-                self.store.remove_many(self.pending_deletions())
+                doomed = self.pending_deletions()
+                if others:  # tasks other processes added since this session read the index: what they hold stays
+                    unreadable: list[str] = []
+                    held = set(self._descendants(others, unreadable=unreadable, references=True))
+                    doomed = [oid for oid in doomed if oid not in held and (not unreadable or self._doomed[oid])]
+                # tried once: the index no longer names them, and a failure here must not fail every later flush
                 self._doomed.clear()
                 self._pending = None
+                try:
+                    self.store.remove_many(doomed)
+                except SaveError as error:
+                    raise SaveError(error.target, f"{error.reason} (the tasks removed are out of the session; this "
+                                    "record, and those not deleted after it, stay in the store)") from error
             self._forgotten.clear()
 
     def pending_deletions(self) -> list[str]:
@@ -503,7 +526,9 @@ class Session:
             loaded = self.store.load_many(ids)
             if not add:
                 for oid, task in loaded.items():  # a task of the session not loaded yet (lazy) is now: save_all sees it
-                    if oid in self.tasks and self.tasks.peek(oid) is None:
+                    if oid not in self.tasks:
+                        self._apart[oid] = task
+                    elif self.tasks.peek(oid) is None:
                         self.tasks[oid] = task
                 return loaded
             new = [task for oid, task in loaded.items() if oid not in self._index]
@@ -567,6 +592,7 @@ class Session:
             self._forgotten.discard(id)
             for oid in doomed:
                 self._unsaved.pop(oid, None)
+                self._apart.pop(oid, None)
                 self._doomed[oid] = oid == id or self._doomed.get(oid, False)
             if flush:
                 self.flush()
@@ -655,6 +681,7 @@ class Session:
                 where = error.filename or real
                 raise SaveError(str(where), f"cannot remove: {error.strerror or error}") from error
             self.tasks.clear()
+            self._apart.clear()
             for pending in (self._index, self._added, self._removed, self._unsaved, self._doomed, self._forgotten):
                 pending.clear()
             self._pending = None
@@ -935,7 +962,12 @@ def _session_around(records: str | None, own: str) -> str | None:
     """The session directory, other than ``own``, that holds the store at ``records`` (a directory or file)."""
     if records is None or is_inside(records, own):
         return None
-    here = os.path.dirname(os.path.abspath(records))
+    return enclosing_session(records)
+
+
+def enclosing_session(path: str) -> str | None:
+    """The session directory that ``path`` (which need not exist) is below, symbolic links followed; or None."""
+    here = os.path.dirname(os.path.realpath(path))
     while True:
         if is_session(here):
             return here

@@ -657,6 +657,16 @@ def test_a_store_url_a_driver_cannot_use_is_a_one_line_error(tmp_path: Path) -> 
     assert "pw@" not in result.output
 
 
+def test_copy_into_the_session_itself_is_refused(tmp_path: Path) -> None:
+    """DEST inside SRC: destroying SRC would delete the copy with it."""
+    session = Session(tmp_path / "a")
+    session.add(Task(jobname="t"))
+    session.close()
+    refused = run("copy", tmp_path / "a", tmp_path / "a" / "backup")
+    assert refused.exit_code == 1 and f"is inside session {tmp_path / 'a'}" in refused.output
+    assert "Traceback" not in refused.output and not (tmp_path / "a" / "backup").exists()
+
+
 @pytest.mark.parametrize("kind", ["file", "sqlite"])
 def test_copy_into_the_sessions_own_store_is_refused_but_with_renumber(tmp_path: Path, kind: str) -> None:
     url = str(tmp_path / "a" / "jobs") if kind == "file" else f"sqlite:///{tmp_path}/a.db"

@@ -5,6 +5,7 @@ Tests that take ``store_url`` run once per kind of store.
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import shutil
@@ -298,15 +299,34 @@ def test_a_failed_close_can_be_tried_again(tmp_path, monkeypatch):
     assert [t.jobname for t in Session(tmp_path / "s")] == ["saved at last"]
 
 
+@pytest.mark.parametrize("link", [False, True], ids=["path", "through a symbolic link"])
 @pytest.mark.parametrize("where", ["jobs", "sub/records", "tasks.db"])
-def test_a_new_session_refuses_a_store_inside_another_session(tmp_path, where):
+def test_a_new_session_refuses_a_store_inside_another_session(tmp_path, where, link):
     """That session's destroy() would delete the store, and the new session's tasks with it."""
     Session(tmp_path / "a").add(Task(jobname="a"))
-    url = f"sqlite:///{tmp_path / 'a' / where}" if where.endswith(".db") else str(tmp_path / "a" / where)
+    inside = tmp_path / "a" / where
+    if link:  # a link outside the session, to the place inside it
+        (tmp_path / "link").symlink_to(inside.parent if where != "jobs" else inside, target_is_directory=True)
+        inside = tmp_path / "link" / (inside.name if where != "jobs" else "")
+    url = f"sqlite:///{inside}" if where.endswith(".db") else str(inside)
     with pytest.raises(InvalidArgument, match=f"is inside session {tmp_path / 'a'}"):
         Session(tmp_path / "b", store_or_url=url)
     assert not (tmp_path / "b").exists() and sorted(os.listdir(tmp_path / "a" / "jobs"))[-1] == "Task.1"
     assert not (tmp_path / "a" / where.split("/")[0]).exists() or where == "jobs"
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["path", "through a symbolic link"])
+def test_a_new_session_inside_another_session_is_refused(tmp_path, link):
+    """The outer session's destroy() would delete it, store and all."""
+    Session(tmp_path / "a").add(Task(jobname="a"))
+    parent = tmp_path / "a" / "runs"
+    parent.mkdir()
+    if link:
+        (tmp_path / "link").symlink_to(parent, target_is_directory=True)
+        parent = tmp_path / "link"
+    with pytest.raises(InvalidArgument, match=f"is inside session {tmp_path / 'a'}"):
+        Session(parent / "b")
+    assert os.listdir(tmp_path / "a" / "runs") == []
 
 
 def test_a_removal_pending_keeps_the_children_of_a_task_forgotten_meanwhile(tmp_path):
@@ -1111,6 +1131,74 @@ def test_removing_a_task_that_another_refers_to_keeps_its_record(any_session, op
     again.remove(referrer)  # a record referred to is not held: it is not the referrer's to delete with it
     assert open_store().list() == [target]
     again.store.close()
+
+
+@pytest.mark.parametrize("how", ["holds", "refers to"])
+def test_a_removal_keeps_what_a_task_another_process_added_meanwhile_holds(any_session, how):
+    """The other process appended its task to the index after this session read it: the flush that rewrites
+    the index sees it, and what it holds or refers to keeps its record."""
+    target = any_session.add(Task(jobname="shared"))
+    any_session.store.close()
+    driver = Session(any_session.path)  # a long-running session
+    other = Session(any_session.path)  # another process, as far as the index goes
+    kept = other.tasks[target]
+    added = other.add(TaskCollection(jobname="c", tasks=[kept]) if how == "holds" else Task(depends_on=kept))
+    other.close()
+    driver.remove(target)
+    driver.close()
+    again = Session(any_session.path)
+    assert again.list_ids() == [added] and not again.load_errors
+    assert (again.tasks[added].tasks[0] if how == "holds" else again.tasks[added].depends_on).jobname == "shared"
+    again.close()
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_save_all_saves_a_child_loaded_on_its_own(tmp_path, lazy):
+    """load(id, add=False) of a child: in a lazy session its collection is not loaded, and did not lead to it."""
+    session = Session(tmp_path / "s")
+    collection = session.add(TaskCollection(jobname="c", tasks=[Task(jobname="x")]))
+    child = session.tasks[collection].tasks[0].persistent_id
+    session.close()
+    with Session(tmp_path / "s", lazy=lazy) as session:
+        session.load(child, add=False).state = State.RUNNING
+    assert Session(tmp_path / "s").tasks[collection].tasks[0].state is State.RUNNING
+
+
+def test_a_deletion_that_fails_is_reported_once_and_later_adds_work(tmp_path, monkeypatch):
+    """The index no longer names the task removed: its record stays, and the error says so, once; before, every
+    later add raised it again, though each new task was saved and indexed (a caller trying again made twins)."""
+    session = Session(tmp_path / "s")
+    old = session.add(Task(jobname="old"))
+    session.remove(old, flush=False)
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.path.basename(path) == old:
+            raise OSError(errno.EACCES, "Permission denied", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(SaveError, match=f"{old}.*Permission denied.*out of the session.*stay in the store"):
+        session.add(Task(jobname="first"))
+    second = session.add(Task(jobname="second"))
+    monkeypatch.undo()
+    session.close()
+    again = Session(tmp_path / "s")
+    assert sorted(t.jobname for t in again) == ["first", "second"] and old not in again.list_ids()
+    assert (tmp_path / "s" / "jobs" / old).exists() and second in again.list_ids()
+
+
+def test_a_removal_asked_about_keeps_a_task_that_a_task_added_without_flush_refers_to(tmp_path):
+    """The flush saves the new task before it deletes: the answer worked out before then is worked out again."""
+    session = Session(tmp_path / "s")
+    target = session.add(Task(jobname="needed"))
+    user = session.add(Task(jobname="user", depends_on=session.tasks[target]), flush=False)
+    session.remove(target, flush=False)
+    session.pending_deletions()  # asked before the flush, as session-tool rm does
+    session.flush()
+    session.close()
+    again = Session(tmp_path / "s")
+    assert not again.load_errors and again.tasks[user].depends_on.jobname == "needed"
 
 
 def test_a_removal_keeps_a_child_that_the_saved_record_of_its_holder_still_names(tmp_path):

@@ -28,7 +28,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import gc3session
-from gc3session import InvalidArgument, LoadError, NoSuchObject, SaveError, State, StoreError, Task, TaskCollection
+from gc3session import (
+    InvalidArgument,
+    LoadError,
+    NoSuchObject,
+    SaveError,
+    Session,
+    State,
+    StoreError,
+    Task,
+    TaskCollection,
+)
 from gc3session.exceptions import RepairWarning
 from gc3session.persistence import (
     DEFAULT_PROTOCOL,
@@ -367,6 +377,40 @@ def test_a_record_whose_reference_is_gone_is_named_in_the_error(store, open_stor
     errors: dict[str, LoadError] = {}
     assert other.load_many([oid], errors=errors) == {}
     assert errors[oid].id == oid and needed.persistent_id in errors[oid].reason
+
+
+@given(st.dictionaries(st.integers(0, 12), st.sets(st.integers(0, 12), max_size=4), max_size=13))
+def test_children_first_puts_every_record_after_those_of_the_batch_it_refers_to(graph):
+    """Whatever the order given and whatever the references (cycles are refused before writing, but must not
+    loop here either), each record comes once, after every other one of the batch that it refers to."""
+    records = [store_module.Record(f"Task.{n}", n, {}, b"", None, tuple(f"Task.{r}" for r in refs))
+               for n, refs in graph.items()]
+    ordered = store_module.children_first(records)
+    assert sorted(r.id for r in ordered) == sorted(r.id for r in records)
+    place = {record.id: n for n, record in enumerate(ordered)}
+    refs = {r.id: r.refs for r in records}
+    if store_module.find_cycle(refs, lambda node: refs.get(node, ())) is None:
+        assert all(place[ref] < place[r.id] for r in records for ref in r.refs if ref in place)
+
+
+def test_a_session_opened_twice_in_one_process_never_writes_its_unchanged_copy_over_the_other(
+    tmp_path, store_url
+):
+    """The process-wide registry of objects knows the copy loaded last; the one loaded first is this handle's
+    own all the same, and saving what refers to it must not write it back."""
+    first = Session(tmp_path / "s", store_or_url=store_url)
+    needed = first.add(Task(jobname="needed"))
+    user = first.add(Task(jobname="user", after=first.tasks[needed]))
+    first.close()
+    daemon = Session(tmp_path / "s")  # a long-running session
+    with Session(tmp_path / "s") as other:  # the same session, opened again in the same process
+        other.tasks[needed].state = State.TERMINATED
+    daemon.tasks[user].note = "touched"  # changes the task that refers to the other only
+    daemon.close()
+    again = Session(tmp_path / "s")
+    assert again.tasks[needed].state is State.TERMINATED
+    assert again.tasks[user].note == "touched" and again.tasks[user].after is again.tasks[needed]
+    again.close()
 
 
 def test_a_changed_child_is_saved_with_its_container(store, open_store):

@@ -21,7 +21,7 @@ from ..exceptions import InvalidArgument, LoadError, RepairWarning, SaveError, S
 from .atomic import write_atomically
 from .idfactory import FileCounter, IdFactory, is_id, parse_id
 from .serialization import DEFAULT_PROTOCOL, decode_json, encode_json, scan_json
-from .store import LAST_TAKEN, Record, Store, matches, missing, store_options
+from .store import LAST_TAKEN, Record, Store, children_first, matches, missing, store_options
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class FilesystemStore(Store):
         self._counter.advance(number)
 
     def _write(self, records: list[Record]) -> None:
-        for record in records:
+        for record in children_first(records):  # one file at a time: what a record names is there before it
             path = self._path(record.id)
             try:
                 write_atomically(path, encode_record(record.meta, record.data), fsync=self.fsync)

@@ -62,6 +62,35 @@ class Record:
     refs: tuple[str, ...] = ()
 
 
+def children_first(records: list[Record]) -> list[Record]:
+    """``records`` ordered so that each comes after every record of the batch it refers to: written one by one,
+    a batch cut short (a crash, a full disk) never leaves a record that names one not written yet."""
+    if not any(record.refs for record in records):
+        return records
+    by_id = {record.id: record for record in records}
+    ordered: list[Record] = []
+    placed: set[str] = set()
+    for record in records:  # depth first, each record placed once what it refers to is
+        if record.id in placed:
+            continue
+        path = {record.id}  # a cycle (refused before writing) cannot loop
+        stack = [(record, iter(record.refs))]
+        while stack:
+            node, refs = stack[-1]
+            for ref in refs:
+                child = by_id.get(ref)
+                if child is not None and ref not in placed and ref not in path:
+                    path.add(ref)
+                    stack.append((child, iter(child.refs)))
+                    break
+            else:
+                stack.pop()
+                path.discard(node.id)
+                placed.add(node.id)
+                ordered.append(node)
+    return ordered
+
+
 class Store(abc.ABC):
     """Saves, loads and removes objects by id.  Subclasses provide the storage."""
 
@@ -244,8 +273,13 @@ class Store(abc.ABC):
         return records
 
     def _knows(self, obj: Any, oid: str) -> bool:
-        """True when ``obj`` got ``oid`` from this store (issued, loaded or saved by a handle on its URL here)."""
-        return self._known.get(oid) is obj
+        """True when ``obj`` got ``oid`` from this store (issued, loaded or saved by a handle on its URL here).
+
+        The registry keeps the object of the handle that loaded it last, so
+        this handle's own cache is asked too: a session opened twice in one
+        process must not write its unchanged copy over the other's change.
+        """
+        return self._known.get(oid) is obj or self._cache.get(oid) is obj
 
     def _check_foreign(self, records: list[Record]) -> None:
         """Check objects whose ids come from elsewhere before writing them.

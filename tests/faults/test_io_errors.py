@@ -212,6 +212,49 @@ def test_saving_changed_tasks_again(tmp_path, faults, call, code, picks):
     assert_intact(path, saved, [path])
 
 
+def nth_file(picks: Callable[[str], bool], nth: int) -> Callable[[str], bool]:
+    """Picks what ``picks`` picks of the ``nth`` file it is asked about (0: the first), and nothing else."""
+    names: list[str] = []
+
+    def pick(name: str) -> bool:
+        if not picks(name):
+            return False
+        if name not in names:
+            names.append(name)
+        return names.index(name) == nth
+
+    return pick
+
+
+@pytest.mark.parametrize("holds", ["collection", "attribute"])
+@pytest.mark.parametrize(("call", "code", "picks"), RECORD_FAULTS, ids=ATOMIC_IDS)
+def test_a_save_that_fails_half_way_never_leaves_a_record_naming_one_not_written(
+    tmp_path, faults, call, code, picks, holds
+):
+    """A filesystem store writes a batch file by file: what a record refers to is written before it, so a
+    failure on any one file leaves each task loading, as before or as new."""
+    path = tmp_path / "session"
+    session, saved = make_session(path, count=2)
+    holder = next(iter(session.tasks.values()))
+    for n in range(3):  # new objects the holder refers to, saved with it in one batch
+        if holds == "collection":
+            holder.tasks = [*getattr(holder, "tasks", []), Task(jobname=f"new-{n}")]
+        else:
+            setattr(holder, f"prepare{n}", Task(jobname=f"new-{n}"))
+    for nth in range(4):  # the failure on the first file written, the second, ...
+        faults.arm(call, code, nth_file(picks, nth))
+        with pytest.raises(Error):
+            session.save_all()
+        faults.disarm()
+        session.store.close()
+        again = open_checked(path, f"after a failure on file {nth + 1} of the batch")
+        assert sorted(again.tasks) == sorted(saved)
+        again.store.close()
+        for obj in [holder, *getattr(holder, "tasks", []), *(getattr(holder, f"prepare{n}", None) for n in range(3))]:
+            if obj is not None:
+                obj.changed = True  # the next round writes them all again
+
+
 # -- appending to index.txt -------------------------------------------------------------------
 
 INDEX = Session.INDEX_FILENAME
