@@ -577,7 +577,9 @@ def rm(session: str, task_ids: tuple[str, ...], keep_in_store: bool, dry_run: bo
         (opened.forget if keep_in_store else opened.remove)(oid, flush=False)
     removed = list(task_ids) if keep_in_store else opened.pending_deletions()
     opened.close(save=not dry_run)  # flushes (unless a dry run), and ends this run's record
-    click.echo(f"{verb} {len(removed)} task(s) {where}: {' '.join(removed)}")
+    kept = [oid for oid in task_ids if oid not in removed]  # only their index lines go
+    click.echo(f"{verb} {len(removed)} task(s) {where}: {' '.join(removed)}"
+               + (f"; only from the session, as other tasks hold or refer to them: {' '.join(kept)}" if kept else ""))
 
 
 @main.command()

@@ -473,27 +473,24 @@ class Session:
         """The records the next :meth:`flush` deletes.
 
         They are the tasks removed, and their descendants, but for those
-        that another task of the session still holds (a collection that
-        shares a child, or holds a task removed from the top level).
+        that another task of the session still holds or refers to (a
+        collection that shares a child, or holds a task removed from the top
+        level; a task with the removed one in an attribute), and what those
+        hold in turn.
         """
         with self._mutex:
             if not self._doomed:
                 return []
             # worked out again when anything it depends on may have changed since (session-tool rm asks, then
-            # flushes): what was removed, the session's tasks, and what the tasks in memory hold
+            # flushes): what was removed, the session's tasks, what the tasks in memory hold, and the records
+            # this session's store handle wrote or forgot since
             holding = [(task, *task.tasks) for task in self._walk(self.tasks.loaded())  # tasks compare by id
                        if isinstance(getattr(task, "tasks", None), (list, tuple))]
-            key = (tuple(self._doomed.items()), len(self._index), len(self.tasks), holding)
+            key = (tuple(self._doomed.items()), len(self._index), len(self.tasks), holding, self.store.generation)
             if self._pending is None or self._pending[0] != key:
-                named = {oid for oid, by_name in self._doomed.items() if by_name}  # nothing holds through them,
+                # what the session's other tasks hold or refer to stays, and so does what that holds in turn
                 unreadable: list[str] = []
-                while True:  # unless another task holds them: then they stay, and so does what they hold
-                    unreadable.clear()
-                    held = set(self._descendants(self._holders(), stop=named, unreadable=unreadable,
-                                                 references=True))
-                    if named.isdisjoint(held):
-                        break
-                    named -= held
+                held = set(self._descendants(self._holders(), unreadable=unreadable, references=True))
                 held.update(oid for oid in self._doomed if oid in self._index or oid in self.tasks)  # top-level
                 if unreadable:  # what they hold is not known: only what the user named goes, if nothing known holds it
                     doomed = [oid for oid, by_name in self._doomed.items() if by_name and oid not in held]
@@ -509,10 +506,10 @@ class Session:
 
     def _holders(self) -> list[str]:
         """The session's tasks that may hold or refer to others: those not loaded, loaded ones with children,
-        and loaded ones whose records refer to other objects."""
-        peek, refers = self.tasks.peek, self.store.references_of
+        and loaded ones whose records refer to other objects (or that this store handle has not seen)."""
+        peek, refers = self.tasks.peek, self.store.known_references
         return [oid for oid in dict.fromkeys(itertools.chain(self._index, self.tasks, self._forgotten))
-                if (task := peek(oid)) is None or getattr(task, "tasks", None) or refers(oid)]
+                if (task := peek(oid)) is None or getattr(task, "tasks", None) or refers(task) != ()]
 
     def load(self, id: str, add: bool = True, flush: bool = True) -> Any:  # noqa: A002
         """Load task ``id`` from the store; with ``add`` it becomes part of the session."""
@@ -578,10 +575,11 @@ class Session:
     def remove(self, id: str, flush: bool = True) -> None:  # noqa: A002
         """Remove task ``id`` and its children from the session and from the store.
 
-        A child that another task of the session still holds (a collection
-        that shares it, or the session itself when it is also a top-level
-        task) keeps its record; telling reads the ``children`` of the
-        session's tasks that are not loaded.  Without ``flush`` the records
+        A record that another task of the session still holds or refers to
+        (a collection that shares a child, the session itself when the child
+        is also a top-level task, a task with it in an attribute) is kept;
+        telling reads the metadata of the session's tasks that are not
+        loaded.  Without ``flush`` the records
         are deleted at the next :meth:`flush`, after the index no longer
         names them.
         """
@@ -611,27 +609,30 @@ class Session:
             self._removed.add(oid)
 
     def _descendants(
-        self, ids: Iterable[str], stop: Iterable[str] = (), unreadable: list[str] | None = None,
-        references: bool = False,
+        self, ids: Iterable[str], unreadable: list[str] | None = None, references: bool = False
     ) -> list[str]:
         """``ids`` and the ids of all their children, a generation at a time, from memory or else metadata.
 
-        Ids in ``stop`` are found, but what they hold is not followed.  The
-        ids whose children could not be read are put in ``unreadable``.
+        The ids whose children could not be read are put in ``unreadable``.
         With ``references``, also every object their records refer to in
-        other attributes (a task loaded: as its record was last saved or
-        loaded), since deleting one would leave a record that cannot load.
+        other attributes, since deleting one would leave a record that
+        cannot load: for an object in memory, as this store handle last
+        saved or loaded its record, and the record itself where the handle
+        has not seen it.
         """
-        stopped = set(stop)
+        store, tasks = self.store, self.tasks
+
+        def in_memory(oid: str) -> Any:
+            task = tasks.peek(oid)
+            return task if task is not None else store.in_memory(oid)
+
         found: dict[str, None] = {}
-        generation: dict[str, Any] = {oid: self.tasks.peek(oid) for oid in ids}
+        generation: dict[str, Any] = {oid: in_memory(oid) for oid in ids}
         while generation:
             found.update(dict.fromkeys(generation))
             children: dict[str, Any] = {}
             unloaded = []
             for oid, task in generation.items():
-                if oid in stopped:
-                    continue
                 if task is None:
                     unloaded.append(oid)
                     continue
@@ -639,15 +640,19 @@ class Session:
                 if isinstance(held, (list, tuple)):
                     children.update((c.persistent_id, c) for c in held if getattr(c, "persistent_id", None))
                 if references:
-                    for ref in self.store.references_of(oid):
-                        children.setdefault(ref, self.tasks.peek(ref))
-            for oid, held in self.store.iter_children(unloaded, references) if unloaded else ():  # in batches
+                    refs = store.known_references(task)
+                    if refs is None:  # its record, as it is now, says
+                        unloaded.append(oid)
+                    else:
+                        for ref in refs:
+                            children.setdefault(ref, in_memory(ref))
+            for oid, held in store.iter_children(unloaded, references) if unloaded else ():  # in batches
                 if isinstance(held, LoadError):
                     if unreadable is not None:
                         unreadable.append(oid)
                     continue
                 for child in held:
-                    children.setdefault(child, self.tasks.peek(child))  # an object in memory wins
+                    children.setdefault(child, in_memory(child))  # an object in memory wins
             generation = {oid: task for oid, task in children.items() if oid not in found}
         return list(found)
 

@@ -582,6 +582,18 @@ def test_a_session_whose_sqlite_file_is_gone_is_an_error_leaving_no_file(tmp_pat
     assert Path(tmp_path / "s" / "index.txt").read_text() == "Task.1\n"  # the session is as it was
 
 
+def test_rm_says_which_task_named_leaves_only_the_session(tmp_path: Path) -> None:
+    """Another task refers to it: its record stays, and the command says so rather than "removed 0 task(s)"."""
+    session = Session(tmp_path / "s")
+    needed = session.add(Task(jobname="needed"))
+    session.add(Task(jobname="user", depends_on=session.tasks[needed]))
+    session.close()
+    done = run("rm", tmp_path / "s", needed)
+    assert done.exit_code == 0, done.output
+    assert done.output.strip().endswith(f"only from the session, as other tasks hold or refer to them: {needed}")
+    assert needed not in Session(tmp_path / "s").list_ids() and run("verify", tmp_path / "s").exit_code == 0
+
+
 def test_rm_keeps_and_does_not_name_a_child_that_another_collection_holds(tmp_path: Path) -> None:
     session = Session(tmp_path / "s")
     shared, own = Task(jobname="shared"), Task(jobname="own")

@@ -1188,6 +1188,35 @@ def test_a_deletion_that_fails_is_reported_once_and_later_adds_work(tmp_path, mo
     assert (tmp_path / "s" / "jobs" / old).exists() and second in again.list_ids()
 
 
+def test_a_removal_keeps_what_a_loaded_task_refers_to_after_the_cache_was_invalidated(any_session):
+    """invalidate_cache() forgets what the loaded tasks' records refer to: the records themselves are read."""
+    target = any_session.add(Task(jobname="needed"))
+    user = any_session.add(Task(jobname="user", depends_on=any_session.tasks[target]))
+    any_session.store.close()
+    session = Session(any_session.path)
+    session.store.invalidate_cache()
+    session.remove(target)
+    session.close()
+    again = Session(any_session.path)
+    assert not again.load_errors and again.tasks[user].depends_on.jobname == "needed"
+    again.close()
+
+
+def test_a_removal_asked_about_keeps_what_a_task_saved_through_the_store_meanwhile_refers_to(tmp_path):
+    session = Session(tmp_path / "s")
+    child = Task(jobname="child")
+    doomed = session.add(TaskCollection(jobname="c", tasks=[child]))
+    user = session.add(Task(jobname="user"))
+    session.remove(doomed, flush=False)
+    assert child.persistent_id in session.pending_deletions()  # asked, as session-tool rm does
+    session.tasks[user].depends_on = child
+    session.store.save(session.tasks[user])  # straight through the store, not the session
+    session.flush()
+    session.close()
+    again = Session(tmp_path / "s")
+    assert not again.load_errors and again.tasks[user].depends_on.jobname == "child"
+
+
 def test_a_removal_asked_about_keeps_a_task_that_a_task_added_without_flush_refers_to(tmp_path):
     """The flush saves the new task before it deletes: the answer worked out before then is worked out again."""
     session = Session(tmp_path / "s")

@@ -21,6 +21,7 @@ from helpers import Bare
 from gc3session import Session, State, Task, TaskCollection
 from gc3session.exceptions import InvalidArgument, LoadError, SaveError, StoreError
 from gc3session.persistence import SqlStore, make_store
+from gc3session.persistence import sql as sql_module
 from gc3session.persistence.accessors import GET
 from gc3session.persistence.idfactory import parse_id
 from gc3session.persistence.sql import META_COLUMNS, SQLITE_PAGE_SIZE
@@ -891,3 +892,23 @@ def test_a_record_over_max_allowed_packet_is_a_save_error_that_says_so(
     store.invalidate_cache()
     assert store.load(small).jobname == "small"
     assert store.list() == [small]
+
+
+@pytest.mark.parametrize(
+    ("children", "meta", "held"),
+    [
+        ('["Task.2"]', '{"id":"Task.1","references":[]}', ["Task.2"]),  # not parsed: refers to nothing else
+        ('["Task.2"]', '{"id":"Task.1"}', ["Task.2"]),  # an older record, without the field
+        ('["Task.2"]', '{"id":"Task.1","references":["Task.2","Task.3"]}', ["Task.2", "Task.3"]),
+        ("[]", '{"kind":"references","references":["Task.3"]}', ["Task.3"]),  # the word twice: parsed
+        ("[]", '{"x":{"references":[]},"references":["Task.3"]}', ["Task.3"]),
+        ('["Task.2"]', '{"children":["Task.4"],"references":[]}', ["Task.4"]),  # what the JSON holds wins
+        ("[]", '{"references":["Task.3"', LoadError),  # damaged
+    ],
+)
+def test_what_a_row_holds_or_refers_to_is_read_without_parsing_what_refers_to_nothing(children, meta, held):
+    found = sql_module._held(("Task.1", children, meta))
+    if held is LoadError:
+        assert isinstance(found, LoadError) and found.id == "Task.1"
+    else:
+        assert found == held

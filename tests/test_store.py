@@ -363,6 +363,16 @@ def test_persistable_inside_other_containers_is_a_reference(store, open_store):
     assert other.load(child.persistent_id) is loaded.by_name["c"]
 
 
+class Exploding:
+    """Pickles, and fails to unpickle."""
+
+    def __init__(self):
+        self.state = "any"
+
+    def __setstate__(self, state):
+        raise ValueError("boom in setstate")
+
+
 def test_a_record_whose_reference_is_gone_is_named_in_the_error(store, open_store):
     """The error names the record that failed to load, and the one it refers to, not only the one missing."""
     needed, user = Task(jobname="needed"), Task(jobname="user")
@@ -374,9 +384,19 @@ def test_a_record_whose_reference_is_gone_is_named_in_the_error(store, open_stor
         other.load(oid)
     assert excinfo.value.id == oid and not isinstance(excinfo.value, NoSuchObject)
     assert f"it refers to {needed.persistent_id}, which cannot be loaded: no such object" in str(excinfo.value)
+    assert isinstance(excinfo.value.__cause__, NoSuchObject) and excinfo.value.__cause__.id == needed.persistent_id
     errors: dict[str, LoadError] = {}
     assert other.load_many([oid], errors=errors) == {}
     assert errors[oid].id == oid and needed.persistent_id in errors[oid].reason
+    assert isinstance(errors[oid].__cause__, NoSuchObject)
+
+
+def test_a_record_that_fails_to_load_keeps_the_cause(store, open_store):
+    """The error of a record that fails on its own is raised as it is, with what caused it."""
+    oid = store.save(Task(payload=Exploding()))
+    with pytest.raises(LoadError) as excinfo:
+        open_store().load(oid)
+    assert excinfo.value.id == oid and isinstance(excinfo.value.__cause__, ValueError)
 
 
 @given(st.dictionaries(st.integers(0, 12), st.sets(st.integers(0, 12), max_size=4), max_size=13))

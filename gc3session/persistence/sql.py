@@ -581,11 +581,12 @@ class SqlStore(Store):
     def iter_children(
         self, ids: Iterable[str], references: bool = False
     ) -> Iterator[tuple[str, list[str] | LoadError]]:
-        """The ``children`` column alone: the one place a row keeps them (references: in the metadata column)."""
-        if references:
-            yield from super().iter_children(ids, references)
-            return
+        """The ``children`` column alone: the one place a row keeps them; with ``references``, also those in the
+        metadata column."""
         self._check_pid()
+        if references:
+            yield from self._rows_of(("persistent_id", "children", "meta"), ids, _held)
+            return
         yield from self._rows_of(("persistent_id", "children"), ids, lambda row: id_list(_child_list(*row)))
 
     def _rows_of(
@@ -925,6 +926,27 @@ def _record(oid: str, meta: dict[str, Any] | LoadError, data: Any) -> tuple[dict
     if isinstance(data, (bytearray, memoryview)):  # what some drivers give for a BLOB
         return meta, bytes(data)
     return LoadError(oid, f"the data column holds {type(data).__name__}, not a pickle")
+
+
+def _held(row: Sequence[Any]) -> list[str] | LoadError:
+    """The children and references of a row ``(id, children, meta)``.
+
+    Most rows refer to nothing but their children: a metadata text in
+    which ``"references"`` comes once, as a key with an empty list (in JSON
+    a quote inside a string is escaped, and a key is followed by a colon),
+    and no ``"children"`` that would win over the column, is not parsed.
+    """
+    oid, children, text = row
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    if isinstance(text, str) and '"children"' not in text:
+        mentions = text.count('"references"')
+        if mentions == 0 or (mentions == 1 and '"references":[]' in text):
+            return id_list(_child_list(oid, children))
+    meta = _metadata(oid, (text, children), ("children",))
+    if isinstance(meta, LoadError):
+        return meta
+    return list(dict.fromkeys([*id_list(meta.get("children")), *id_list(meta.get("references"))]))
 
 
 def _child_list(oid: str, text: Any) -> list[Any]:

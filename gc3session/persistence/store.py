@@ -115,6 +115,7 @@ class Store(abc.ABC):
         self._known = known_objects(url)
         # what each record seen by this handle refers to (only those that refer to something)
         self._refs: dict[str, tuple[str, ...]] = {}
+        self._generation = 0
         self._lock = threading.RLock()
         self._numbers: list[int] = []
         # the numbers this handle reserved for imports: later batches of one copy may use them
@@ -140,6 +141,7 @@ class Store(abc.ABC):
                 records = self._encode(list({id(obj): obj for obj in objs}.values()), cleared)
                 if records:
                     self._check_foreign(records)
+                    self._generation += 1  # before: a batch that fails half way wrote something
                     self._write(records)
             except BaseException:
                 for obj in cleared:  # nothing was written: every change is still to save
@@ -442,11 +444,13 @@ class Store(abc.ABC):
                 try:
                     loaded[oid] = resolve(oid)
                 except LoadError as error:
-                    failure = error if error.id == oid else LoadError(  # a record it refers to: name both
-                        oid, f"it refers to {error.id}, which cannot be loaded: {error.reason}")
+                    if error.id != oid:  # a record it refers to, maybe through others: name both
+                        failure = LoadError(oid, f"it refers to {error.id}, which cannot be loaded: {error.reason}")
+                        failure.__cause__ = error
+                        error = failure
                     if errors is None:
-                        raise failure from (None if failure is error else error)
-                    errors[oid] = failure
+                        raise error
+                    errors[oid] = error
         finally:
             if fresh and self.hooks is not None:
                 self.hooks.watch(fresh)
@@ -528,10 +532,22 @@ class Store(abc.ABC):
             else:
                 yield oid, id_list(meta.get("children"))
 
-    def references_of(self, id: str) -> tuple[str, ...]:  # noqa: A002
-        """The ids the record of ``id`` refers to (children included), as this handle last saved or loaded it;
-        empty for a record it has not seen."""
-        return self._refs.get(id, ())
+    def known_references(self, obj: Any) -> tuple[str, ...] | None:
+        """The ids the record of ``obj`` refers to (children included), as this handle last saved or loaded it;
+        None if the handle holds no record of this object (never saw it, or forgot it: invalidate_cache)."""
+        oid = getattr(obj, "persistent_id", None)
+        if oid is None or self._cache.get(oid) is not obj:
+            return None
+        return self._refs.get(oid, ())
+
+    def in_memory(self, id: str) -> Any:  # noqa: A002
+        """The object this handle loaded or saved as ``id``, while it is in memory; else None."""
+        return self._cache.get(id)
+
+    @property
+    def generation(self) -> int:
+        """A number that changes whenever this handle writes or deletes records, or forgets those it read."""
+        return self._generation
 
     def _in_chunks(
         self, read: Callable[[builtins.list[str] | None], Iterator[Any]], ids: Iterable[str] | None
@@ -558,6 +574,7 @@ class Store(abc.ABC):
         with self._lock:
             self._check_pid()
             if ids:
+                self._generation += 1
                 self._delete(ids)
             for oid in ids:
                 obj = self._cache.pop(oid, None)
@@ -610,6 +627,7 @@ class Store(abc.ABC):
             if fresh:
                 self._imported = _merged([*self._imported, *self._claim_numbers(fresh)])
             try:
+                self._generation += 1
                 self._write(batch)
             except BaseException:  # a batch cut short (files are written one by one): its new records go again
                 with contextlib.suppress(Exception):  # (their numbers are this import's), not those already there
@@ -629,6 +647,7 @@ class Store(abc.ABC):
         with self._lock:
             self._cache.clear()
             self._refs.clear()
+            self._generation += 1
 
     def pre_fork(self) -> None:
         """Call before ``os.fork()``: release what a child must not share."""
