@@ -139,7 +139,13 @@ class RepairWarning(UserWarning):
     """gc3session found something damaged (an id counter, a torn index line) and repaired it."""
 
 
+class OrphanWarning(UserWarning):
+    """Records that should have been deleted stay in the store (a removal whose deletion failed): harmless, taken
+    for no task; the session tries again at its next flush."""
+
+
 __all__ = [
-    "Error", "InvalidArgument", "LoadError", "LoadWarning", "NoSuchObject", "RepairWarning", "SaveError",
+    "Error", "InvalidArgument", "LoadError", "LoadWarning", "NoSuchObject", "OrphanWarning", "RepairWarning",
+    "SaveError",
     "SessionError", "StoreError", "StoreNotFound", "TableNotFound",
 ]

@@ -34,6 +34,7 @@ from .exceptions import (
     InvalidArgument,
     LoadError,
     LoadWarning,
+    OrphanWarning,
     RepairWarning,
     SaveError,
     SessionError,
@@ -405,6 +406,7 @@ class Session:
         self._past_index = True
 
     def _register(self, oid: str, task: Any = None) -> None:
+        self._pending = None  # the task may hold what a removal pending would delete
         self._forgotten.discard(oid)  # the session's again
         if oid in self._removed:
             self._removed.discard(oid)
@@ -459,14 +461,17 @@ class Session:
                     unreadable: list[str] = []
                     held = set(self._descendants(others, unreadable=unreadable, references=True))
                     doomed = [oid for oid in doomed if oid not in held and (not unreadable or self._doomed[oid])]
-                # tried once: the index no longer names them, and a failure here must not fail every later flush
-                self._doomed.clear()
-                self._pending = None
+                for oid in doomed:  # going: save_all must not write them again
+                    self._apart.pop(oid, None)
                 try:
                     self.store.remove_many(doomed)
-                except SaveError as error:
-                    raise SaveError(error.target, f"{error.reason} (the tasks removed are out of the session; this "
-                                    "record, and those not deleted after it, stay in the store)") from error
+                except SaveError as error:  # what was asked of this flush is done: the tasks are out of the session
+                    warnings.warn(f"session {self.path}: {error}: the tasks removed are out of the session, and the "
+                                  "records not deleted stay in the store; the next flush tries again",
+                                  OrphanWarning, stacklevel=2)
+                else:
+                    self._doomed.clear()
+                    self._pending = None
             self._forgotten.clear()
 
     def pending_deletions(self) -> list[str]:
@@ -590,7 +595,6 @@ class Session:
             self._forgotten.discard(id)
             for oid in doomed:
                 self._unsaved.pop(oid, None)
-                self._apart.pop(oid, None)
                 self._doomed[oid] = oid == id or self._doomed.get(oid, False)
             if flush:
                 self.flush()
@@ -796,6 +800,7 @@ class Session:
                 closing.callback(self._closed, failure)
                 closing.callback(self._record_end, failure)
         self._finished = True  # not when a step failed: closing again tries again
+        self._apart.clear()
 
     def _record_end(self, error: BaseException | None) -> None:
         if os.path.isdir(self.path):  # not after destroy()
@@ -967,12 +972,13 @@ def _session_around(records: str | None, own: str) -> str | None:
     """The session directory, other than ``own``, that holds the store at ``records`` (a directory or file)."""
     if records is None or is_inside(records, own):
         return None
-    return enclosing_session(records)
+    return enclosing_session(records, itself=True)  # a store that is a session directory goes with it too
 
 
-def enclosing_session(path: str) -> str | None:
-    """The session directory that ``path`` (which need not exist) is below, symbolic links followed; or None."""
-    here = os.path.dirname(os.path.realpath(path))
+def enclosing_session(path: str, itself: bool = False) -> str | None:
+    """The session directory that ``path`` (which need not exist) is below, or, with ``itself``, is; symbolic
+    links followed; or None."""
+    here = os.path.realpath(path) if itself else os.path.dirname(os.path.realpath(path))
     while True:
         if is_session(here):
             return here

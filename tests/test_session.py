@@ -38,7 +38,7 @@ from gc3session import (
 )
 from gc3session import session as session_module
 from gc3session.cli import main as cli_main
-from gc3session.exceptions import LoadWarning, RepairWarning, TableNotFound
+from gc3session.exceptions import LoadWarning, OrphanWarning, RepairWarning, TableNotFound
 from gc3session.persistence import FilesystemStore, make_store
 from gc3session.persistence import store as store_module
 from gc3session.persistence.atomic import TEMP_PREFIX
@@ -313,6 +313,13 @@ def test_a_new_session_refuses_a_store_inside_another_session(tmp_path, where, l
         Session(tmp_path / "b", store_or_url=url)
     assert not (tmp_path / "b").exists() and sorted(os.listdir(tmp_path / "a" / "jobs"))[-1] == "Task.1"
     assert not (tmp_path / "a" / where.split("/")[0]).exists() or where == "jobs"
+
+
+def test_a_new_session_refuses_a_store_that_is_another_session_directory(tmp_path):
+    Session(tmp_path / "a").add(Task(jobname="a"))
+    with pytest.raises(InvalidArgument, match=f"is inside session {tmp_path / 'a'}"):
+        Session(tmp_path / "b", store_or_url=str(tmp_path / "a"))
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("link", [False, True], ids=["path", "through a symbolic link"])
@@ -1164,9 +1171,10 @@ def test_save_all_saves_a_child_loaded_on_its_own(tmp_path, lazy):
     assert Session(tmp_path / "s").tasks[collection].tasks[0].state is State.RUNNING
 
 
-def test_a_deletion_that_fails_is_reported_once_and_later_adds_work(tmp_path, monkeypatch):
-    """The index no longer names the task removed: its record stays, and the error says so, once; before, every
-    later add raised it again, though each new task was saved and indexed (a caller trying again made twins)."""
+def test_a_deletion_that_fails_warns_and_the_next_flush_tries_again(tmp_path, monkeypatch):
+    """The task removed is out of the session and the adds that flush are done: a record that cannot be deleted
+    is a warning, not an error (before, every later add raised, though each new task was saved and indexed, and a
+    caller trying again made twins); the next flush deletes it once it can."""
     session = Session(tmp_path / "s")
     old = session.add(Task(jobname="old"))
     session.remove(old, flush=False)
@@ -1178,14 +1186,56 @@ def test_a_deletion_that_fails_is_reported_once_and_later_adds_work(tmp_path, mo
         return real_unlink(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "unlink", unlink)
-    with pytest.raises(SaveError, match=f"{old}.*Permission denied.*out of the session.*stay in the store"):
-        session.add(Task(jobname="first"))
+    with pytest.warns(OrphanWarning, match=f"{old}.*Permission denied.*out of the session.*tries again"):
+        first = session.add(Task(jobname="first"))
+    assert first in session.list_ids() and (tmp_path / "s" / "jobs" / old).exists()
+    monkeypatch.undo()  # mended
     second = session.add(Task(jobname="second"))
-    monkeypatch.undo()
     session.close()
     again = Session(tmp_path / "s")
-    assert sorted(t.jobname for t in again) == ["first", "second"] and old not in again.list_ids()
-    assert (tmp_path / "s" / "jobs" / old).exists() and second in again.list_ids()
+    assert again.list_ids() == [first, second] and not (tmp_path / "s" / "jobs" / old).exists()
+
+
+def test_a_record_removed_is_not_written_again_by_save_all(tmp_path):
+    """Loaded on its own (to show it, say) while its removal waited for the flush."""
+    session = Session(tmp_path / "s")
+    doomed = session.add(Task(jobname="doomed"))
+    session.remove(doomed, flush=False)
+    session.load(doomed, add=False)
+    session.flush()
+    session.close()
+    assert session.store.list() == []
+
+
+def test_a_child_loaded_on_its_own_is_still_saved_after_a_removal_that_keeps_it(tmp_path):
+    session = Session(tmp_path / "s")
+    shared = Task(jobname="shared")
+    first = session.add(TaskCollection(jobname="first", tasks=[shared]))
+    second = session.add(TaskCollection(jobname="second", tasks=[shared]))
+    session.close()
+    lazy = Session(tmp_path / "s", lazy=True)
+    child = lazy.load(shared.persistent_id, add=False)
+    lazy.remove(first)  # "second" still holds the child: it stays
+    child.state = State.RUNNING
+    lazy.close()
+    assert Session(tmp_path / "s").tasks[second].tasks[0].state is State.RUNNING
+
+
+def test_a_removal_asked_about_keeps_what_a_task_loaded_into_the_session_meanwhile_refers_to(tmp_path):
+    session = Session(tmp_path / "s")
+    target = session.add(Task(jobname="needed"))
+    other = session.add(Task(jobname="other"))
+    user = session.save(Task(jobname="user", depends_on=session.tasks[target]))  # in the store, not the session
+    session.close()
+    session = Session(tmp_path / "s")
+    session.remove(target, flush=False)
+    assert session.pending_deletions() == [target]  # asked, as session-tool rm does
+    session.forget(other, flush=False)  # as many tasks as when it was asked
+    session.load(user, flush=False)  # now a task of the session, which refers to the one removed
+    session.flush()
+    session.close()
+    again = Session(tmp_path / "s")
+    assert again.list_ids() == [user] and again.tasks[user].depends_on.jobname == "needed"
 
 
 def test_a_removal_keeps_what_a_loaded_task_refers_to_after_the_cache_was_invalidated(any_session):

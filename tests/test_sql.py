@@ -904,6 +904,7 @@ def test_a_record_over_max_allowed_packet_is_a_save_error_that_says_so(
         ("[]", '{"x":{"references":[]},"references":["Task.3"]}', ["Task.3"]),
         ('["Task.2"]', '{"children":["Task.4"],"references":[]}', ["Task.4"]),  # what the JSON holds wins
         ("[]", '{"references":["Task.3"', LoadError),  # damaged
+        ('["Task.2"]', '{"id":"Task.1","history":[[1.5,"NEW"]],', LoadError),  # cut short before its references
     ],
 )
 def test_what_a_row_holds_or_refers_to_is_read_without_parsing_what_refers_to_nothing(children, meta, held):

@@ -931,15 +931,16 @@ def _record(oid: str, meta: dict[str, Any] | LoadError, data: Any) -> tuple[dict
 def _held(row: Sequence[Any]) -> list[str] | LoadError:
     """The children and references of a row ``(id, children, meta)``.
 
-    Most rows refer to nothing but their children: a metadata text in
-    which ``"references"`` comes once, as a key with an empty list (in JSON
-    a quote inside a string is escaped, and a key is followed by a colon),
-    and no ``"children"`` that would win over the column, is not parsed.
+    Most rows refer to nothing but their children: a metadata text that
+    is a whole object, in which ``"references"`` comes once, as a key with
+    an empty list (in JSON a quote inside a string is escaped, and a key is
+    followed by a colon), and no ``"children"`` that would win over the
+    column, is not parsed.  Any other text is: a damaged one is a LoadError.
     """
     oid, children, text = row
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    if isinstance(text, str) and '"children"' not in text:
+    if isinstance(text, str) and text[:1] == "{" and text[-1:] == "}" and '"children"' not in text:  # not cut
         mentions = text.count('"references"')
         if mentions == 0 or (mentions == 1 and '"references":[]' in text):
             return id_list(_child_list(oid, children))
