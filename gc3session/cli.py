@@ -43,6 +43,7 @@ from .session import (
     resolve_store_url,
     table_not_found,
 )
+from .unfinished import Unfinished, check_finished, read_unfinished
 
 FORMATS = ("table", "json", "csv")
 COLUMNS = ("id", "jobname", "state", "class", "returncode", "modified")
@@ -55,12 +56,14 @@ TABLE_BLOCK = 1000
 class SessionView:
     """A session directory opened for reading: its index and its store, nothing written."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, unfinished: bool = False) -> None:
         if not path.strip():  # an unset shell variable: not the current directory
             raise InvalidArgument("the session path is empty")
         self.path = os.path.abspath(path)
         if not is_session(self.path):
             raise SessionError(self.path, "is not a session directory (it has no store.url)")
+        if not unfinished:  # a copy or an import killed half way: only destroy takes it
+            check_finished(self.path)
         self.store_url = read_store_url(self.path)
         self.index_path = os.path.join(self.path, Session.INDEX_FILENAME)
 
@@ -593,7 +596,10 @@ def destroy(session: str, yes: bool, dry_run: bool) -> None:
     Example:
       session-tool destroy runs/old-sweep --yes
     """
-    view = SessionView(session)
+    view = SessionView(session, unfinished=True)
+    if read_unfinished(view.path) is not None:
+        destroy_unfinished(view, yes, dry_run)
+        return
     count = len(view.ids)
     if dry_run:
         click.echo(f"would destroy session {view.path} and its {count} task(s) in {mask_password(view.store_url)}")
@@ -603,6 +609,25 @@ def destroy(session: str, yes: bool, dry_run: bool) -> None:
     opened = open_to_change(view, f"; to drop the session and leave its store as it is, remove {view.path}")
     opened.destroy()
     click.echo(f"destroyed session {view.path} ({count} task(s))")
+
+
+def destroy_unfinished(view: SessionView, yes: bool, dry_run: bool) -> None:
+    """Destroy what a copy or an import killed half way left: the records it wrote, then the directory."""
+    header, written = read_unfinished(view.path) or ({}, [])
+    what = f"the unfinished {header.get('command') or 'copy'} {view.path} and the {len(written)} record(s) it wrote"
+    if dry_run:
+        click.echo(f"would destroy {what} in {mask_password(view.store_url)}")
+        return
+    if not yes:
+        click.confirm(f"Destroy {what}?", abort=True)
+    if written:
+        with contextlib.closing(view.open_store()) as store:
+            store.remove_many(written)
+    try:
+        shutil.rmtree(view.path)
+    except OSError as error:
+        raise SaveError(error.filename or view.path, f"cannot remove: {error.strerror or error}") from error
+    click.echo(f"destroyed {what}")
 
 
 def open_to_change(view: SessionView, advice: str = "") -> Session:
@@ -688,7 +713,12 @@ def copy(session: str, dest: str, store_url: str | None, renumber: bool) -> None
     written: list[str] = []  # the records the copy wrote: deleted again if it fails, so that a shared store keeps
     copies: list[Any] = []  # no orphans; with --renumber, the objects given new ids
     try:
-        missing = renumber_into(view, target, copies) if renumber else copy_records(view, target, written)
+        mark = Unfinished(target.path, "copy", view.path)  # until the copy is whole; a kill leaves it there
+        if renumber:
+            missing = renumber_into(view, target, copies, mark)
+        else:
+            missing = copy_records(view, target, written, mark)
+        mark.done()
     except BaseException:
         if renumber:  # each a new record, under a number the store handed out to this copy
             written = [obj.persistent_id for obj in copies if obj.persistent_id is not None]
@@ -717,9 +747,9 @@ def copy(session: str, dest: str, store_url: str | None, renumber: bool) -> None
         sys.exit(1)
 
 
-def copy_records(view: SessionView, target: Session, written: list[str]) -> list[LoadError]:
-    """Copy raw records, with everything they refer to, keeping ids (put in ``written`` once written); return the
-    ones that failed."""
+def copy_records(view: SessionView, target: Session, written: list[str], mark: Unfinished) -> list[LoadError]:
+    """Copy raw records, with everything they refer to, keeping ids (put in ``written`` and the session's mark
+    once written); return the ones that failed."""
     failed: list[LoadError] = []
     seen: set[str] = set()
     queue = deque(view.ids)
@@ -761,6 +791,7 @@ def copy_records(view: SessionView, target: Session, written: list[str]) -> list
                 # a number the destination handed out already, or one it cannot take (see import_records)
                 raise click.ClickException(f"{error}; use --renumber") from None
             written.extend(copied)  # once written: a number refused may be another process's, not yet saved
+            mark.wrote(list(copied))
             bar.update(sum(1 for oid in copied if oid in view.id_set))
     failed_ids = {e.id for e in failed}
     for oid in view.ids:
@@ -770,9 +801,9 @@ def copy_records(view: SessionView, target: Session, written: list[str]) -> list
     return failed
 
 
-def renumber_into(view: SessionView, target: Session, copies: list[Any]) -> list[LoadError]:
+def renumber_into(view: SessionView, target: Session, copies: list[Any], mark: Unfinished) -> list[LoadError]:
     """Load the tasks, and all they hold or refer to (put in ``copies``), and save them into the target with
-    fresh ids; return the ones that failed."""
+    fresh ids (put in the session's mark once written); return the ones that failed."""
     errors: dict[str, LoadError] = {}
     tasks = view.store.load_many(view.ids, errors=errors)
     closure = [oid for oid, meta in view.all_metadata(("children", "references")) if isinstance(meta, dict)]
@@ -781,13 +812,21 @@ def renumber_into(view: SessionView, target: Session, copies: list[Any]) -> list
         obj.persistent_id = None
         obj.changed = True
     copies.extend(objects.values())
+    marked: set[str] = set()
+
+    def flush() -> None:
+        target.flush()
+        fresh = [oid for obj in copies if (oid := obj.persistent_id) is not None and oid not in marked]
+        mark.wrote(fresh)
+        marked.update(fresh)
+
     with progress(len(tasks), "copying") as bar:
         for n, task in enumerate(tasks.values(), 1):
             target.add(task, flush=False)
             if n % 1000 == 0:  # written a batch at a time
-                target.flush()
+                flush()
             bar.update(1)
-        target.flush()
+        flush()
     return list(errors.values())
 
 

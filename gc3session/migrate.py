@@ -35,6 +35,7 @@ from .persistence.serialization import FORMAT_VERSION
 from .persistence.store import mask_password, same_records, url_scheme
 from .session import Session, is_session
 from .task import State
+from .unfinished import Unfinished
 
 log = logging.getLogger(__name__)
 
@@ -401,6 +402,8 @@ def _write(report: ImportReport, found: dict[str, dict[str, Any]], store_args: d
     target = Session(report.destination, store_or_url=report.store_url, params=params, **store_args)
     written: list[str] = []  # deleted again if the import fails, so that a shared store keeps no orphans
     try:
+        # until the session is whole; it names no records: a run again may take those a killed import wrote
+        mark = Unfinished(target.path, "import-gc3pie", report.source)
         there = _refuse_clashes(target, found)
         ids = list(found)
         for start in range(0, len(ids), BATCH):
@@ -422,6 +425,7 @@ def _write(report: ImportReport, found: dict[str, dict[str, Any]], store_args: d
             if os.path.exists(stamp):
                 setter = target.set_start_timestamp if key == "start" else target.set_end_timestamp
                 setter(os.stat(stamp).st_mtime)
+        mark.done()
     except BaseException:
         try:
             target.store.remove_many(written)

@@ -48,6 +48,7 @@ from .persistence.idfactory import PLAIN_ID_LINES, is_id, number_of, parse_id
 from .persistence.store import LAST_TAKEN, Store, expand_variables, make_store, mask_password, url_scheme
 from .plugins import Hooks
 from .runs import error_record, new_run, read_runs, update_runs
+from .unfinished import check_finished
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,7 @@ class Session:
         return True
 
     def _open(self, extra_args: dict[str, Any], task_ids: Iterable[str] | None, lazy: bool) -> None:
+        check_finished(self.path)  # a copy or an import killed half way: part of a session
         self.store_url = read_store_url(self.path)
         index = self._file(self.INDEX_FILENAME)
         if not os.path.lexists(index):

@@ -24,8 +24,8 @@ from click.testing import CliRunner
 
 from gc3session import Session, State, Task, TaskCollection, __version__, cli
 from gc3session.cli import fit, fit_id, main, table_cells, table_time, write_table
-from gc3session.exceptions import SaveError, StoreError
-from gc3session.persistence import SqlStore, filesystem
+from gc3session.exceptions import SaveError, SessionError, StoreError
+from gc3session.persistence import SqlStore, filesystem, make_store
 from gc3session.persistence.filesystem import FilesystemStore, decode_record, encode_record
 from gc3session.runs import read_runs
 
@@ -918,3 +918,80 @@ def test_verify_notes_leftover_temporary_files(tmp_path: Path) -> None:
     result = run("verify", tmp_path / "s")
     assert result.exit_code == 0
     assert ".tmp-Task.9-deadbeef" in result.output and "safe to delete" in result.output
+
+
+#: A session-tool command killed (as by kill -9: nothing cleans up) at the second call of a method: the second
+#: batch of records a copy writes, or the second flush of a --renumber copy.
+KILLED_AT_SECOND_BATCH = r"""
+import os, sys
+from gc3session import cli
+from gc3session.persistence.store import Store
+from gc3session.session import Session
+
+owner, name = {"import_records": (Store, "import_records"), "flush": (Session, "flush")}[sys.argv[1]]
+real, calls = getattr(owner, name), []
+
+def killed_at_the_second(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        os._exit(9)
+    return real(*args, **kwargs)
+
+setattr(owner, name, killed_at_the_second)
+cli.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("renumber", [False, True], ids=["ids kept", "renumber"])
+def test_a_copy_killed_half_way_is_refused_until_destroy_deletes_what_it_wrote(tmp_path: Path, renumber: bool) -> None:
+    source = Session(tmp_path / "src")
+    for i in range(1500):  # two batches
+        source.add(Task(jobname=f"t{i}"), flush=False)
+    source.close()
+    url = f"sqlite:///{tmp_path / 'shared.db'}"  # a store outside the copy, which destroy must clean
+    command = ["copy", str(tmp_path / "src"), str(tmp_path / "dest"), "--store", url, *(["--renumber"] * renumber)]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_SECOND_BATCH, "flush" if renumber else "import_records",
+                             *command], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == 9, killed.stderr
+    assert len(make_store(url).list()) == 1000  # the first batch only
+    with pytest.raises(SessionError, match=rf"unfinished result of session-tool copy of {tmp_path / 'src'}"):
+        Session(tmp_path / "dest")
+    for refused in (run("ls", tmp_path / "dest"), run("verify", tmp_path / "dest")):
+        assert refused.exit_code == 1 and "session-tool destroy" in refused.output and "Traceback" not in refused.output
+    dry = run("destroy", tmp_path / "dest", "--dry-run")
+    assert dry.exit_code == 0 and "would destroy the unfinished copy" in dry.output and "1000 record(s)" in dry.output
+    destroyed = run("destroy", tmp_path / "dest", "--yes")
+    assert destroyed.exit_code == 0 and "1000 record(s)" in destroyed.output, destroyed.output
+    assert not (tmp_path / "dest").exists() and make_store(url).list() == []
+    if not renumber:  # the numbers the killed copy took are never given again, even to the same records
+        refused = run(*command)
+        assert refused.exit_code == 1 and "handed out number 1 already" in refused.output and "--renumber" in (
+            refused.output) and not (tmp_path / "dest").exists()
+    again = run(*command[:5], "--renumber")
+    assert again.exit_code == 0 and "copied 1500 task(s)" in again.output, again.output
+    assert run("verify", tmp_path / "dest").exit_code == 0
+
+
+def test_an_import_killed_half_way_is_refused_and_destroy_removes_it(tmp_path: Path) -> None:
+    """Unfinished too; its records stay in the store (a run again takes them as they are), and the directory goes."""
+    unfinished = tmp_path / "dest"
+    session = Session(unfinished)
+    session.close()
+    cli.Unfinished(str(unfinished), "import-gc3pie", "/old/gc3pie-session")
+    with pytest.raises(SessionError, match="unfinished result of session-tool import-gc3pie of /old/gc3pie-session"):
+        Session(unfinished)
+    destroyed = run("destroy", unfinished, "--yes")
+    assert destroyed.exit_code == 0 and "0 record(s)" in destroyed.output and not unfinished.exists()
+
+
+def test_the_unfinished_mark_lists_the_ids_written_and_leaves_out_a_line_cut_short(tmp_path: Path) -> None:
+    mark = cli.Unfinished(str(tmp_path), "copy", "/src")
+    mark.wrote(["Task.1", "Task.2"])
+    mark.wrote([])
+    with open(mark.path, "a") as f:
+        f.write("Task.3")  # no newline: a kill in the middle of the line
+        f.write("\n" + "Tas")
+    header, ids = cli.read_unfinished(str(tmp_path))
+    assert header["command"] == "copy" and header["source"] == "/src" and ids == ["Task.1", "Task.2", "Task.3"]
+    mark.done()
+    assert cli.read_unfinished(str(tmp_path)) is None
