@@ -338,8 +338,12 @@ class Session:
                 write_atomically(path, b"".join(line + b"\n" for line in kept))
         except OSError as error:
             raise SaveError(path, f"cannot rewrite the index: {error.strerror or error}") from error
+        return self._unknown(present)
+
+    def _unknown(self, lines: Iterable[bytes]) -> list[str]:
+        """The ids among index ``lines`` that this session does not know: tasks other processes added."""
         index = self._index
-        return [oid for line in present if (oid := line.decode(errors="replace")) not in index and is_id(oid)]
+        return [oid for line in lines if (oid := line.strip().decode(errors="replace")) not in index and is_id(oid)]
 
     # -- adding, saving, loading ------------------------------------------------
 
@@ -450,7 +454,7 @@ class Session:
                 self.store.save_many(list(self._unsaved.values()))
                 self._unsaved.clear()
                 self._pending = None  # their records may now refer to what a removal pending would delete
-            others: list[str] = []
+            others: list[str] | None = None
             if self._removed:
                 others = self._rewrite_index()
             elif self._added:
@@ -459,6 +463,12 @@ class Session:
             self._removed.clear()
             if self._doomed:
                 doomed = self.pending_deletions()
+                if others is None:  # a deletion tried again (see below): the index as it is now
+                    index = self._file(self.INDEX_FILENAME)
+                    try:
+                        others = self._unknown(read_index_lines(index))
+                    except OSError as error:
+                        raise SaveError(index, f"cannot read the index: {error.strerror or error}") from error
                 if others:  # tasks other processes added since this session read the index: what they hold stays
                     unreadable: list[str] = []
                     held = set(self._descendants(others, unreadable=unreadable, references=True))

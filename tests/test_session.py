@@ -1196,6 +1196,32 @@ def test_a_deletion_that_fails_warns_and_the_next_flush_tries_again(tmp_path, mo
     assert again.list_ids() == [first, second] and not (tmp_path / "s" / "jobs" / old).exists()
 
 
+def test_a_deletion_tried_again_keeps_what_another_process_added_meanwhile_holds(tmp_path, monkeypatch):
+    session = Session(tmp_path / "s")
+    child = Task(jobname="child")
+    doomed = session.add(TaskCollection(jobname="c", tasks=[child]))
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.path.basename(path) == doomed:
+            raise OSError(errno.EACCES, "Permission denied", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.warns(OrphanWarning):
+        session.remove(doomed)  # the child went, its collection's record could not
+    assert (tmp_path / "s" / "jobs" / doomed).exists()
+    monkeypatch.undo()
+    other = Session(tmp_path / "s")  # another process
+    adopted = other.load(doomed)  # takes the collection back, and the child it names
+    other.close()
+    session.flush()  # tries the deletion again
+    session.close()
+    again = Session(tmp_path / "s")
+    assert again.list_ids() == [doomed] and not again.load_errors
+    assert [t.jobname for t in again.tasks[adopted.persistent_id].tasks] == ["child"]
+
+
 def test_a_record_removed_is_not_written_again_by_save_all(tmp_path):
     """Loaded on its own (to show it, say) while its removal waited for the flush."""
     session = Session(tmp_path / "s")
