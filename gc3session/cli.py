@@ -27,7 +27,16 @@ from typing import Any
 import click
 
 from ._version import __version__
-from .exceptions import Error, InvalidArgument, LoadError, SaveError, SessionError, StoreNotFound, TableNotFound
+from .exceptions import (
+    Error,
+    InvalidArgument,
+    LoadError,
+    OrphanWarning,
+    SaveError,
+    SessionError,
+    StoreNotFound,
+    TableNotFound,
+)
 from .migrate import import_gc3pie
 from .persistence.atomic import TEMP_PREFIX
 from .persistence.filesystem import FilesystemStore
@@ -43,7 +52,7 @@ from .session import (
     resolve_store_url,
     table_not_found,
 )
-from .unfinished import Unfinished, check_finished, read_unfinished
+from .unfinished import Unfinished, check_finished, read_unfinished, running
 
 FORMATS = ("table", "json", "csv")
 COLUMNS = ("id", "jobname", "state", "class", "returncode", "modified")
@@ -579,10 +588,17 @@ def rm(session: str, task_ids: tuple[str, ...], keep_in_store: bool, dry_run: bo
     for oid in task_ids:  # nothing is written before the flush, which a dry run leaves out
         (opened.forget if keep_in_store else opened.remove)(oid, flush=False)
     removed = list(task_ids) if keep_in_store else opened.pending_deletions()
-    opened.close(save=not dry_run)  # flushes (unless a dry run), and ends this run's record
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", OrphanWarning)
+        opened.close(save=not dry_run)  # flushes (unless a dry run), and ends this run's record
+    orphans = [w for w in caught if issubclass(w.category, OrphanWarning)]
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     kept = [oid for oid in task_ids if oid not in removed]  # only their index lines go
     click.echo(f"{verb} {len(removed)} task(s) {where}: {' '.join(removed)}"
                + (f"; only from the session, as other tasks hold or refer to them: {' '.join(kept)}" if kept else ""))
+    if orphans:  # shown as it was raised; the tasks are out of the session, but not all records are gone
+        raise click.ClickException(f"{len(orphans)} deletion(s) failed: the records named above stay in the store")
 
 
 @main.command()
@@ -611,18 +627,34 @@ def destroy(session: str, yes: bool, dry_run: bool) -> None:
     click.echo(f"destroyed session {view.path} ({count} task(s))")
 
 
+def store_of(session: Session) -> str:
+    """The store a session's ``store.url`` names as it resolves now, password masked: what an unfinished mark
+    records, and what destroying that session checks."""
+    return mask_password(resolve_store_url(session.path, session.store_url))
+
+
 def destroy_unfinished(view: SessionView, yes: bool, dry_run: bool) -> None:
     """Destroy what a copy or an import killed half way left: the records it wrote, then the directory."""
     header, written = read_unfinished(view.path) or ({}, [])
-    what = f"the unfinished {header.get('command') or 'copy'} {view.path} and the {len(written)} record(s) it wrote"
+    command = header["command"]
+    if running(view.path):
+        raise SessionError(view.path, f"is being made by session-tool {command} right now: wait for it to end")
+    store = mask_password(resolve_store_url(view.path, view.store_url))
+    if written and header.get("store") != store:  # store.url edited, or a variable in it set otherwise
+        raise SessionError(os.path.join(view.path, Session.STORE_URL_FILENAME),
+                           f"names {store}, but the {command} wrote to {header.get('store')}: correct store.url "
+                           "(or set its variables) as they were, or remove the directory by hand")
+    records = (f"and the {len(written)} record(s) it wrote" if command == "copy"
+               else "(its records stay in the store: importing again takes them)")
+    what = f"the unfinished {command} {view.path} {records}"
     if dry_run:
-        click.echo(f"would destroy {what} in {mask_password(view.store_url)}")
+        click.echo(f"would destroy {what} in {store}")
         return
     if not yes:
         click.confirm(f"Destroy {what}?", abort=True)
     if written:
-        with contextlib.closing(view.open_store()) as store:
-            store.remove_many(written)
+        with contextlib.closing(view.open_store()) as opened:
+            opened.remove_many(written)
     try:
         shutil.rmtree(view.path)
     except OSError as error:
@@ -712,14 +744,17 @@ def copy(session: str, dest: str, store_url: str | None, renumber: bool) -> None
     target = Session(dest, store_or_url=store_url)
     written: list[str] = []  # the records the copy wrote: deleted again if it fails, so that a shared store keeps
     copies: list[Any] = []  # no orphans; with --renumber, the objects given new ids
+    # until the copy is whole; a kill leaves it there (made before the clean-up below can run: a copy that finds
+    # another's mark must leave that copy's work alone)
+    mark = Unfinished(target.path, "copy", view.path, store_of(target))
     try:
-        mark = Unfinished(target.path, "copy", view.path)  # until the copy is whole; a kill leaves it there
         if renumber:
             missing = renumber_into(view, target, copies, mark)
         else:
             missing = copy_records(view, target, written, mark)
         mark.done()
     except BaseException:
+        mark.release()
         if renumber:  # each a new record, under a number the store handed out to this copy
             written = [obj.persistent_id for obj in copies if obj.persistent_id is not None]
         try:

@@ -33,7 +33,7 @@ from .persistence.idfactory import is_id, parse_id
 from .persistence.opcodes import Built, CorruptPickle, Global, attributes, class_path, trace
 from .persistence.serialization import FORMAT_VERSION
 from .persistence.store import mask_password, same_records, url_scheme
-from .session import Session, is_session
+from .session import Session, is_session, resolve_store_url
 from .task import State
 from .unfinished import Unfinished
 
@@ -401,9 +401,10 @@ def _write(report: ImportReport, found: dict[str, dict[str, Any]], store_args: d
         pass
     target = Session(report.destination, store_or_url=report.store_url, params=params, **store_args)
     written: list[str] = []  # deleted again if the import fails, so that a shared store keeps no orphans
+    # until the session is whole; it names no records: a run again may take those a killed import wrote
+    mark = Unfinished(target.path, "import-gc3pie", report.source,
+                      mask_password(resolve_store_url(target.path, target.store_url)))
     try:
-        # until the session is whole; it names no records: a run again may take those a killed import wrote
-        mark = Unfinished(target.path, "import-gc3pie", report.source)
         there = _refuse_clashes(target, found)
         ids = list(found)
         for start in range(0, len(ids), BATCH):
@@ -427,6 +428,7 @@ def _write(report: ImportReport, found: dict[str, dict[str, Any]], store_args: d
                 setter(os.stat(stamp).st_mtime)
         mark.done()
     except BaseException:
+        mark.release()
         try:
             target.store.remove_many(written)
         except Error as error:  # they stay; the new session goes in any case

@@ -122,6 +122,8 @@ class Session:
 
         if os.path.lexists(self.path) and not os.path.isdir(self.path):
             raise SessionError(self.path, "exists and is not a directory")
+        if os.path.isdir(self.path):  # also when starting it over (load=False): its mark names records to delete
+            check_finished(self.path)
         if not os.path.isdir(self.path) and not create:
             raise InvalidArgument(f"session directory {self.path} does not exist (and create=False)")
         if load and self._has_session_files():
@@ -478,12 +480,13 @@ class Session:
                 try:
                     self.store.remove_many(doomed)
                 except SaveError as error:  # what was asked of this flush is done: the tasks are out of the session
-                    warnings.warn(f"session {self.path}: {error}: the tasks removed are out of the session, and the "
-                                  "records not deleted stay in the store; the next flush tries again",
+                    warnings.warn(f"session {self.path}: cannot delete the record {error.target} of a task removed "
+                                  f"({error.reason}): the tasks removed are out of the session, and the records not "
+                                  "deleted stay in the store; the next flush of this session tries again",
                                   OrphanWarning, stacklevel=2)
-                else:
-                    self._doomed.clear()
-                    self._pending = None
+                    return  # what was forgotten still counts, for the next try, as holding what its records name
+                self._doomed.clear()
+                self._pending = None
             self._forgotten.clear()
 
     def pending_deletions(self) -> list[str]:
@@ -715,7 +718,7 @@ class Session:
 
     def list_names(self) -> list[str | None]:
         """Job names of the session's top-level tasks."""
-        return [getattr(task, "jobname", None) for task in self.tasks.values()]
+        return [getattr(task, "jobname", None) for task in list(self.tasks.values())]  # a copy: threads add
 
     def iter_workflow(self) -> Iterator[Any]:
         """Every task, breadth first through collections' ``tasks``."""

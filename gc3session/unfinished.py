@@ -1,13 +1,14 @@
 """The mark of a session that ``session-tool copy`` or ``import-gc3pie`` is still making.
 
-The command writes the file ``unfinished`` into the new session directory
-before it writes any record, and removes it once the session is whole.  A
-command killed half way (``kill -9``, a power cut) leaves it behind: the
-session then holds only part of what it should, so it does not open, and
-``session-tool destroy`` deletes it together with the records the command
-wrote.  The file holds a JSON header line (the command, its source, when it
-started), then the ids of the records written, one a line, each added once
-its batch is written.
+The command creates the file ``unfinished`` in the new session directory
+before it writes any record, holds the lock ``unfinished.lock`` while it
+runs, and removes both once the session is whole.  A command killed half way
+(``kill -9``) leaves the mark behind, unlocked: the session then holds only
+part of what it should, so it does not open, and ``session-tool destroy``
+deletes it together with the records the command wrote.  The file holds a
+JSON header line (the command, its source, the store it writes to, when it
+started), then, for a copy, the ids of the records written, one a line,
+each added once its batch is written.
 """
 
 from __future__ import annotations
@@ -16,43 +17,76 @@ import os
 import time
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from .exceptions import SessionError
-from .persistence.atomic import write_atomically
 from .persistence.idfactory import is_id
 from .persistence.serialization import decode_json, encode_json
 
 #: The name of the mark in a session directory.
 UNFINISHED_FILENAME = "unfinished"
+#: The commands that write the mark.
+COMMANDS = ("copy", "import-gc3pie")
 
 
 class Unfinished:
-    """The mark of the session at ``session_path``, written now; ``wrote`` adds ids, ``done`` removes it."""
+    """The mark of the session at ``session_path``, made now and locked; ``wrote`` adds ids, ``done`` removes it.
 
-    def __init__(self, session_path: str, command: str, source: str) -> None:
+    ``store`` names the store the command writes to (its URL, password
+    masked), so that destroying the session later deletes the records listed
+    from that store only.
+    """
+
+    def __init__(self, session_path: str, command: str, source: str, store: str) -> None:
         self.path = os.path.join(session_path, UNFINISHED_FILENAME)
-        header = encode_json({"command": command, "source": source, "started": time.time()})
-        write_atomically(self.path, f"{header}\n".encode(), fsync=True)
+        self._lock = FileLock(self.path + ".lock", timeout=0)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise SessionError(session_path, "is being made by another session-tool command right now") from None
+        header = encode_json({"command": command, "source": source, "store": store, "started": time.time()})
+        try:  # never over another command's mark
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            self._lock.release()
+            raise SessionError(session_path, "is being made, or was left unfinished, by another command") from None
+        try:
+            os.write(fd, f"{header}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def wrote(self, ids: list[str]) -> None:
         """Record ``ids`` as written by the command (on disk before this returns)."""
         if not ids:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(f"{oid}\n" for oid in ids))
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)  # never made again: a mark removed is an error
+        try:
+            os.write(fd, "".join(f"{oid}\n" for oid in ids).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def done(self) -> None:
-        """The session is whole: remove the mark."""
+        """The session is whole: remove the mark, then its lock."""
         os.unlink(self.path)
+        self.release()
+
+    def release(self) -> None:
+        """Let go of the lock (and remove its file): the command ends, whole or not."""
+        self._lock.release()
+        try:
+            os.unlink(self._lock.lock_file)
+        except FileNotFoundError:
+            pass
 
 
 def read_unfinished(session_path: str) -> tuple[dict[str, Any], list[str]] | None:
     """The header and the ids written of the mark in ``session_path``, or None if there is none.
 
-    A header that cannot be read (a kill while it was written is not
-    possible: it is renamed into place) is reported as empty; a line that is
-    not an id (the last one, cut short by a kill) is left out.
+    A file of that name whose first line is not a header of one of
+    :data:`COMMANDS` is no mark.  A last line without its newline (a write
+    cut short) is left out: cut, an id may name another record.
     """
     path = os.path.join(session_path, UNFINISHED_FILENAME)
     try:
@@ -65,25 +99,43 @@ def read_unfinished(session_path: str) -> tuple[dict[str, Any], list[str]] | Non
     try:
         header = decode_json(first)
     except ValueError:
-        header = None
-    return (header if isinstance(header, dict) else {}), [line for line in lines if is_id(line)]
+        return None
+    if not isinstance(header, dict) or header.get("command") not in COMMANDS or not lines:
+        return None
+    return header, [line for line in lines[:-1] if is_id(line)]
+
+
+def running(session_path: str) -> bool:
+    """True while the command that made the mark in ``session_path`` runs (it holds the lock)."""
+    lock = FileLock(os.path.join(session_path, UNFINISHED_FILENAME + ".lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    lock.release()
+    return False
 
 
 def check_finished(session_path: str) -> None:
-    """Raise SessionError if ``session_path`` is a session that a copy or an import did not finish making."""
+    """Raise SessionError if ``session_path`` is a session that a copy or an import is making, or did not finish
+    making."""
     found = read_unfinished(session_path)
     if found is None:
         return
     header, _ = found
-    command = header.get("command") or "copy"
-    source = header.get("source")
+    command, source = header["command"], header.get("source")
+    what = f"session-tool {command}{f' of {source}' if source else ''}"
+    if running(session_path):
+        raise SessionError(session_path, f"is being made by {what} right now: wait for it to end")
     try:
-        when = f", started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(header['started']))}"
+        when = f", started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(header['started']))},"
     except (KeyError, TypeError, ValueError, OverflowError, OSError):  # no time, or a damaged one
         when = ""
-    raise SessionError(
-        session_path,
-        f"is the unfinished result of session-tool {command}{f' of {source}' if source else ''}{when}, which "
-        f"stopped before it ended (killed?): it may lack tasks; 'session-tool destroy {session_path}' deletes it "
-        f"and the records it wrote, then run the {command} again",
-    )
+    if command == "copy":
+        cleanup = (f"'session-tool destroy {session_path}' deletes it and the records it wrote; then copy again "
+                   "(with --renumber into a store other sessions use: the numbers taken are not given again)")
+    else:
+        cleanup = (f"'session-tool destroy {session_path}' deletes it (its records stay in the store); then "
+                   f"import again, which takes them as they are")
+    raise SessionError(session_path, f"is the unfinished result of {what}{when} which stopped before it ended "
+                                     f"(killed?): it may lack tasks; {cleanup}")

@@ -594,6 +594,25 @@ def test_rm_says_which_task_named_leaves_only_the_session(tmp_path: Path) -> Non
     assert needed not in Session(tmp_path / "s").list_ids() and run("verify", tmp_path / "s").exit_code == 0
 
 
+def test_rm_whose_deletion_fails_says_so_and_exits_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    session = Session(tmp_path / "s")
+    doomed, kept = session.add(Task(jobname="doomed")), session.add(Task(jobname="kept"))
+    session.close()
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.path.basename(path) == doomed:
+            raise OSError(13, "Permission denied", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    failed = run("rm", tmp_path / "s", doomed)
+    assert failed.exit_code == 1 and f"cannot delete the record {doomed}" in failed.output, failed.output
+    assert "1 deletion(s) failed" in failed.output and "Traceback" not in failed.output
+    monkeypatch.undo()
+    assert Session(tmp_path / "s").list_ids() == [kept]  # out of the session all the same
+
+
 def test_rm_keeps_and_does_not_name_a_child_that_another_collection_holds(tmp_path: Path) -> None:
     session = Session(tmp_path / "s")
     shared, own = Task(jobname="shared"), Task(jobname="own")
@@ -972,26 +991,68 @@ def test_a_copy_killed_half_way_is_refused_until_destroy_deletes_what_it_wrote(t
     assert run("verify", tmp_path / "dest").exit_code == 0
 
 
+def unfinished_session(path: Path, command: str, store_url: str | None = None, ids: tuple[str, ...] = ()) -> Any:
+    """A session at ``path`` with the mark of ``command``, listing ``ids``; returned locked, as while it runs."""
+    session = Session(path, store_or_url=store_url)
+    session.close()
+    mark = cli.Unfinished(str(path), command, "/old/source", cli.store_of(session))
+    mark.wrote(list(ids))
+    return mark
+
+
 def test_an_import_killed_half_way_is_refused_and_destroy_removes_it(tmp_path: Path) -> None:
     """Unfinished too; its records stay in the store (a run again takes them as they are), and the directory goes."""
-    unfinished = tmp_path / "dest"
-    session = Session(unfinished)
+    unfinished_session(tmp_path / "dest", "import-gc3pie").release()
+    with pytest.raises(SessionError, match=r"unfinished result of session-tool import-gc3pie of /old/source.*records "
+                       r"stay in the store"):
+        Session(tmp_path / "dest")
+    destroyed = run("destroy", tmp_path / "dest", "--yes")
+    assert destroyed.exit_code == 0 and "its records stay in the store" in destroyed.output
+    assert not (tmp_path / "dest").exists()
+
+
+def test_a_copy_running_is_neither_opened_nor_destroyed(tmp_path: Path) -> None:
+    mark = unfinished_session(tmp_path / "dest", "copy", ids=("Task.1",))  # held, as by the copy running
+    for call in (lambda: Session(tmp_path / "dest"), lambda: Session(tmp_path / "dest", load=False)):
+        with pytest.raises(SessionError, match="being made by session-tool copy of /old/source right now"):
+            call()
+    destroyed = run("destroy", tmp_path / "dest", "--yes")
+    assert destroyed.exit_code == 1 and "right now: wait for it to end" in destroyed.output
+    mark.release()  # the copy was killed
+    with pytest.raises(SessionError, match="unfinished result"):
+        Session(tmp_path / "dest", load=False)  # starting it over would leave the mark, naming records elsewhere
+    assert run("destroy", tmp_path / "dest", "--yes").exit_code == 0 and not (tmp_path / "dest").exists()
+
+
+def test_destroying_an_unfinished_copy_refuses_a_store_url_changed_since(tmp_path: Path) -> None:
+    """The ids listed are the copy's in the store it wrote to: in another store, they name other records."""
+    url = f"sqlite:///{tmp_path / 'copy.db'}"
+    unfinished_session(tmp_path / "dest", "copy", url, ids=("Task.1",)).release()
+    other = Session(tmp_path / "other", store_or_url=f"sqlite:///{tmp_path / 'other.db'}")
+    kept = other.add(Task(jobname="not the copy's"))
+    other.close()
+    (tmp_path / "dest" / "store.url").write_text(f"sqlite:///{tmp_path / 'other.db'}\n")
+    refused = run("destroy", tmp_path / "dest", "--yes")
+    assert refused.exit_code == 1 and "but the copy wrote to" in refused.output and "copy.db" in refused.output
+    assert (tmp_path / "dest").exists() and Session(tmp_path / "other").list_ids() == [kept]
+
+
+def test_a_file_named_unfinished_without_the_header_of_a_mark_is_no_mark(tmp_path: Path) -> None:
+    session = Session(tmp_path / "s")
+    task = session.add(Task())
     session.close()
-    cli.Unfinished(str(unfinished), "import-gc3pie", "/old/gc3pie-session")
-    with pytest.raises(SessionError, match="unfinished result of session-tool import-gc3pie of /old/gc3pie-session"):
-        Session(unfinished)
-    destroyed = run("destroy", unfinished, "--yes")
-    assert destroyed.exit_code == 0 and "0 record(s)" in destroyed.output and not unfinished.exists()
+    (tmp_path / "s" / "unfinished").write_text(f"jobs still running:\n{task}\n")
+    assert Session(tmp_path / "s").list_ids() == [task]
 
 
 def test_the_unfinished_mark_lists_the_ids_written_and_leaves_out_a_line_cut_short(tmp_path: Path) -> None:
-    mark = cli.Unfinished(str(tmp_path), "copy", "/src")
+    mark = cli.Unfinished(str(tmp_path), "copy", "/src", "sqlite:////x.db")
     mark.wrote(["Task.1", "Task.2"])
     mark.wrote([])
     with open(mark.path, "a") as f:
-        f.write("Task.3")  # no newline: a kill in the middle of the line
-        f.write("\n" + "Tas")
+        f.write("Task.3")  # "Task.339" cut short by a kill: without its newline, it names another record
     header, ids = cli.read_unfinished(str(tmp_path))
-    assert header["command"] == "copy" and header["source"] == "/src" and ids == ["Task.1", "Task.2", "Task.3"]
+    assert header["command"] == "copy" and header["source"] == "/src" and header["store"] == "sqlite:////x.db"
+    assert ids == ["Task.1", "Task.2"]
     mark.done()
-    assert cli.read_unfinished(str(tmp_path)) is None
+    assert cli.read_unfinished(str(tmp_path)) is None and not (tmp_path / "unfinished.lock").exists()

@@ -1222,6 +1222,29 @@ def test_a_deletion_tried_again_keeps_what_another_process_added_meanwhile_holds
     assert [t.jobname for t in again.tasks[adopted.persistent_id].tasks] == ["child"]
 
 
+def test_a_deletion_tried_again_keeps_what_a_task_forgotten_before_the_failure_holds(tmp_path, monkeypatch):
+    """forget() keeps the record, which still holds its children: the try after a failure knows it still."""
+    _, own, first, second = two_collections_sharing_a_child(tmp_path / "s")
+    session = Session(tmp_path / "s")
+    session.remove(first, flush=False)
+    session.forget(second, flush=False)
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.path.basename(path) == first:
+            raise OSError(errno.EACCES, "Permission denied", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.warns(OrphanWarning, match=f"cannot delete the record {first}"):
+        session.flush()
+    monkeypatch.undo()
+    session.add(Task(jobname="next"))  # its flush tries the deletion again
+    session.close()
+    assert session.store.load(second).tasks[0].jobname == "shared"
+    assert not (tmp_path / "s" / "jobs" / first).exists() and not (tmp_path / "s" / "jobs" / own.persistent_id).exists()
+
+
 def test_a_record_removed_is_not_written_again_by_save_all(tmp_path):
     """Loaded on its own (to show it, say) while its removal waited for the flush."""
     session = Session(tmp_path / "s")
