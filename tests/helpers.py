@@ -8,6 +8,7 @@ default ("prepend") import mode puts ``tests/`` on ``sys.path``, and
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import time
@@ -179,3 +180,16 @@ class Meddler:
         if Meddler.during is not None:
             Meddler.during()
         return (Meddler, ())
+
+
+def refuse_deleting(monkeypatch: Any, name: str) -> None:
+    """Make ``os.unlink`` of a file named ``name`` fail with EACCES (as root, chmod would not), until
+    ``monkeypatch.undo()``."""
+    real_unlink = os.unlink
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        if os.path.basename(path) == name:
+            raise OSError(errno.EACCES, "Permission denied", str(path))
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)

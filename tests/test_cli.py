@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 from click.testing import CliRunner
 
@@ -598,14 +599,7 @@ def test_rm_whose_deletion_fails_says_so_and_exits_1(tmp_path: Path, monkeypatch
     session = Session(tmp_path / "s")
     doomed, kept = session.add(Task(jobname="doomed")), session.add(Task(jobname="kept"))
     session.close()
-    real_unlink = os.unlink
-
-    def unlink(path, *args, **kwargs):
-        if os.path.basename(path) == doomed:
-            raise OSError(13, "Permission denied", str(path))
-        return real_unlink(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "unlink", unlink)
+    helpers.refuse_deleting(monkeypatch, doomed)
     failed = run("rm", tmp_path / "s", doomed)
     assert failed.exit_code == 1 and f"cannot delete the record {doomed}" in failed.output, failed.output
     assert "1 deletion(s) failed" in failed.output and "Traceback" not in failed.output

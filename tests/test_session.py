@@ -5,7 +5,6 @@ Tests that take ``store_url`` run once per kind of store.
 
 from __future__ import annotations
 
-import errno
 import gc
 import os
 import shutil
@@ -1178,14 +1177,7 @@ def test_a_deletion_that_fails_warns_and_the_next_flush_tries_again(tmp_path, mo
     session = Session(tmp_path / "s")
     old = session.add(Task(jobname="old"))
     session.remove(old, flush=False)
-    real_unlink = os.unlink
-
-    def unlink(path, *args, **kwargs):
-        if os.path.basename(path) == old:
-            raise OSError(errno.EACCES, "Permission denied", str(path))
-        return real_unlink(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "unlink", unlink)
+    helpers.refuse_deleting(monkeypatch, old)
     with pytest.warns(OrphanWarning, match=f"{old}.*Permission denied.*out of the session.*tries again"):
         first = session.add(Task(jobname="first"))
     assert first in session.list_ids() and (tmp_path / "s" / "jobs" / old).exists()
@@ -1200,14 +1192,7 @@ def test_a_deletion_tried_again_keeps_what_another_process_added_meanwhile_holds
     session = Session(tmp_path / "s")
     child = Task(jobname="child")
     doomed = session.add(TaskCollection(jobname="c", tasks=[child]))
-    real_unlink = os.unlink
-
-    def unlink(path, *args, **kwargs):
-        if os.path.basename(path) == doomed:
-            raise OSError(errno.EACCES, "Permission denied", str(path))
-        return real_unlink(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "unlink", unlink)
+    helpers.refuse_deleting(monkeypatch, doomed)
     with pytest.warns(OrphanWarning):
         session.remove(doomed)  # the child went, its collection's record could not
     assert (tmp_path / "s" / "jobs" / doomed).exists()
@@ -1228,14 +1213,7 @@ def test_a_deletion_tried_again_keeps_what_a_task_forgotten_before_the_failure_h
     session = Session(tmp_path / "s")
     session.remove(first, flush=False)
     session.forget(second, flush=False)
-    real_unlink = os.unlink
-
-    def unlink(path, *args, **kwargs):
-        if os.path.basename(path) == first:
-            raise OSError(errno.EACCES, "Permission denied", str(path))
-        return real_unlink(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "unlink", unlink)
+    helpers.refuse_deleting(monkeypatch, first)
     with pytest.warns(OrphanWarning, match=f"cannot delete the record {first}"):
         session.flush()
     monkeypatch.undo()
