@@ -38,6 +38,7 @@ from .exceptions import (
     TableNotFound,
 )
 from .migrate import import_gc3pie
+from .persistence import local_store_path
 from .persistence.atomic import TEMP_PREFIX
 from .persistence.filesystem import FilesystemStore
 from .persistence.idfactory import id_list, is_id
@@ -45,6 +46,7 @@ from .persistence.store import Store, make_store, mask_password, same_records
 from .runs import read_runs
 from .session import (
     Session,
+    is_inside,
     is_session,
     iter_index,
     read_index,
@@ -52,7 +54,7 @@ from .session import (
     resolve_store_url,
     table_not_found,
 )
-from .unfinished import Unfinished, check_finished, read_unfinished, running
+from .unfinished import Refused, Unfinished, check_finished, read_unfinished, running, store_identity
 
 FORMATS = ("table", "json", "csv")
 COLUMNS = ("id", "jobname", "state", "class", "returncode", "modified")
@@ -627,20 +629,17 @@ def destroy(session: str, yes: bool, dry_run: bool) -> None:
     click.echo(f"destroyed session {view.path} ({count} task(s))")
 
 
-def store_of(session: Session) -> str:
-    """The store a session's ``store.url`` names as it resolves now, password masked: what an unfinished mark
-    records, and what destroying that session checks."""
-    return mask_password(resolve_store_url(session.path, session.store_url))
-
-
 def destroy_unfinished(view: SessionView, yes: bool, dry_run: bool) -> None:
     """Destroy what a copy or an import killed half way left: the records it wrote, then the directory."""
     header, written = read_unfinished(view.path) or ({}, [])
     command = header["command"]
     if running(view.path):
         raise SessionError(view.path, f"is being made by session-tool {command} right now: wait for it to end")
-    store = mask_password(resolve_store_url(view.path, view.store_url))
-    if written and header.get("store") != store:  # store.url edited, or a variable in it set otherwise
+    url = resolve_store_url(view.path, view.store_url)
+    store = store_identity(url)
+    local = local_store_path(url)
+    inside = local is not None and is_inside(local, view.path)  # then the records go with the directory
+    if written and not inside and header.get("store") != store:  # store.url edited, or a variable in it set otherwise
         raise SessionError(os.path.join(view.path, Session.STORE_URL_FILENAME),
                            f"names {store}, but the {command} wrote to {header.get('store')}: correct store.url "
                            "(or set its variables) as they were, or remove the directory by hand")
@@ -652,11 +651,14 @@ def destroy_unfinished(view: SessionView, yes: bool, dry_run: bool) -> None:
         return
     if not yes:
         click.confirm(f"Destroy {what}?", abort=True)
-    if written:
+    if written and not inside:
         with contextlib.closing(view.open_store()) as opened:
             opened.remove_many(written)
+    real = os.path.realpath(view.path)  # through a symbolic link, its target goes, and the link with it
     try:
-        shutil.rmtree(view.path)
+        shutil.rmtree(real)
+        if real != view.path and os.path.islink(view.path):
+            os.unlink(view.path)
     except OSError as error:
         raise SaveError(error.filename or view.path, f"cannot remove: {error.strerror or error}") from error
     click.echo(f"destroyed {what}")
@@ -744,17 +746,20 @@ def copy(session: str, dest: str, store_url: str | None, renumber: bool) -> None
     target = Session(dest, store_or_url=store_url)
     written: list[str] = []  # the records the copy wrote: deleted again if it fails, so that a shared store keeps
     copies: list[Any] = []  # no orphans; with --renumber, the objects given new ids
-    # until the copy is whole; a kill leaves it there (made before the clean-up below can run: a copy that finds
-    # another's mark must leave that copy's work alone)
-    mark = Unfinished(target.path, "copy", view.path, store_of(target))
+    mark: Unfinished | None = None
     try:
+        # until the copy is whole; a kill leaves it there
+        mark = Unfinished(target.path, "copy", view.path, store_identity(resolve_store_url(target.path,
+                                                                                          target.store_url)))
         if renumber:
             missing = renumber_into(view, target, copies, mark)
         else:
             missing = copy_records(view, target, written, mark)
         mark.done()
+    except Refused:  # another command's mark, made meanwhile: what is in DEST is that command's
+        target.store.close()
+        raise
     except BaseException:
-        mark.release()
         if renumber:  # each a new record, under a number the store handed out to this copy
             written = [obj.persistent_id for obj in copies if obj.persistent_id is not None]
         try:
@@ -772,6 +777,8 @@ def copy(session: str, dest: str, store_url: str | None, renumber: bool) -> None
         if not existed:  # a directory that was there before stays
             with contextlib.suppress(OSError):
                 os.rmdir(target.path)
+        if mark is not None:  # the lock last: until the clean-up is done, no one takes this copy for killed
+            mark.release()
         raise
     copied = len(read_index(os.path.join(target.path, Session.INDEX_FILENAME)))  # what the copy's index names
     target.close()

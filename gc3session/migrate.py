@@ -35,7 +35,7 @@ from .persistence.serialization import FORMAT_VERSION
 from .persistence.store import mask_password, same_records, url_scheme
 from .session import Session, is_session, resolve_store_url
 from .task import State
-from .unfinished import Unfinished
+from .unfinished import Refused, Unfinished, store_identity
 
 log = logging.getLogger(__name__)
 
@@ -401,10 +401,11 @@ def _write(report: ImportReport, found: dict[str, dict[str, Any]], store_args: d
         pass
     target = Session(report.destination, store_or_url=report.store_url, params=params, **store_args)
     written: list[str] = []  # deleted again if the import fails, so that a shared store keeps no orphans
-    # until the session is whole; it names no records: a run again may take those a killed import wrote
-    mark = Unfinished(target.path, "import-gc3pie", report.source,
-                      mask_password(resolve_store_url(target.path, target.store_url)))
+    mark: Unfinished | None = None
     try:
+        # until the session is whole; it names no records: a run again may take those a killed import wrote
+        mark = Unfinished(target.path, "import-gc3pie", report.source,
+                          store_identity(resolve_store_url(target.path, target.store_url)))
         there = _refuse_clashes(target, found)
         ids = list(found)
         for start in range(0, len(ids), BATCH):
@@ -427,14 +428,18 @@ def _write(report: ImportReport, found: dict[str, dict[str, Any]], store_args: d
                 setter = target.set_start_timestamp if key == "start" else target.set_end_timestamp
                 setter(os.stat(stamp).st_mtime)
         mark.done()
+    except Refused:  # another command's mark, made meanwhile: what is in the directory is that command's
+        target.store.close()
+        raise
     except BaseException:
-        mark.release()
         try:
             target.store.remove_many(written)
         except Error as error:  # they stay; the new session goes in any case
             log.warning("the %d record(s) the import wrote stay in the store: %s", len(written), error)
         target.store.close()
         shutil.rmtree(target.path, ignore_errors=True)
+        if mark is not None:  # the lock last: until the clean-up is done, no one takes this import for killed
+            mark.release()
         raise
     target.close()
     report.store_url = target.store_url

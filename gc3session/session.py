@@ -482,7 +482,7 @@ class Session:
                 except SaveError as error:  # what was asked of this flush is done: the tasks are out of the session
                     warnings.warn(f"session {self.path}: cannot delete the record {error.target} of a task removed "
                                   f"({error.reason}): the tasks removed are out of the session, and the records not "
-                                  "deleted stay in the store; the next flush of this session tries again",
+                                  "deleted stay in the store; a later flush of this Session object tries again",
                                   OrphanWarning, stacklevel=2)
                     return  # what was forgotten still counts, for the next try, as holding what its records name
                 self._doomed.clear()

@@ -13,15 +13,18 @@ each added once its batch is written.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
 
 from filelock import FileLock, Timeout
 
-from .exceptions import SessionError
+from .exceptions import SaveError, SessionError
+from .persistence import local_store_path
 from .persistence.idfactory import is_id
 from .persistence.serialization import decode_json, encode_json
+from .persistence.store import expand_variables, mask_password
 
 #: The name of the mark in a session directory.
 UNFINISHED_FILENAME = "unfinished"
@@ -43,29 +46,40 @@ class Unfinished:
         try:
             self._lock.acquire()
         except Timeout:
-            raise SessionError(session_path, "is being made by another session-tool command right now") from None
+            raise Refused(session_path, "is being made by another session-tool command right now") from None
+        except OSError as error:
+            raise SaveError(self._lock.lock_file, f"cannot lock: {error.strerror or error}") from error
         header = encode_json({"command": command, "source": source, "store": store, "started": time.time()})
         try:  # never over another command's mark
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             self._lock.release()
-            raise SessionError(session_path, "is being made, or was left unfinished, by another command") from None
+            raise Refused(session_path, "is being made, or was left unfinished, by another command") from None
+        except OSError as error:
+            self.release()
+            raise SaveError(self.path, f"cannot create: {error.strerror or error}") from error
         try:
-            os.write(fd, f"{header}\n".encode())
-            os.fsync(fd)
-        finally:
+            _write_all(fd, f"{header}\n".encode())
+        except OSError as error:  # no mark: the command stops before it writes any record
             os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            self.release()
+            raise SaveError(self.path, f"cannot write: {error.strerror or error}") from error
+        os.close(fd)
 
     def wrote(self, ids: list[str]) -> None:
         """Record ``ids`` as written by the command (on disk before this returns)."""
         if not ids:
             return
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)  # never made again: a mark removed is an error
         try:
-            os.write(fd, "".join(f"{oid}\n" for oid in ids).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)  # never made again: a mark removed is an error
+            try:
+                _write_all(fd, "".join(f"{oid}\n" for oid in ids).encode())
+            finally:
+                os.close(fd)
+        except OSError as error:
+            raise SaveError(self.path, f"cannot record the records written: {error.strerror or error}") from error
 
     def done(self) -> None:
         """The session is whole: remove the mark, then its lock."""
@@ -75,10 +89,26 @@ class Unfinished:
     def release(self) -> None:
         """Let go of the lock (and remove its file): the command ends, whole or not."""
         self._lock.release()
-        try:
+        with contextlib.suppress(OSError):  # gone with its directory, say
             os.unlink(self._lock.lock_file)
-        except FileNotFoundError:
-            pass
+
+
+class Refused(SessionError):
+    """The session is another command's to make: a command refused this way must leave it as it is."""
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` (a short write is a full disk) and fsync."""
+    while data:
+        data = data[os.write(fd, data) :]
+    os.fsync(fd)
+
+
+def store_identity(url: str) -> str:
+    """The store that ``url`` (resolved against its session) names, in one spelling: the real path of a local
+    store (a store directory, a SQLite file), else the URL with its variables expanded and its password masked."""
+    local = local_store_path(url)
+    return os.path.realpath(local) if local is not None else mask_password(expand_variables(url))
 
 
 def read_unfinished(session_path: str) -> tuple[dict[str, Any], list[str]] | None:
@@ -112,6 +142,8 @@ def running(session_path: str) -> bool:
         lock.acquire()
     except Timeout:
         return True
+    except OSError:  # a directory this user cannot write (read-only, another's): no command of its own runs there
+        return False
     lock.release()
     return False
 

@@ -24,6 +24,7 @@ import pytest
 from click.testing import CliRunner
 
 from gc3session import Session, State, Task, TaskCollection, __version__, cli
+from gc3session import unfinished as unfinished_module
 from gc3session.cli import fit, fit_id, main, table_cells, table_time, write_table
 from gc3session.exceptions import SaveError, SessionError, StoreError
 from gc3session.persistence import SqlStore, filesystem, make_store
@@ -989,7 +990,8 @@ def unfinished_session(path: Path, command: str, store_url: str | None = None, i
     """A session at ``path`` with the mark of ``command``, listing ``ids``; returned locked, as while it runs."""
     session = Session(path, store_or_url=store_url)
     session.close()
-    mark = cli.Unfinished(str(path), command, "/old/source", cli.store_of(session))
+    mark = cli.Unfinished(str(path), command, "/old/source",
+                          cli.store_identity(cli.resolve_store_url(str(path), session.store_url)))
     mark.wrote(list(ids))
     return mark
 
@@ -1029,6 +1031,44 @@ def test_destroying_an_unfinished_copy_refuses_a_store_url_changed_since(tmp_pat
     refused = run("destroy", tmp_path / "dest", "--yes")
     assert refused.exit_code == 1 and "but the copy wrote to" in refused.output and "copy.db" in refused.output
     assert (tmp_path / "dest").exists() and Session(tmp_path / "other").list_ids() == [kept]
+
+
+def test_destroying_an_unfinished_copy_refuses_a_variable_of_store_url_set_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DB", "copy")
+    unfinished_session(tmp_path / "dest", "copy", f"sqlite:///{tmp_path}/${{DB}}.db", ids=("Task.1",)).release()
+    monkeypatch.setenv("DB", "other")
+    refused = run("destroy", tmp_path / "dest", "--yes")
+    assert refused.exit_code == 1 and "other.db, but the copy wrote to" in refused.output, refused.output
+    monkeypatch.setenv("DB", "copy")
+    assert run("destroy", tmp_path / "dest", "--yes").exit_code == 0 and not (tmp_path / "dest").exists()
+
+
+def test_an_unfinished_copy_with_its_store_inside_is_destroyed_once_moved(tmp_path: Path) -> None:
+    """The records go with the directory: where the directory is now does not matter."""
+    unfinished_session(tmp_path / "dest", "copy", ids=("Task.1",)).release()
+    (tmp_path / "dest").rename(tmp_path / "moved")
+    (tmp_path / "link").symlink_to(tmp_path / "moved")
+    destroyed = run("destroy", tmp_path / "link", "--yes")
+    assert destroyed.exit_code == 0 and not (tmp_path / "moved").exists(), destroyed.output
+
+
+def test_a_copy_that_cannot_make_its_mark_says_so_and_leaves_no_dest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = Session(tmp_path / "src")
+    source.add(Task())
+    source.close()
+
+    def full(fd: int, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(unfinished_module, "_write_all", full)
+    failed = run("copy", tmp_path / "src", tmp_path / "dest")
+    assert failed.exit_code == 1 and "unfinished: cannot write: No space left on device" in failed.output, (
+        failed.output)
+    assert "Traceback" not in failed.output and not (tmp_path / "dest").exists()
 
 
 def test_a_file_named_unfinished_without_the_header_of_a_mark_is_no_mark(tmp_path: Path) -> None:
