@@ -854,17 +854,22 @@ def renumber_into(view: SessionView, target: Session, copies: list[Any], mark: U
         obj.persistent_id = None
         obj.changed = True
     copies.extend(objects.values())
+    ours = {id(obj) for obj in copies}
     marked: set[str] = set()
+    batch: list[Any] = []
 
-    def flush() -> None:
+    def flush() -> None:  # the batch's tasks, and what they hold or refer to, written: into the mark
         target.flush()
-        fresh = [oid for obj in copies if (oid := obj.persistent_id) is not None and oid not in marked]
+        written = [obj for obj in [*batch, *target.store.referenced(batch)] if id(obj) in ours]
+        fresh = [oid for obj in written if (oid := obj.persistent_id) is not None and oid not in marked]
         mark.wrote(fresh)
         marked.update(fresh)
+        batch.clear()
 
     with progress(len(tasks), "copying") as bar:
         for n, task in enumerate(tasks.values(), 1):
             target.add(task, flush=False)
+            batch.append(task)
             if n % 1000 == 0:  # written a batch at a time
                 flush()
             bar.update(1)
