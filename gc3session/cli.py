@@ -51,6 +51,7 @@ from .session import (
     iter_index,
     read_index,
     read_store_url,
+    remove_tree,
     resolve_store_url,
     table_not_found,
 )
@@ -615,8 +616,9 @@ def destroy(session: str, yes: bool, dry_run: bool) -> None:
       session-tool destroy runs/old-sweep --yes
     """
     view = SessionView(session, unfinished=True)
-    if read_unfinished(view.path) is not None:
-        destroy_unfinished(view, yes, dry_run)
+    mark = read_unfinished(view.path)
+    if mark is not None:
+        destroy_unfinished(view, mark, yes, dry_run)
         return
     count = len(view.ids)
     if dry_run:
@@ -629,9 +631,10 @@ def destroy(session: str, yes: bool, dry_run: bool) -> None:
     click.echo(f"destroyed session {view.path} ({count} task(s))")
 
 
-def destroy_unfinished(view: SessionView, yes: bool, dry_run: bool) -> None:
-    """Destroy what a copy or an import killed half way left: the records it wrote, then the directory."""
-    header, written = read_unfinished(view.path) or ({}, [])
+def destroy_unfinished(view: SessionView, mark: tuple[dict[str, Any], list[str]], yes: bool, dry_run: bool) -> None:
+    """Destroy what a copy or an import killed half way left (``mark``: its header and the ids it lists): the
+    records it wrote, then the directory."""
+    header, written = mark
     command = header["command"]
     if running(view.path):
         raise SessionError(view.path, f"is being made by session-tool {command} right now: wait for it to end")
@@ -654,13 +657,7 @@ def destroy_unfinished(view: SessionView, yes: bool, dry_run: bool) -> None:
     if written and not inside:
         with contextlib.closing(view.open_store()) as opened:
             opened.remove_many(written)
-    real = os.path.realpath(view.path)  # through a symbolic link, its target goes, and the link with it
-    try:
-        shutil.rmtree(real)
-        if real != view.path and os.path.islink(view.path):
-            os.unlink(view.path)
-    except OSError as error:
-        raise SaveError(error.filename or view.path, f"cannot remove: {error.strerror or error}") from error
+    remove_tree(view.path)  # through a symbolic link, its target goes, and the link with it
     click.echo(f"destroyed {what}")
 
 

@@ -207,7 +207,6 @@ class Session:
         return True
 
     def _open(self, extra_args: dict[str, Any], task_ids: Iterable[str] | None, lazy: bool) -> None:
-        check_finished(self.path)  # a copy or an import killed half way: part of a session
         self.store_url = read_store_url(self.path)
         index = self._file(self.INDEX_FILENAME)
         if not os.path.lexists(index):
@@ -692,18 +691,10 @@ class Session:
             # that would save); until here, a failure (a database down) left it whole, and writable
             self._destroyed = True
             self.store.close()
-            real = os.path.realpath(self.path)  # a session reached through a symbolic link: its target goes
-            try:
-                inside = os.path.realpath(records) if records is not None and store_inside else None
-                if inside is not None and inside != real and os.path.lexists(inside):
-                    shutil.rmtree(inside)  # the records first: if that fails, the index names all
-                if os.path.lexists(real):  # a destroy tried again may have removed it already
-                    shutil.rmtree(real)
-                if real != self.path and os.path.islink(self.path):
-                    os.unlink(self.path)
-            except OSError as error:
-                where = error.filename or real
-                raise SaveError(str(where), f"cannot remove: {error.strerror or error}") from error
+            inside = os.path.realpath(records) if records is not None and store_inside else None
+            if inside is not None and inside != os.path.realpath(self.path):
+                remove_tree(inside)  # the records first: if that fails, the index names all
+            remove_tree(self.path)  # a session reached through a symbolic link: its target goes
             self.tasks.clear()
             self._apart.clear()
             for pending in (self._index, self._added, self._removed, self._unsaved, self._doomed, self._forgotten):
@@ -1278,6 +1269,19 @@ def absolute_url(url: str) -> str:
         if sep and rest and not absolute and not rest.startswith(":memory:") and "://" not in head:
             return f"{head}:///{os.path.abspath(rest)}"
     return url
+
+
+def remove_tree(path: str) -> None:
+    """Remove the directory ``path`` and all in it (through a symbolic link: its target, then the link); nothing
+    if it is gone already (a destroy tried again).  SaveError names what could not be removed."""
+    real = os.path.realpath(path)
+    try:
+        if os.path.lexists(real):
+            shutil.rmtree(real)
+        if real != path and os.path.islink(path):
+            os.unlink(path)
+    except OSError as error:
+        raise SaveError(str(error.filename or real), f"cannot remove: {error.strerror or error}") from error
 
 
 def is_inside(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -> bool:

@@ -37,6 +37,7 @@ from .store import (
     SECRET_OPTION,
     Record,
     Store,
+    held_ids,
     id_chunks,
     known_objects,
     mask_password,
@@ -945,9 +946,7 @@ def _held(row: Sequence[Any]) -> list[str] | LoadError:
         if mentions == 0 or (mentions == 1 and '"references":[]' in text):
             return id_list(_child_list(oid, children))
     meta = _metadata(oid, (text, children), ("children",))
-    if isinstance(meta, LoadError):
-        return meta
-    return list(dict.fromkeys([*id_list(meta.get("children")), *id_list(meta.get("references"))]))
+    return meta if isinstance(meta, LoadError) else held_ids(meta)
 
 
 def _child_list(oid: str, text: Any) -> list[Any]:

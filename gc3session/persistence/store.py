@@ -62,6 +62,11 @@ class Record:
     refs: tuple[str, ...] = ()
 
 
+def held_ids(meta: dict[str, Any]) -> list[str]:
+    """The ids a record's metadata names as its children or its references, each once, children first."""
+    return list(dict.fromkeys([*id_list(meta.get("children")), *id_list(meta.get("references"))]))
+
+
 def children_first(records: list[Record]) -> list[Record]:
     """``records`` ordered so that each comes after every record of the batch it refers to: written one by one,
     a batch cut short (a crash, a full disk) never leaves a record that names one not written yet."""
@@ -528,7 +533,7 @@ class Store(abc.ABC):
             if isinstance(meta, LoadError):
                 yield oid, meta
             elif references:
-                yield oid, list(dict.fromkeys([*id_list(meta.get("children")), *id_list(meta.get("references"))]))
+                yield oid, held_ids(meta)
             else:
                 yield oid, id_list(meta.get("children"))
 
