@@ -187,7 +187,7 @@ class Session:
             self.store = make_store(url, **extra_args)
         self.store.hooks = self.hooks
         self.store_url = url
-        with self._locked():
+        with self._locked(check=False):
             if only_new and self._has_session_files():  # written, and maybe added to, while we got here
                 if self.store is not store_or_url:
                     self.store.close()
@@ -290,8 +290,17 @@ class Session:
     # -- the index ------------------------------------------------------------
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Hold the session's file lock; failing to take it is a SaveError naming the lock file."""
+    def _locked(self, *, check: bool = True) -> Iterator[None]:
+        """Hold the session's file lock; failing to take it is a SaveError naming the lock file.
+
+        With ``check`` (not while creating the session, or destroying it),
+        the session must still be there, before and once the lock is held:
+        taking the lock makes a missing directory again, and a session that
+        another process destroyed would come back without its store URL,
+        holding what this one wrote after.
+        """
+        if check:
+            self._check_still_there()
         if self._lock_pid != os.getpid():  # a forked child needs a lock of its own
             self._file_lock = FileLock(self._file(self.LOCK_FILENAME))
             self._lock_pid = os.getpid()
@@ -301,9 +310,16 @@ class Session:
             reason = f"cannot take the session lock: {error.strerror or error}"
             raise SaveError(self._file(self.LOCK_FILENAME), reason) from error
         try:
+            if check:
+                self._check_still_there()  # destroyed while the lock was being taken
             yield
         finally:
             self._file_lock.release()
+
+    def _check_still_there(self) -> None:
+        if not os.path.lexists(self._file(self.STORE_URL_FILENAME)):
+            raise SessionError(self.path, "is gone (its store.url is missing): destroyed by another process? "
+                               "Nothing more is written to it")
 
     def _append_to_index(self, ids: list[str]) -> None:
         path = self._file(self.INDEX_FILENAME)
@@ -340,6 +356,14 @@ class Session:
         except OSError as error:
             raise SaveError(path, f"cannot rewrite the index: {error.strerror or error}") from error
         return self._unknown(present)
+
+    def _appended(self) -> list[str]:
+        """The ids that other processes appended to the index since this session read it."""
+        index = self._file(self.INDEX_FILENAME)
+        try:
+            return self._unknown(read_index_lines(index))
+        except OSError as error:
+            raise SaveError(index, f"cannot read the index: {error.strerror or error}") from error
 
     def _unknown(self, lines: Iterable[bytes]) -> list[str]:
         """The ids among index ``lines`` that this session does not know: tasks other processes added."""
@@ -381,6 +405,7 @@ class Session:
             return oid, False
         self._skip_past_index()
         if flush:
+            self._check_still_there()
             oid = self.store.save(task)
         else:
             oid = self.store.assign_id(task)
@@ -429,6 +454,7 @@ class Session:
         """Save ``obj`` to the store without adding it to the session; return its id."""
         with self._mutex:
             self._check_not_destroyed()
+            self._check_still_there()
             self._skip_past_index()
             self._pending = None  # the record may now hold what a removal pending would delete
             return self.store.save(obj)
@@ -442,6 +468,8 @@ class Session:
             # and persistables they hold in other attributes (t.prepare = Task()): saved as records of their own
             walked += self.store.referenced(walked)
             changed = [t for t in walked if getattr(t, "changed", True)]
+            if changed or self._unsaved:  # not to a store whose records another process's destroy() deleted
+                self._check_still_there()
             self.store.save_many(list(self._unsaved.values()) + changed)
             self._unsaved.clear()
             if flush:
@@ -451,6 +479,8 @@ class Session:
         """Write what ``add``, ``remove`` and ``forget`` left pending: new tasks, index, deletions."""
         with self._mutex:
             self._check_not_destroyed()
+            if self._unsaved or self._added or self._removed or self._doomed:
+                self._check_still_there()
             if self._unsaved:
                 self.store.save_many(list(self._unsaved.values()))
                 self._unsaved.clear()
@@ -465,11 +495,7 @@ class Session:
             if self._doomed:
                 doomed = self.pending_deletions()
                 if others is None:  # a deletion tried again (see below): the index as it is now
-                    index = self._file(self.INDEX_FILENAME)
-                    try:
-                        others = self._unknown(read_index_lines(index))
-                    except OSError as error:
-                        raise SaveError(index, f"cannot read the index: {error.strerror or error}") from error
+                    others = self._appended()
                 if others:  # tasks other processes added since this session read the index: what they hold stays
                     unreadable: list[str] = []
                     held = set(self._descendants(others, unreadable=unreadable, references=True))
@@ -683,18 +709,22 @@ class Session:
         can be tried again: it goes on from where it stopped.
         """
         with self._mutex:
-            records = self.store.directory if isinstance(self.store, FilesystemStore) else None
-            store_inside = records is not None and is_inside(records, self.path)
-            if not store_inside:
-                self.store.remove_many(self._descendants([*self._index, *self.tasks, *self._doomed]))
-            # from here on the session is going: nothing may write it again (an add waiting for the mutex, a close
-            # that would save); until here, a failure (a database down) left it whole, and writable
-            self._destroyed = True
-            self.store.close()
-            inside = os.path.realpath(records) if records is not None and store_inside else None
-            if inside is not None and inside != os.path.realpath(self.path):
-                remove_tree(inside)  # the records first: if that fails, the index names all
-            remove_tree(self.path)  # a session reached through a symbolic link: its target goes
+            # under the session's lock (unless gone already: a destroy tried again), so that no other process
+            # appends to the index meanwhile; one that tries after finds the session gone (see _locked)
+            with self._locked(check=False) if os.path.isdir(self.path) else contextlib.nullcontext():
+                records = self.store.directory if isinstance(self.store, FilesystemStore) else None
+                store_inside = records is not None and is_inside(records, self.path)
+                if not store_inside:  # with the tasks other processes added since this one read the index
+                    ids = [*self._index, *self._appended(), *self.tasks, *self._doomed]
+                    self.store.remove_many(self._descendants(ids))
+                # from here on the session is going: nothing may write it again (an add waiting for the mutex, a
+                # close that would save); until here, a failure (a database down) left it whole, and writable
+                self._destroyed = True
+                self.store.close()
+                inside = os.path.realpath(records) if records is not None and store_inside else None
+                if inside is not None and inside != os.path.realpath(self.path):
+                    remove_tree(inside)  # the records first: if that fails, the index names all
+                remove_tree(self.path)  # a session reached through a symbolic link: its target goes
             self.tasks.clear()
             self._apart.clear()
             for pending in (self._index, self._added, self._removed, self._unsaved, self._doomed, self._forgotten):
@@ -809,7 +839,7 @@ class Session:
         self._apart.clear()
 
     def _record_end(self, error: BaseException | None) -> None:
-        if os.path.isdir(self.path):  # not after destroy()
+        if os.path.lexists(self._file(self.STORE_URL_FILENAME)):  # not after destroy(), here or by another process
             self._run["end"] = _time.time()
             self._run["error"] = None if error is None else error_record(error)  # a close tried again: its own
             with self._locked():

@@ -1555,6 +1555,48 @@ def test_destroy_of_sessions_sharing_a_store(tmp_path, store_url, open_store):
     second.store.close()
 
 
+@pytest.mark.parametrize("after", [
+    lambda s, _: s.add(Task()), lambda s, _: (s.add(Task(), flush=False), s.flush()), lambda s, _: s.save(Task()),
+    lambda s, first: (setattr(s.tasks[first], "jobname", "changed"), s.save_all()),
+])
+def test_a_session_another_process_destroyed_is_not_made_again(tmp_path, store_url, open_store, after):
+    """Taking the session's lock makes a missing directory again: the write would have brought the session back
+    without its store URL (so that it does not open), and put a record in the store that nobody lists."""
+    mine = Session(tmp_path / "s", store_or_url=store_url)
+    first = mine.add(Task())
+    Session(tmp_path / "s").destroy()  # as another process would
+    with pytest.raises(SessionError, match=f"{tmp_path / 's'}: is gone .*destroyed by another process"):
+        after(mine, first)
+    mine.close(save=False)  # what is pending cannot be saved: close() would say so again
+    assert not os.path.lexists(tmp_path / "s")
+    assert open_store().list() == []
+
+
+def test_a_session_with_its_store_inside_destroyed_by_another_process_is_not_made_again(tmp_path):
+    mine = Session(tmp_path / "s")
+    mine.add(Task())
+    Session(tmp_path / "s").destroy()  # as another process would
+    with pytest.raises((SaveError, SessionError), match="is gone"):  # the id counter needs its directory
+        for _ in range(100):
+            mine.add(Task(), flush=False)
+        mine.flush()
+    mine.close()
+    assert not os.path.lexists(tmp_path / "s")
+
+
+def test_destroy_deletes_the_tasks_other_processes_appended_meanwhile(tmp_path, store_url, open_store):
+    mine = Session(tmp_path / "s", store_or_url=store_url)
+    mine.add(Task())
+    other = Session(tmp_path / "s")  # as another process would
+    other.add(TaskCollection(tasks=[Task()]))
+    mine.destroy()
+    assert open_store().list() == []
+    with pytest.raises(SessionError, match="is gone"):
+        other.add(Task())
+    other.close()
+    assert not os.path.lexists(tmp_path / "s")
+
+
 def test_destroy_removes_tasks_not_loaded_too(tmp_path, store_url, open_store):
     session = Session(tmp_path / "s", store_or_url=store_url)
     child = Task()

@@ -420,6 +420,31 @@ def test_existing_foreign_table_is_refused(opened: Any, sql_url: str) -> None:
             conn.exec_driver_sql("DROP TABLE not_ours_x")
 
 
+def test_a_table_without_its_primary_key_is_read_but_never_written(opened: Any, sql_url: str) -> None:
+    """A backup restored by hand with CREATE TABLE ... AS SELECT keeps no key: MariaDB's upsert then added a
+    row for each save of a task, and the others failed with a driver message about ON CONFLICT."""
+    store = opened()
+    oid = store.save(Task(jobname="v1"))
+    table, engine = table_of(sql_url), store.engine
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE {table}_copy AS SELECT * FROM {table}")
+        conn.exec_driver_sql(f"DROP TABLE {table}")
+        conn.exec_driver_sql(f"ALTER TABLE {table}_copy RENAME TO {table}")
+    again = opened()
+    task = again.load(oid)  # what it holds can still be read, and copied elsewhere
+    assert task.jobname == "v1" and again.list() == [oid]
+    task.jobname = "v2"
+    with pytest.raises(StoreError, match=f"table '{table}' has no primary key .* on id alone") as info:
+        again.save(task)
+    fix = info.value.reason.rpartition("restore the key: ")[2]
+    with engine.begin() as conn:
+        assert conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar() == 1
+        conn.exec_driver_sql(fix)  # as the error says
+    third = opened()
+    third.save(task)
+    assert third.load(oid).jobname == "v2" and third.list() == [oid]
+
+
 def test_a_password_holding_at_signs_is_masked_in_every_message(tmp_path: Any) -> None:
     for url in ("postgresql+psycopg://me:pa@ss:wo@127.0.0.1/test", "postgresql+psycopg://me:pa@ssWORD@127.0.0.1:1/t"):
         with pytest.raises((InvalidArgument, StoreError)) as info:

@@ -79,6 +79,7 @@ class FilesystemStore(Store):
                     yield entry.name
 
     def _reserve(self, n: int) -> range:
+        self._check_directory()
         if not self._counter_checked:
             # once per handle: a counter behind the records (restored, edited) would overwrite them
             counter_exists = self._counter.path.exists()
@@ -89,7 +90,14 @@ class FilesystemStore(Store):
         return self._counter.reserve(n)
 
     def _bump(self, number: int) -> None:
+        self._check_directory()
         self._counter.advance(number)
+
+    def _check_directory(self) -> None:
+        """Before the counter's lock is taken, which would make the directory again: the store must be there
+        (not removed, with the session around it, by another process)."""
+        if not self.directory.is_dir():
+            raise SaveError(str(self.directory), "the store directory is gone (removed by another process?)")
 
     def _write(self, records: list[Record]) -> None:
         for record in children_first(records):  # one file at a time: what a record names is there before it

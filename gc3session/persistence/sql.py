@@ -272,6 +272,35 @@ class SqlStore(Store):
                         raise
         return wanted
 
+    def _id_is_unique(self) -> bool:
+        """Whether the table's primary key, or a unique index, is its id column alone (reflection would cost
+        several milliseconds; these are catalog queries)."""
+        quote = self.engine.dialect.identifier_preparer.quote
+        table = quote(self.table_name)
+        dialect = self.engine.dialect.name
+        with self.engine.connect() as conn:
+            if dialect == "sqlite":
+                # table_info rows: (cid, name, type, notnull, default, place in the primary key or 0)
+                key = sorted((row[5], row[1]) for row in conn.exec_driver_sql(f"PRAGMA table_info({table})") if row[5])
+                # index_list rows: (seq, name, unique, origin, partial)
+                listed = conn.exec_driver_sql(f"PRAGMA index_list({table})")
+                unique = [row[1] for row in listed if row[2] and not row[4]]
+                return [name for _, name in key] == ["id"] or any(
+                    [row[2] for row in conn.exec_driver_sql(f"PRAGMA index_info({quote(index)})")] == ["id"]
+                    for index in unique
+                )
+            if dialect == "postgresql":
+                query = sa.text(
+                    "SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+                    "AND a.attnum = i.indkey[0] WHERE i.indrelid = to_regclass(:name) AND i.indisunique "
+                    "AND i.indpred IS NULL AND i.indnatts = 1 AND a.attname = 'id'"
+                )
+                return conn.execute(query, {"name": table}).first() is not None
+            keys: dict[str, list[tuple[int, str]]] = {}
+            for row in conn.exec_driver_sql(f"SHOW KEYS FROM {table} WHERE Non_unique = 0"):
+                keys.setdefault(row.Key_name, []).append((row.Seq_in_index, row.Column_name))
+            return any([name for _, name in sorted(columns)] == ["id"] for columns in keys.values())
+
     def _column_names(self) -> set[str]:
         """The table's columns, from an empty SELECT: reflection costs 25 ms on PostgreSQL, this one round trip."""
         with self.engine.connect() as conn:
@@ -297,8 +326,21 @@ class SqlStore(Store):
 
         Rows go to the driver's ``executemany`` as they are (see ``_row``): SQLAlchemy's processing of
         each row's parameters costs more than SQLite's own work on it.  Compiled at the first write
-        (a few milliseconds that a store opened for reading does not pay).
+        (a few milliseconds that a store opened for reading does not pay).  The table's key is checked
+        then too: a copy made with ``CREATE TABLE ... AS SELECT`` has none, and each save would add a row
+        for an id held already (MariaDB and MySQL), or fail (the others).  Reading it works.
         """
+        if not self._id_is_unique():
+            quote = self.engine.dialect.identifier_preparer.quote
+            if self.engine.dialect.name == "sqlite":  # which cannot add a primary key to a table
+                fix = f"CREATE UNIQUE INDEX {quote(self.table_name + '_id')} ON {quote(self.table_name)} (id)"
+            else:
+                fix = f"ALTER TABLE {quote(self.table_name)} ADD PRIMARY KEY (id)"
+            raise StoreError(
+                self._masked(),
+                f"table {self.table_name!r} has no primary key (or unique index) on id alone: writing to it would add "
+                f"a second row for an id (a copy made with CREATE TABLE ... AS SELECT?); restore the key: {fix}",
+            )
         table = self.table
         names = [c.name for c in table.columns]
         dialect = self.engine.dialect.name
@@ -385,9 +427,9 @@ class SqlStore(Store):
         """Upsert the records in one transaction, in batches."""
         with self._failures("cannot write", target=records[0].id if len(records) == 1 else f"{len(records)} objects"):
             try:
+                upsert, names = self._upsert  # made (and the table's key checked) before a transaction takes a lock
                 for attempt in retries():
                     with attempt, self._transaction() as conn:
-                        upsert, names = self._upsert
                         for start in range(0, len(records), BATCH):
                             rows: list[Any] = [self._row(record) for record in records[start : start + BATCH]]
                             if names is not None:
