@@ -358,10 +358,11 @@ class Session:
         return self._unknown(present)
 
     def _appended(self) -> list[str]:
-        """The ids that other processes appended to the index since this session read it."""
+        """The ids that other processes appended to the index since this session read it (not those this one
+        removed or forgot, which stay there until the next flush)."""
         index = self._file(self.INDEX_FILENAME)
         try:
-            return self._unknown(read_index_lines(index))
+            return [oid for oid in self._unknown(read_index_lines(index)) if oid not in self._removed]
         except OSError as error:
             raise SaveError(index, f"cannot read the index: {error.strerror or error}") from error
 

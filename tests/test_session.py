@@ -1587,10 +1587,12 @@ def test_a_session_with_its_store_inside_destroyed_by_another_process_is_not_mad
 def test_destroy_deletes_the_tasks_other_processes_appended_meanwhile(tmp_path, store_url, open_store):
     mine = Session(tmp_path / "s", store_or_url=store_url)
     mine.add(Task())
+    forgotten = mine.add(Task())
     other = Session(tmp_path / "s")  # as another process would
     other.add(TaskCollection(tasks=[Task()]))
+    mine.forget(forgotten, flush=False)  # still in the index file: not one that another process appended
     mine.destroy()
-    assert open_store().list() == []
+    assert open_store().list() == [forgotten]
     with pytest.raises(SessionError, match="is gone"):
         other.add(Task())
     other.close()
