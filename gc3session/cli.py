@@ -55,6 +55,7 @@ from .session import (
     resolve_store_url,
     table_not_found,
 )
+from .task import State
 from .unfinished import Refused, Unfinished, check_finished, read_unfinished, running, store_identity
 
 FORMATS = ("table", "json", "csv")
@@ -223,7 +224,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @main.command("ls")
 @session_argument
 @click.option("-r", "--recursive", is_flag=True, help="Show the children of collections under them.")
-@click.option("--state", "states", multiple=True, help="Only tasks in this state (repeatable).")
+@click.option("--state", "states", multiple=True, type=click.Choice([s.value for s in State], case_sensitive=False),
+              help="Only tasks in this state (repeatable; a name not a state's is refused, not matched by nothing).")
 @click.option("--name", "pattern", help="Only tasks whose job name matches this glob.")
 @click.option("--failed", is_flag=True, help="Only tasks that ended with a non-zero return code.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
@@ -541,10 +543,12 @@ def run_line(run: Any) -> str:
     failure = error.get("type") if isinstance(error, dict) else error  # a record edited by hand may hold text
     outcome = "open" if run.get("end") is None else ("ok" if not error else f"failed: {failure}")
     who = f"{run.get('user')}@{run.get('host')} pid {run.get('pid')}"
-    git = run.get("git") or {}
+    # records edited by hand, or written by older versions (argv unmasked), may hold anything
+    git = run.get("git") if isinstance(run.get("git"), dict) else {}
     commit = f" git {str(git.get('commit'))[:10]}{'+dirty' if git.get('dirty') else ''}" if git else ""
     params = f" params {json.dumps(run.get('params'))}" if run.get("params") else ""
-    command = " ".join(mask_password(str(a)) for a in run.get("argv") or [])  # records written before masking
+    argv = run.get("argv") or []
+    command = " ".join(mask_password(str(a)) for a in (argv if isinstance(argv, list) else [argv]))
     return (f"{local_time(run.get('start'))} - {local_time(run.get('end'))}  {outcome}  {who}  "
             f"{command}{commit}{params}")
 

@@ -42,7 +42,7 @@ def read_runs(session_path: str) -> dict[str, Any]:
             content = json.load(f)
     except FileNotFoundError:
         return {"session_id": None, "runs": []}
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: JSON nested thousands deep
         raise SessionError(path, f"cannot read the run records: {error}") from error
     if not isinstance(content, dict) or not isinstance(content.get("runs"), list):
         raise SessionError(path, "is not a run record file (expected an object with a list of runs)")
@@ -69,6 +69,12 @@ def new_run(params: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def _start(run: Any) -> float:
+    """When ``run`` started, for sorting; 0 for a record edited by hand that says nothing usable."""
+    start = run.get("start") if isinstance(run, dict) else None
+    return start if isinstance(start, (int, float)) and not isinstance(start, bool) and start == start else 0
+
+
 def update_runs(session_path: str, run: dict[str, Any]) -> str:
     """Add or replace ``run`` (by its ``run_id``) in ``session.json``; return the session id.
 
@@ -81,7 +87,7 @@ def update_runs(session_path: str, run: dict[str, Any]) -> str:
     session_id = content.get("session_id") or uuid.uuid4().hex
     runs = [r for r in content["runs"] if not (isinstance(r, dict) and r.get("run_id") == run["run_id"])]
     runs.append(run)
-    runs.sort(key=lambda r: r.get("start") or 0 if isinstance(r, dict) else 0)
+    runs.sort(key=_start)
     dropped = content.get("runs_dropped")
     dropped = dropped if isinstance(dropped, int) else 0
     if len(runs) > MAX_RUNS:  # bounded, so that opening a session stays cheap however often it is opened

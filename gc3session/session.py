@@ -45,7 +45,15 @@ from .persistence import SQL_SCHEMES, local_store_path
 from .persistence.atomic import write_atomically
 from .persistence.filesystem import FilesystemStore
 from .persistence.idfactory import PLAIN_ID_LINES, is_id, number_of, parse_id
-from .persistence.store import LAST_TAKEN, Store, expand_variables, make_store, mask_password, url_scheme
+from .persistence.store import (
+    LAST_TAKEN,
+    Store,
+    check_not_mistyped,
+    expand_variables,
+    make_store,
+    mask_password,
+    url_scheme,
+)
 from .plugins import Hooks
 from .runs import error_record, new_run, read_runs, update_runs
 from .unfinished import check_finished
@@ -219,8 +227,9 @@ class Session:
         self._index = dict.fromkeys(read_index(index))
         url = resolve_store_url(self.path, self.store_url)
         where = self._file(self.STORE_URL_FILENAME)
-        if self._index and url_scheme(url) in SQL_SCHEMES:  # a missing table is a typo, or a table dropped: the
-            extra_args = {**extra_args, "existing_table": True}  # index names tasks that a new one would not hold
+        # a missing table is a typo, or a table dropped: the index names tasks that a new one would not hold
+        if self._index and url_scheme(expand_variables(url).strip()) in SQL_SCHEMES:
+            extra_args = {**extra_args, "existing_table": True}
         try:
             self._check_store_is_there(local_store_path(url), where)
             self.store = make_store(url, **extra_args)
@@ -1066,7 +1075,8 @@ def _has_entries(directory: str) -> bool:
 
 def resolve_store_url(session_path: str | os.PathLike[str], url: str) -> str:
     """``url`` with a relative path taken as relative to the session directory."""
-    if url_scheme(url) is None and not os.path.isabs(expand_variables(url)):
+    expanded = expand_variables(url).strip()  # ${DB_URL} may hold a whole URL
+    if url_scheme(expanded) is None and not os.path.isabs(expanded):
         return os.path.join(os.path.abspath(session_path), url)
     return url
 
@@ -1289,11 +1299,15 @@ def _mend_last_line(fd: int) -> None:
 def absolute_url(url: str) -> str:
     """``url`` with a relative path made absolute (plain paths and ``sqlite:///relative``).
 
-    ``${NAME}`` variables are kept; a path is relative when it is once they are expanded.
+    ``${NAME}`` variables are kept; a path is relative, and a URL a URL, when it is once they are
+    expanded (``${DB_URL}`` holding a whole URL is no path).
     """
-    scheme = url_scheme(url)
+    url = url.strip()
+    expanded = expand_variables(url).strip()
+    check_not_mistyped(expanded)
+    scheme = url_scheme(expanded)
     if scheme is None:
-        return url if "${" in url and os.path.isabs(expand_variables(url)) else os.path.abspath(url)
+        return url if "${" in url and os.path.isabs(expanded) else os.path.abspath(url)
     if scheme == "sqlite":
         head, sep, rest = url.partition(":///")
         absolute = expand_variables(rest).startswith("/")

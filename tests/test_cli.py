@@ -185,6 +185,12 @@ def test_ls_recursive_json_and_filters(sample: Path) -> None:
     assert json.loads(run("ls", sample, "--state", "STOPPED", "--format", "json").output) == []
 
 
+def test_ls_refuses_a_state_that_does_not_exist(sample: Path) -> None:
+    """A misspelt state listed nothing, and said nothing: no task running, the user concluded."""
+    result = run("ls", sample, "-r", "--state", "RUNING")
+    assert result.exit_code == 2 and "'RUNING' is not one of" in result.output, result.output
+
+
 @pytest.mark.parametrize("kind", CLI_KINDS)
 def test_ls_recursive_goes_deeper_than_the_connection_pool(
     kind: str, tmp_path: Path, store_url_of: Callable[[str], str], monkeypatch: pytest.MonkeyPatch

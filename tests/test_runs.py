@@ -91,6 +91,29 @@ def test_a_damaged_run_file_is_set_aside_and_the_session_opens(tmp_path):
     assert len(json.loads((tmp_path / "s" / RUNS_FILENAME).read_text())["runs"]) == 1
 
 
+@pytest.mark.parametrize("odd", [
+    {"start": "2026-11-21T04:42:25"}, {"start": None}, {"argv": 5}, {"git": "abc"}, {"error": 3, "end": "x"},
+])
+def test_run_records_edited_by_hand_neither_stop_an_open_nor_a_command(tmp_path, odd):
+    session = Session(tmp_path / "s")
+    oid = session.add(Task(jobname="kept"))
+    session.close()
+    content = json.loads((tmp_path / "s" / RUNS_FILENAME).read_text())
+    content["runs"].append({"run_id": "by-hand", **odd})
+    (tmp_path / "s" / RUNS_FILENAME).write_text(json.dumps(content))
+    for command in (["stats"], ["show", oid], ["rm", oid]):
+        shown = CliRunner().invoke(main, [command[0], str(tmp_path / "s"), *command[1:]])
+        assert shown.exit_code == 0 and shown.exception is None, shown.output
+    Session(tmp_path / "s").close()
+
+
+def test_run_records_nested_too_deep_are_set_aside(tmp_path):
+    Session(tmp_path / "s").close()
+    (tmp_path / "s" / RUNS_FILENAME).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.warns(RepairWarning, match="kept as .*session.json.damaged-"):
+        Session(tmp_path / "s").close()
+
+
 def test_run_records_that_cannot_be_set_aside_are_a_save_error(tmp_path, monkeypatch):
     Session(tmp_path / "s").close()
     (tmp_path / "s" / RUNS_FILENAME).write_text("{not json")

@@ -21,7 +21,7 @@ from ..exceptions import InvalidArgument, LoadError, RepairWarning, SaveError, S
 from .atomic import write_atomically
 from .idfactory import FileCounter, IdFactory, is_id, parse_id
 from .serialization import DEFAULT_PROTOCOL, decode_json, encode_json, scan_json
-from .store import LAST_TAKEN, Record, Store, children_first, matches, missing, store_options
+from .store import LAST_TAKEN, Record, Store, children_first, mask_password, matches, missing, store_options
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +357,6 @@ def store_directory(directory: str | os.PathLike[str]) -> Path:
         if rest[:10].lower() == "localhost/":
             rest = rest[len("localhost") :]
         if not rest.startswith("/"):
-            raise InvalidArgument(f"file URL {directory!r} must name an absolute path (file:///...)")
+            raise InvalidArgument(f"file URL {mask_password(directory)!r} must name an absolute path (file:///...)")
         return Path(rest)
     return Path(directory)

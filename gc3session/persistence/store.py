@@ -907,7 +907,10 @@ def matches(meta: dict[str, Any], filters: dict[str, Any]) -> bool:
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 # the password runs to the last "@": it may hold "/" (SQLAlchemy takes that) or "@" (which it cannot, but a
 # user may try); masking too much of a URL is harmless, showing part of a password is not
-_PASSWORD = re.compile(r"(://[^:/@]*):(.*)@")
+# (slashes or not: "postgresql:/me:pw@host" is refused, naming the URL; a password may hold a newline)
+_PASSWORD = re.compile(r"(:/*[^:/@]*):(.*)@", re.DOTALL)
+#: A scheme and a colon without the two slashes that make it a URL (``postgresql:/me@host/db``).
+_SCHEME_NO_SLASHES = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(?!//)")
 #: The name of a URL option whose value is secret: ``password``, ``sslpassword``, ``api_token``...
 SECRET_OPTION = re.compile(r"password|passwd|pwd|secret|token", re.IGNORECASE)
 _QUERY_PASSWORD = re.compile(rf"([?&][^=&#]*(?:{SECRET_OPTION.pattern})[^=&#]*=)[^&#]*", re.IGNORECASE)
@@ -967,7 +970,8 @@ def make_store(url: str | os.PathLike[str] | Store, **kwargs: Any) -> Store:
     if not isinstance(url, str) or not url.strip():
         raise InvalidArgument(f"a store URL must be a non-empty string or path, not {url!r}")
     written = url.strip()
-    url = expand_variables(written)
+    url = expand_variables(written).strip()
+    check_not_mistyped(url)
     scheme = url_scheme(url) or "file"
     constructor = _registry.get(scheme) or _from_entry_point(scheme)
     if constructor is None:
@@ -977,6 +981,17 @@ def make_store(url: str | os.PathLike[str] | Store, **kwargs: Any) -> Store:
     if written != url:
         store.url = written  # what a session writes to store.url: the variables, not their values
     return store
+
+
+def check_not_mistyped(url: str) -> None:
+    """Refuse ``url`` if it starts like a URL of a known scheme without its ``//``: it would be taken for a
+    relative path, and the tasks would go to a local directory of that name."""
+    match = _SCHEME_NO_SLASHES.match(url)
+    if match is None:
+        return
+    scheme = match[1].split("+")[0].lower()
+    if scheme in _registry or scheme == "file" or _from_entry_point(scheme) is not None:
+        raise InvalidArgument(f"store URL {mask_password(url)} lacks the // after {match[1]}: (write {match[1]}://...)")
 
 
 def _from_entry_point(scheme: str) -> Callable[..., Store] | None:

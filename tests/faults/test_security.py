@@ -21,6 +21,7 @@ import fractions
 import logging
 import os
 import pathlib
+import re
 import stat
 import tempfile
 import traceback
@@ -40,6 +41,7 @@ from gc3session import Session, State, Task, TaskCollection, TemporarySession
 from gc3session.cli import main as session_tool
 from gc3session.exceptions import Error, InvalidArgument, LoadError, LoadWarning
 from gc3session.persistence import Store, make_store
+from gc3session.persistence.store import mask_password
 
 KINDS = ["file", "sqlite", "postgresql", "mysql"]
 SQL_KINDS = ["sqlite", "postgresql", "mysql"]
@@ -405,6 +407,57 @@ def test_a_variable_value_is_not_expanded_again(tmp_path, monkeypatch):
     monkeypatch.setenv("GC3_TEST_INNER", "expanded-twice")
     store = make_store("${GC3_TEST_OUTER}/jobs")
     assert Path(store.directory) == tmp_path / "${GC3_TEST_INNER}" / "jobs"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_whole_url_in_a_variable_is_a_url_not_a_directory(tmp_path, store_url_of, monkeypatch, kind):
+    """The scheme was looked for before the variable was expanded: the tasks went to a local directory named
+    after the URL, password included."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GC3_TEST_WHOLE_URL", store_url_of(kind))
+    session = Session(tmp_path / "s", store_or_url="${GC3_TEST_WHOLE_URL}")
+    oid = session.add(Task(jobname="t"))
+    session.close()
+    assert (tmp_path / "s" / "store.url").read_text() == "${GC3_TEST_WHOLE_URL}\n"
+    again = Session(tmp_path / "s")
+    assert again.tasks[oid].jobname == "t" and again.store.url == "${GC3_TEST_WHOLE_URL}"
+    assert type(again.store) is type(make_store(store_url_of(kind)))
+    again.close()
+    assert not [p for p in os.listdir(tmp_path) if ":" in p], os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("url", [" sqlite:///{tmp}/a.db ", "\tsqlite:///{tmp}/a.db"])
+def test_a_url_with_blanks_around_it_is_still_a_url(tmp_path, monkeypatch, url):
+    monkeypatch.chdir(tmp_path)  # where a directory named after it would go
+    session = Session(tmp_path / "s", store_or_url=url.format(tmp=tmp_path))
+    session.add(Task())
+    assert (tmp_path / "a.db").exists() and not (tmp_path / "s" / "jobs").exists()
+    session.close()
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql:/me:Zq7secret@127.0.0.1/db", "postgresql+psycopg:me:Zq7secret@127.0.0.1/db", "sqlite:{tmp}/a.db",
+    "file:{tmp}/store", "mysql:/root@127.0.0.1/test",
+])
+def test_a_url_without_its_two_slashes_is_refused_not_taken_for_a_directory(tmp_path, monkeypatch, url):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    url = url.format(tmp=tmp_path)
+    scheme = url.partition(":")[0]
+    with pytest.raises(InvalidArgument, match=f"lacks the // after {re.escape(scheme)}:") as excinfo:
+        Session(tmp_path / "s", store_or_url=url)
+    assert_hidden("Zq7secret", error=excinfo.value)
+    with pytest.raises(InvalidArgument, match="lacks the //"):
+        make_store(url)
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_a_password_holding_a_newline_is_masked_whole():
+    assert mask_password("postgresql://me:Zq7\nsecret@host/db") == "postgresql://me:***@host/db"
+    secret = "Zq7" + "secret"  # not in the source line that the traceback shows
+    with pytest.raises(InvalidArgument) as excinfo:
+        make_store(f"file://me:{secret}@fileserver/data")
+    assert_hidden(secret, error=excinfo.value)
 
 
 # -- store.url is private ------------------------------------------------------------------------
