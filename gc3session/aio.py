@@ -104,28 +104,56 @@ class AsyncSession:
             return await self._call(session.add, task, False)
         done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._queue.append((task, done))
-        if self._committer is None:
-            self._committer = asyncio.ensure_future(self._commit())
+        self._start_committer()
         return await asyncio.shield(done)
 
-    async def _commit(self) -> None:
-        """Write queued adds in batches until the queue is empty."""
-        try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                try:
-                    outcomes = await self._call(self._add_batch, [task for task, _ in batch])
-                except BaseException as error:  # the worker could not even run the batch
-                    outcomes = [error] * len(batch)
-                for (_, done), outcome in zip(batch, outcomes, strict=True):
-                    if done.done():
-                        continue
-                    if isinstance(outcome, BaseException):
-                        done.set_exception(outcome)
-                    else:
-                        done.set_result(outcome)
-        finally:
+    def _start_committer(self) -> None:
+        """Start the task that writes the queued adds, unless it is running."""
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.ensure_future(self._commit())
+            self._committer.add_done_callback(self._committer_ended)
+
+    def _committer_ended(self, committer: asyncio.Task[None]) -> None:
+        # cancelled before its first step (a shutdown handler that cancels every task), it never took the queue:
+        # another one takes it, or the adds waiting would wait for ever
+        if committer is self._committer:
             self._committer = None
+            if self._queue and not self._closed:
+                self._start_committer()
+
+    async def _commit(self) -> None:
+        """Write queued adds in batches until the queue is empty.
+
+        A cancellation does not stop it: the batch goes on being written in
+        the worker, and the adds waiting for it are told how it went.
+        """
+        while self._queue:
+            batch, self._queue = self._queue, []
+            if self._executor is None:  # destroyed meanwhile
+                self._settle(batch, [SessionError(self.path, "was destroyed")] * len(batch))
+                continue
+            # a future of the worker's, not a task: a handler that cancels every task does not reach it
+            written = asyncio.get_running_loop().run_in_executor(
+                self._executor, self._add_batch, [task for task, _ in batch]
+            )
+            while not written.done():
+                try:
+                    await asyncio.wait({written})  # which, cancelled, leaves the batch be
+                except asyncio.CancelledError:  # this task was cancelled, not the batch: it goes on being written
+                    continue
+            error = written.exception() if not written.cancelled() else asyncio.CancelledError()
+            self._settle(batch, [error] * len(batch) if error is not None else written.result())
+
+    @staticmethod
+    def _settle(batch: list[tuple[Any, asyncio.Future[str]]], outcomes: list[str | BaseException]) -> None:
+        """Tell each add waiting in ``batch`` its id, or its error."""
+        for (_, done), outcome in zip(batch, outcomes, strict=True):
+            if done.done():
+                continue
+            if isinstance(outcome, BaseException):
+                done.set_exception(outcome)
+            else:
+                done.set_result(outcome)
 
     def _add_batch(self, tasks: list[Any]) -> list[str | BaseException]:
         """On the worker: add and flush ``tasks`` together, or else one by one."""
@@ -134,6 +162,10 @@ class AsyncSession:
         try:
             for task in tasks:
                 added.append(session._add(task, flush=False))  # plugins hear of the tasks once they are written
+            for task, (oid, new) in zip(tasks, added, strict=True):
+                # a task of the session added again: saved if it changed, as a plain add does
+                if not new and getattr(task, "changed", True) and oid not in session._unsaved:
+                    session.save(task)
             session.flush()
         except Exception:
             session.withdraw([oid for oid, new in added if new])
@@ -221,8 +253,16 @@ class AsyncSession:
     async def _close_now(self, error: BaseException | None) -> None:
         assert self._session is not None
         try:
-            while self._committer is not None:
-                await asyncio.shield(self._committer)
+            while self._queue or self._committer is not None:  # the adds queued are written first
+                self._start_committer()
+                committer = self._committer
+                assert committer is not None
+                try:
+                    await asyncio.shield(committer)
+                except asyncio.CancelledError:
+                    if not committer.cancelled():  # this close was cancelled: it goes on in the background
+                        raise
+                    self._committer = None  # the committer was, before it took the queue: start another
         finally:
             try:
                 await self._call(self._session.__exit__, type(error) if error else None, error, None)

@@ -42,7 +42,7 @@ from .persistence import local_store_path
 from .persistence.atomic import TEMP_PREFIX
 from .persistence.filesystem import FilesystemStore
 from .persistence.idfactory import id_list, is_id
-from .persistence.store import Store, make_store, mask_password, same_records
+from .persistence.store import SECRET_OPTION, Store, make_store, mask_password, same_records
 from .runs import read_runs
 from .session import (
     Session,
@@ -546,11 +546,20 @@ def run_line(run: Any) -> str:
     # records edited by hand, or written by older versions (argv unmasked), may hold anything
     git = run.get("git") if isinstance(run.get("git"), dict) else {}
     commit = f" git {str(git.get('commit'))[:10]}{'+dirty' if git.get('dirty') else ''}" if git else ""
-    params = f" params {json.dumps(run.get('params'))}" if run.get("params") else ""
+    params = f" params {json.dumps(hide_secrets(run.get('params')))}" if run.get("params") else ""
     argv = run.get("argv") or []
     command = " ".join(mask_password(str(a)) for a in (argv if isinstance(argv, list) else [argv]))
     return (f"{local_time(run.get('start'))} - {local_time(run.get('end'))}  {outcome}  {who}  "
             f"{command}{commit}{params}")
+
+
+def hide_secrets(value: Any) -> Any:
+    """``value`` (JSON) with what a key named like a password holds, and any password in a URL, as ``***``."""
+    if isinstance(value, dict):
+        return {key: "***" if SECRET_OPTION.search(str(key)) else hide_secrets(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [hide_secrets(item) for item in value]
+    return mask_password(value) if isinstance(value, str) else value
 
 
 def mtime(path: str) -> float:

@@ -102,6 +102,12 @@ class _Guarded:
 
 def _guard(plugin: object, name: str) -> Any:
     method = getattr(plugin, name)
+    signature = inspect.signature(method)
+    keyword_only = [p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    if keyword_only:  # pluggy passes the plain parameters only: each call would fail, or never pass these
+        raise InvalidArgument(f"plugin {plugin!r}: {name}() takes {', '.join(keyword_only)} as keyword-only "
+                              "parameters, which hooks never pass: make them plain parameters (def "
+                              f"{name}(self, {', '.join(keyword_only)}))")
 
     @functools.wraps(method)
     def guarded(*args: Any, **kwargs: Any) -> None:  # pluggy passes arguments with defaults by keyword
@@ -110,7 +116,7 @@ def _guard(plugin: object, name: str) -> Any:
         except Exception:
             log.error("plugin %r failed in %s; the session goes on", plugin, name, exc_info=True)
 
-    guarded.__signature__ = inspect.signature(method)  # type: ignore[attr-defined]
+    guarded.__signature__ = signature  # type: ignore[attr-defined]
     return guarded
 
 

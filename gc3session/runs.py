@@ -24,7 +24,7 @@ import warnings
 from typing import Any
 
 from ._version import __version__
-from .exceptions import RepairWarning, SaveError, SessionError
+from .exceptions import InvalidArgument, RepairWarning, SaveError, SessionError
 from .persistence.atomic import write_atomically
 from .persistence.store import mask_password
 
@@ -47,6 +47,15 @@ def read_runs(session_path: str) -> dict[str, Any]:
     if not isinstance(content, dict) or not isinstance(content.get("runs"), list):
         raise SessionError(path, "is not a run record file (expected an object with a list of runs)")
     return content
+
+
+def check_params(params: Any) -> None:
+    """Raise InvalidArgument if ``params`` cannot be kept in a run record (JSON; values that are not are kept
+    as their ``repr``, keys and cycles cannot be)."""
+    try:
+        json.dumps(params, default=repr)
+    except (TypeError, ValueError, RecursionError) as error:
+        raise InvalidArgument(f"params cannot be kept in the session's run records (JSON): {error}") from None
 
 
 def new_run(params: dict[str, Any] | None) -> dict[str, Any]:

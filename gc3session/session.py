@@ -55,7 +55,7 @@ from .persistence.store import (
     url_scheme,
 )
 from .plugins import Hooks
-from .runs import error_record, new_run, read_runs, update_runs
+from .runs import check_params, error_record, new_run, read_runs, update_runs
 from .unfinished import check_finished
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class Session:
         if isinstance(store_or_url, (str, os.PathLike)) and not str(os.fspath(store_or_url)).strip():
             raise InvalidArgument(f"the store URL for session {os.path.abspath(path)} is empty")
         self.path = os.path.abspath(os.fspath(path))
+        check_params(params)  # before anything is made
         #: The session's plugins (see :mod:`gc3session.plugins`).
         self.hooks = Hooks(plugins, autoload=autoload_plugins)
         self.name = os.path.basename(self.path)
@@ -429,9 +430,13 @@ class Session:
         return oid, True
 
     def _check_not_destroyed(self) -> None:
+        """Before a write: refuse one to a session destroyed, or closed (nothing would write it after)."""
         if self._destroyed:
             raise SessionError(self.path, "was destroyed: nothing more is written to it "
                                "(open a new session to start again)")
+        if self._finished:
+            raise SessionError(self.path, "is closed: nothing more is written through this Session object "
+                               "(open the session again to go on)")
 
     def _skip_past_index(self) -> None:
         """Before the first new id of this open: make the store's counter pass every id of the index.
@@ -480,8 +485,7 @@ class Session:
             changed = [t for t in walked if getattr(t, "changed", True)]
             if changed or self._unsaved:  # not to a store whose records another process's destroy() deleted
                 self._check_still_there()
-            self.store.save_many(list(self._unsaved.values()) + changed)
-            self._unsaved.clear()
+            self._save_unsaved(changed)
             if flush:
                 self.flush()
 
@@ -492,15 +496,16 @@ class Session:
             if self._unsaved or self._added or self._removed or self._doomed:
                 self._check_still_there()
             if self._unsaved:
-                self.store.save_many(list(self._unsaved.values()))
-                self._unsaved.clear()
+                self._save_unsaved()
                 self._pending = None  # their records may now refer to what a removal pending would delete
+            # tasks a plugin added while they were saved (task_saved) are not saved yet: indexed by the next flush
+            late = {oid: None for oid in self._unsaved if self._added.pop(oid, False) is None}
             others: list[str] | None = None
             if self._removed:
                 others = self._rewrite_index()
             elif self._added:
                 self._append_to_index(list(self._added))
-            self._added.clear()
+            self._added = late
             self._removed.clear()
             if self._doomed:
                 doomed = self.pending_deletions()
@@ -523,6 +528,14 @@ class Session:
                 self._doomed.clear()
                 self._pending = None
             self._forgotten.clear()
+
+    def _save_unsaved(self, more: Iterable[Any] = ()) -> None:
+        """Save the tasks added without a flush (and ``more``) in one batch.  Only those are then taken off
+        the list: a plugin told of the save (``task_saved``) may add others, for the next flush."""
+        saving = dict(self._unsaved)
+        self.store.save_many([*saving.values(), *more])
+        for oid in saving:
+            self._unsaved.pop(oid, None)
 
     def pending_deletions(self) -> list[str]:
         """The records the next :meth:`flush` deletes.

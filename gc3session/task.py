@@ -93,8 +93,10 @@ class Execution:
         value = State.of(value)
         old = self._state
         if value != old:
-            self._state = value
+            # the history first: setting _state marks the execution changed, and a save that clears the mark in
+            # between must find the entry there already (else it is saved without it, and never after)
             self.history.append((time.time(), value))
+            self._state = value
             if _observers:
                 observer = _observers.get(self)
                 if observer is not None:

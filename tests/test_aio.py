@@ -235,3 +235,44 @@ async def test_a_destroyed_async_session_closes_quietly(tmp_path: Any) -> None:
         await session.destroy()
     await session.close()
     assert not (tmp_path / "s").exists()
+
+
+async def test_adds_outlive_a_handler_that_cancels_every_task(tmp_path: Any) -> None:
+    """A shutdown handler cancels every task but its own, the committer among them: before its first step (it
+    was left as the committer, and later adds waited for ever), or while the worker was busy (its group was
+    dropped unwritten)."""
+    tasks = [Task(f"t{i}") for i in range(50)]
+    try:
+        later = await adds_through_cancellations(tmp_path / "s", tasks)  # in this task, which the handler spares
+    except (asyncio.CancelledError, asyncio.TimeoutError) as error:  # BaseException: pytest would not report it
+        pytest.fail(f"the adds did not outlive the cancellations: {error!r}")
+    assert sorted(index_ids(tmp_path / "s")) == sorted([t.persistent_id for t in tasks] + [later])
+
+
+async def adds_through_cancellations(path: Any, tasks: list[Task]) -> str:
+    async with async_session(path, autoload_plugins=False) as s:
+        busy = asyncio.ensure_future(s._call(time.sleep, 0.2))  # the worker busy: the group waits for it
+        adders = [asyncio.ensure_future(s.add(task)) for task in tasks[:25]]
+        await asyncio.sleep(0.05)
+        for other in asyncio.all_tasks():
+            if other is not asyncio.current_task():
+                other.cancel()
+        await asyncio.gather(busy, *adders, return_exceptions=True)
+        adders = [asyncio.ensure_future(s.add(task)) for task in tasks[25:]]
+        await asyncio.sleep(0)  # queued, the committer scheduled but not started
+        for other in asyncio.all_tasks():
+            if other is not asyncio.current_task():
+                other.cancel()
+        await asyncio.gather(*adders, return_exceptions=True)
+        return await asyncio.wait_for(s.add(Task("later")), 10)
+
+
+async def test_adding_a_changed_task_of_the_session_again_saves_it(tmp_path: Any) -> None:
+    async with async_session(tmp_path / "s", autoload_plugins=False) as s:
+        task = Task("t", alpha=None)
+        oid = await s.add(task)
+        task.alpha = 1
+        assert await s.add(task) == oid
+        stored = Session(tmp_path / "s", autoload_plugins=False)  # before the block saves anything
+        assert stored.tasks[oid].alpha == 1
+        stored.close(save=False)

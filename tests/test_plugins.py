@@ -321,3 +321,38 @@ def test_progress_counts_tasks_already_loaded_and_stays_quiet_for_short_bursts(t
         session.add(Task("more"))
     assert out.getvalue() == ""
     assert reporter.counts["NEW"] == 4
+
+
+def test_a_hook_with_keyword_only_parameters_is_refused(tmp_path: Any) -> None:
+    """Hooks pass plain parameters only: each call failed, logged and swallowed, and the plugin never worked."""
+
+    class KeywordOnly:
+        def task_added(self, *, session: Any, task: Any) -> None:
+            pass
+
+    with pytest.raises(InvalidArgument, match=r"task_added\(\) takes session, task as keyword-only parameters"):
+        Session(tmp_path / "s", plugins=[KeywordOnly()], autoload_plugins=False)
+
+
+def test_tasks_a_plugin_adds_without_flush_while_a_flush_saves_go_to_the_next_flush(tmp_path: Any) -> None:
+    """The flush that saved cleared its list of tasks to save, the plugin's new ones too, and indexed them:
+    the index named tasks whose records were never written."""
+
+    class Follower:
+        def session_opened(self, session: Any) -> None:
+            self.session = session
+
+        def task_saved(self, obj: Any) -> None:
+            if obj.jobname.startswith("t"):
+                self.session.add(Task(f"follows-{obj.jobname}"), flush=False)
+
+    session = Session(tmp_path / "s", plugins=[Follower()], autoload_plugins=False)
+    for i in range(3):
+        session.add(Task(f"t{i}"), flush=False)
+    session.flush()
+    on_disk = Session(tmp_path / "s", autoload_plugins=False)
+    assert sorted(task.jobname for task in on_disk) == ["t0", "t1", "t2"] and not on_disk.load_errors
+    on_disk.close(save=False)
+    session.flush()
+    assert sorted(task.jobname for task in Session(tmp_path / "s", autoload_plugins=False)) == [
+        "follows-t0", "follows-t1", "follows-t2", "t0", "t1", "t2"]

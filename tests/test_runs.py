@@ -168,3 +168,15 @@ def test_run_records_are_bounded_keeping_the_first_and_the_newest(tmp_path, monk
     assert [r["params"]["n"] for r in content["runs"]] == [0, 4, 5, 6, 7]
     assert content["runs_dropped"] == 3
     assert all(r["end"] is not None for r in content["runs"])
+
+
+def test_session_tool_hides_passwords_in_run_params(tmp_path):
+    session = Session(tmp_path / "s", params={"db": "postgresql://alice:Zq7secret@db/results", "password": "Zq7x",
+                                             "nested": [{"api_token": "Zq7y"}], "alpha": 0.1})
+    oid = session.add(Task())
+    session.close()
+    for command in (["stats"], ["show", oid]):
+        shown = CliRunner().invoke(main, [command[0], str(tmp_path / "s"), *command[1:]])
+        assert "Zq7" not in shown.output and "***" in shown.output, shown.output
+    shown = CliRunner().invoke(main, ["stats", str(tmp_path / "s")]).output
+    assert "alice:***@db/results" in shown and '"alpha": 0.1' in shown

@@ -2060,3 +2060,26 @@ def test_id_set_takes_a_bit_per_number_from_the_first_one_added():
         assert high.add(f"Task.{number}")
     assert sum(len(bits) for _, bits in high._bits.values()) <= 2 * 10_000 // 8
     assert not high.add("Task.50000000") and not high._others
+
+
+@pytest.mark.parametrize("write", [
+    lambda s: s.add(Task(), flush=False), lambda s: s.add(Task()), lambda s: s.save(Task()), lambda s: s.flush(),
+    lambda s: s.save_all(), lambda s: s.remove("Task.1"),
+])
+def test_a_closed_session_refuses_writes(tmp_path, write):
+    """An add with flush=False after close() (a thread still adding) was taken, and nothing wrote it after."""
+    with Session(tmp_path / "s") as session:
+        session.add(Task())
+        session.close()
+        with pytest.raises(SessionError, match="is closed"):
+            write(session)
+    assert len(Session(tmp_path / "s")) == 1
+
+
+def test_params_that_cannot_be_recorded_are_refused_before_anything_is_made(tmp_path):
+    cycle: dict = {}
+    cycle["self"] = cycle
+    for params in ({("alpha", "beta"): 0.1}, cycle):
+        with pytest.raises(InvalidArgument, match="params cannot be kept in the session's run records"):
+            Session(tmp_path / "s", params=params)
+        assert not (tmp_path / "s").exists()

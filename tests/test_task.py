@@ -403,3 +403,18 @@ def test_setting_the_same_state_again_changes_nothing():
     assert [s for _, s in task.execution.history] == [State.NEW, State.RUNNING]
     task.state = State.TERMINATED
     assert task.changed
+
+
+def test_a_state_change_has_its_history_entry_before_it_marks_the_execution_changed():
+    """A save that cleared the mark between the two steps stored the state without its entry, and never again."""
+    seen = []
+
+    class Watched(Execution):
+        def __setattr__(self, name, value):
+            if name == "_state" and "history" in self.__dict__:  # not while it is made
+                seen.append(self.history[-1][1])
+            super().__setattr__(name, value)
+
+    execution = Watched()
+    execution.state = State.RUNNING
+    assert seen[-1] == State.RUNNING

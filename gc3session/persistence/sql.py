@@ -331,6 +331,7 @@ class SqlStore(Store):
         for an id held already (MariaDB and MySQL), or fail (the others).  Reading it works.
         """
         if not self._id_is_unique():
+            self._column_names()  # a table dropped meanwhile has no key either: the driver says it is not there
             quote = self.engine.dialect.identifier_preparer.quote
             if self.engine.dialect.name == "sqlite":  # which cannot add a primary key to a table
                 fix = f"CREATE UNIQUE INDEX {quote(self.table_name + '_id')} ON {quote(self.table_name)} (id)"
