@@ -634,6 +634,9 @@ def destroy(session: str, yes: bool, dry_run: bool) -> None:
         destroy_unfinished(view, mark, yes, dry_run)
         return
     count = len(view.ids)
+    # a store that cannot be opened (gone, not mounted, a scheme or variable unknown) is refused by the dry run,
+    # and before the question, as the destroy itself would refuse it
+    view.open_store().close()
     if dry_run:
         click.echo(f"would destroy session {view.path} and its {count} task(s) in {mask_password(view.store_url)}")
         return

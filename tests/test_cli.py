@@ -345,6 +345,19 @@ def test_destroy_asks_and_refuses_non_sessions(sample: Path, tmp_path: Path) -> 
     assert yes.exit_code == 0 and not sample.exists()
 
 
+@pytest.mark.parametrize("url", ["{tmp}/gone/jobs", "ftp://host/x", "${GC3_TEST_UNSET_VARIABLE}/jobs"])
+def test_destroy_dry_run_refuses_what_destroy_refuses_and_before_asking(tmp_path: Path, url: str) -> None:
+    """The dry run never opened the store: it said it would destroy a session that destroy then refused."""
+    session = Session(tmp_path / "s")
+    session.add(Task())
+    session.close()
+    (tmp_path / "s" / "store.url").write_text(url.replace("{tmp}", str(tmp_path)) + "\n")
+    for args in (["--dry-run"], []):
+        result = run("destroy", tmp_path / "s", *args, input="y\n")
+        assert result.exit_code == 1 and "would destroy" not in result.output, result.output
+        assert "Destroy session" not in result.output and (tmp_path / "s" / "index.txt").exists()
+
+
 def test_verify_reports_missing_and_damaged(tmp_path: Path) -> None:
     session = Session(tmp_path / "s")
     ids = [session.add(Task(jobname=f"t{i}")) for i in range(4)]
