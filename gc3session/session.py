@@ -100,6 +100,12 @@ class Session:
         autoload_plugins: bool | None = None,
         **extra_args: Any,
     ) -> None:
+        for name, value in (("session path", path), ("store URL", store_or_url)):
+            if (value is None and name == "store URL") or isinstance(value, Store):
+                continue
+            text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+            if not isinstance(text, str) or "\0" in text:
+                raise InvalidArgument(f"the {name} must be a string or path without NUL bytes, not {value!r}")
         # an empty string (an unset shell variable, often) would mean the current directory
         if isinstance(path, str) and not path.strip():
             raise InvalidArgument("the session path is empty")
@@ -581,6 +587,7 @@ class Session:
 
     def load(self, id: str, add: bool = True, flush: bool = True) -> Any:  # noqa: A002
         """Load task ``id`` from the store; with ``add`` it becomes part of the session."""
+        check_id_type(id)
         return self.load_many([id], add=add, flush=flush)[id]
 
     def load_many(self, ids: Iterable[str], add: bool = True, flush: bool = True) -> dict[str, Any]:
@@ -628,6 +635,7 @@ class Session:
 
     def forget(self, id: str, flush: bool = True) -> None:  # noqa: A002
         """Drop task ``id`` from the session; it stays in the store."""
+        check_id_type(id)
         with self._mutex:
             self._check_not_destroyed()
             task = self._unsaved.get(id)
@@ -651,6 +659,7 @@ class Session:
         are deleted at the next :meth:`flush`, after the index no longer
         names them.
         """
+        check_id_type(id)
         with self._mutex:
             self._check_not_destroyed()
             doomed = self._descendants([id])
@@ -1327,6 +1336,12 @@ def absolute_url(url: str) -> str:
         if sep and rest and not absolute and not rest.startswith(":memory:") and "://" not in head:
             return f"{head}:///{os.path.abspath(rest)}"
     return url
+
+
+def check_id_type(oid: Any) -> None:
+    """Raise InvalidArgument unless ``oid`` is a string (a list of ids given for one, say)."""
+    if not isinstance(oid, str):
+        raise InvalidArgument(f"a task id is a string, like 'Task.1', not {oid!r}")
 
 
 def remove_tree(path: str) -> None:

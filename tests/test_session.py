@@ -2083,3 +2083,22 @@ def test_params_that_cannot_be_recorded_are_refused_before_anything_is_made(tmp_
         with pytest.raises(InvalidArgument, match="params cannot be kept in the session's run records"):
             Session(tmp_path / "s", params=params)
         assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp: Session(tmp / "s", store_or_url=b"jobs"), lambda tmp: Session(tmp / "s", store_or_url="st\0ore"),
+    lambda tmp: Session(str(tmp / "a\0b")), lambda tmp: Session(b"s"),
+])
+def test_a_session_path_or_store_url_of_the_wrong_type_is_an_invalid_argument(tmp_path, make):
+    with pytest.raises(InvalidArgument, match="must be a string or path without NUL bytes"):
+        make(tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("call", [lambda s: s.remove(["Task.1"]), lambda s: s.forget(["Task.1"]),
+                                  lambda s: s.load(["Task.1"])])
+def test_an_id_that_is_no_string_is_an_invalid_argument(session, call):
+    oid = session.add(Task())
+    with pytest.raises(InvalidArgument, match=r"a task id is a string, like 'Task.1', not \['Task.1'\]"):
+        call(session)
+    assert session.list_ids() == [oid]
