@@ -634,15 +634,15 @@ def destroy(session: str, yes: bool, dry_run: bool) -> None:
         destroy_unfinished(view, mark, yes, dry_run)
         return
     count = len(view.ids)
-    # a store that cannot be opened (gone, not mounted, a scheme or variable unknown) is refused by the dry run,
-    # and before the question, as the destroy itself would refuse it
-    view.open_store().close()
-    if dry_run:
+    # opened first: a store that cannot be (gone, not mounted, a scheme or variable unknown) is refused by the dry
+    # run, and before the question, as the destroy itself refuses it
+    opened = open_to_change(view, f"; to drop the session and leave its store as it is, remove {view.path}")
+    if dry_run or not (yes or click.confirm(f"Destroy session {view.path} and its {count} task(s)?")):
+        opened.close(save=False)
+        if not dry_run:
+            raise click.Abort()
         click.echo(f"would destroy session {view.path} and its {count} task(s) in {mask_password(view.store_url)}")
         return
-    if not yes:
-        click.confirm(f"Destroy session {view.path} and its {count} task(s)?", abort=True)
-    opened = open_to_change(view, f"; to drop the session and leave its store as it is, remove {view.path}")
     opened.destroy()
     click.echo(f"destroyed session {view.path} ({count} task(s))")
 
