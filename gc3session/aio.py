@@ -132,17 +132,22 @@ class AsyncSession:
             if self._executor is None:  # destroyed meanwhile
                 self._settle(batch, [SessionError(self.path, "was destroyed")] * len(batch))
                 continue
-            # a future of the worker's, not a task: a handler that cancels every task does not reach it
-            written = asyncio.get_running_loop().run_in_executor(
-                self._executor, self._add_batch, [task for task, _ in batch]
-            )
-            while not written.done():
-                try:
-                    await asyncio.wait({written})  # which, cancelled, leaves the batch be
-                except asyncio.CancelledError:  # this task was cancelled, not the batch: it goes on being written
-                    continue
-            error = written.exception() if not written.cancelled() else asyncio.CancelledError()
-            self._settle(batch, [error] * len(batch) if error is not None else written.result())
+            try:
+                outcomes = await self._to_the_end(self._add_batch, [task for task, _ in batch])
+            except BaseException as error:  # the worker could not even run the batch
+                outcomes = [error] * len(batch)
+            self._settle(batch, outcomes)
+
+    async def _to_the_end(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` on the worker, awaited to its end: a cancellation of the awaiting task (a handler
+        that cancels every task) neither stops nor drops it, since a future of the worker's is no task."""
+        done = asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(function, *args))
+        while not done.done():
+            try:
+                await asyncio.wait({done})  # which, cancelled, leaves the future be
+            except asyncio.CancelledError:
+                continue
+        return done.result()
 
     @staticmethod
     def _settle(batch: list[tuple[Any, asyncio.Future[str]]], outcomes: list[str | BaseException]) -> None:
@@ -259,13 +264,12 @@ class AsyncSession:
                 assert committer is not None
                 try:
                     await asyncio.shield(committer)
-                except asyncio.CancelledError:
-                    if not committer.cancelled():  # this close was cancelled: it goes on in the background
-                        raise
-                    self._committer = None  # the committer was, before it took the queue: start another
+                except asyncio.CancelledError:  # a close goes on to its end, the adds queued written first
+                    if committer.cancelled():  # before it took the queue: another one takes it
+                        self._committer = None
         finally:
             try:
-                await self._call(self._session.__exit__, type(error) if error else None, error, None)
+                await self._to_the_end(self._session.__exit__, type(error) if error else None, error, None)
             finally:
                 self._shutdown()
 

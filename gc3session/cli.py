@@ -637,7 +637,12 @@ def destroy(session: str, yes: bool, dry_run: bool) -> None:
     # opened first: a store that cannot be (gone, not mounted, a scheme or variable unknown) is refused by the dry
     # run, and before the question, as the destroy itself refuses it
     opened = open_to_change(view, f"; to drop the session and leave its store as it is, remove {view.path}")
-    if dry_run or not (yes or click.confirm(f"Destroy session {view.path} and its {count} task(s)?")):
+    try:
+        going = not dry_run and (yes or click.confirm(f"Destroy session {view.path} and its {count} task(s)?"))
+    except BaseException:  # Ctrl-C, or no answer: the run record ends all the same
+        opened.close(save=False)
+        raise
+    if not going:
         opened.close(save=False)
         if not dry_run:
             raise click.Abort()

@@ -23,7 +23,7 @@ import time as _time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, ItemsView, Iterable, Iterator, MutableMapping, ValuesView
+from collections.abc import Callable, Container, ItemsView, Iterable, Iterator, MutableMapping, ValuesView
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -232,12 +232,13 @@ class Session:
                 except OSError as error:
                     raise SaveError(index, f"cannot create the index: {error.strerror or error}") from error
         self._index = dict.fromkeys(read_index(index))
-        url = resolve_store_url(self.path, self.store_url)
         where = self._file(self.STORE_URL_FILENAME)
-        # a missing table is a typo, or a table dropped: the index names tasks that a new one would not hold
-        if self._index and url_scheme(expand_variables(url).strip()) in SQL_SCHEMES:
-            extra_args = {**extra_args, "existing_table": True}
+        url = self.store_url
         try:
+            url = resolve_store_url(self.path, self.store_url)
+            # a missing table is a typo, or a table dropped: the index names tasks that a new one would not hold
+            if self._index and url_scheme(expand_variables(url).strip()) in SQL_SCHEMES:
+                extra_args = {**extra_args, "existing_table": True}
             self._check_store_is_there(local_store_path(url), where)
             self.store = make_store(url, **extra_args)
         except TableNotFound as error:
@@ -358,16 +359,17 @@ class Session:
         except OSError as error:
             raise SaveError(path, f"cannot append to the index: {error.strerror or error}") from error
 
-    def _rewrite_index(self) -> list[str]:
-        """Write the index without the tasks removed, merged with what other processes appended; return the ids
-        they appended that this session does not know."""
+    def _rewrite_index(self, leaving: Container[str] = ()) -> list[str]:
+        """Write the index without the tasks removed, merged with what other processes appended (and with the
+        tasks added, but those ``leaving`` for later); return the ids they appended that this session does not
+        know."""
         path = self._file(self.INDEX_FILENAME)
         try:
             with self._locked():
                 removed = {oid.encode() for oid in self._removed}
                 kept = [line for line in read_index_lines(path) if line.strip() not in removed]
                 present = {line.strip() for line in kept}
-                kept += [oid.encode() for oid in self._added if oid.encode() not in present]
+                kept += [oid.encode() for oid in self._added if oid.encode() not in present and oid not in leaving]
                 write_atomically(path, b"".join(line + b"\n" for line in kept))
         except OSError as error:
             raise SaveError(path, f"cannot rewrite the index: {error.strerror or error}") from error
@@ -417,6 +419,7 @@ class Session:
                 raise SaveError(oid, f"session {self.path} already holds another task under this id")
             if flush:
                 if task.changed and oid not in self._unsaved:
+                    self._check_still_there()
                     self.store.save(task)
                 self.flush()
             return oid, False
@@ -505,13 +508,13 @@ class Session:
                 self._save_unsaved()
                 self._pending = None  # their records may now refer to what a removal pending would delete
             # tasks a plugin added while they were saved (task_saved) are not saved yet: indexed by the next flush
-            late = {oid: None for oid in self._unsaved if self._added.pop(oid, False) is None}
+            late = {oid: None for oid in self._added if oid in self._unsaved}
             others: list[str] | None = None
             if self._removed:
-                others = self._rewrite_index()
-            elif self._added:
-                self._append_to_index(list(self._added))
-            self._added = late
+                others = self._rewrite_index(leaving=late)
+            elif len(self._added) > len(late):
+                self._append_to_index([oid for oid in self._added if oid not in late])
+            self._added = late  # only now: if writing the index failed, the next flush writes all
             self._removed.clear()
             if self._doomed:
                 doomed = self.pending_deletions()
@@ -640,6 +643,7 @@ class Session:
             self._check_not_destroyed()
             task = self._unsaved.get(id)
             if task is not None:  # saved first: if that fails (a full disk), the task is still the session's
+                self._check_still_there()
                 self.store.save(task)
                 del self._unsaved[id]
             self._drop(id)

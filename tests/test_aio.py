@@ -276,3 +276,28 @@ async def test_adding_a_changed_task_of_the_session_again_saves_it(tmp_path: Any
         stored = Session(tmp_path / "s", autoload_plugins=False)  # before the block saves anything
         assert stored.tasks[oid].alpha == 1
         stored.close(save=False)
+
+
+async def test_a_close_cancelled_with_every_task_still_writes_the_adds_queued(tmp_path: Any, monkeypatch: Any) -> None:
+    """The close was cancelled while it waited for the committer: it closed the session before the committer took
+    the adds queued behind a busy worker, which were then refused as "is closed", never written."""
+    real = AsyncSession._add_batch
+
+    def slow(self: AsyncSession, tasks: list[Any]) -> list[Any]:
+        time.sleep(0.2)
+        return real(self, tasks)
+
+    monkeypatch.setattr(AsyncSession, "_add_batch", slow)
+    s = await AsyncSession.open(tmp_path / "s", autoload_plugins=False)
+    adders = [asyncio.ensure_future(s.add(Task("t0")))]
+    await asyncio.sleep(0.05)  # the first batch on the worker
+    adders += [asyncio.ensure_future(s.add(Task(f"t{i}"))) for i in range(1, 5)]
+    await asyncio.sleep(0)  # the others queued
+    closing = asyncio.ensure_future(s.close())
+    await asyncio.sleep(0.05)
+    for other in asyncio.all_tasks():
+        if other is not asyncio.current_task():
+            other.cancel()
+    await asyncio.gather(closing, *adders, return_exceptions=True)
+    await asyncio.sleep(1)  # the close goes on to its end
+    assert len(index_ids(tmp_path / "s")) == 5

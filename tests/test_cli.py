@@ -1112,3 +1112,12 @@ def test_the_unfinished_mark_lists_the_ids_written_and_leaves_out_a_line_cut_sho
     assert ids == ["Task.1", "Task.2"]
     mark.done()
     assert cli.read_unfinished(str(tmp_path)) is None and not (tmp_path / "unfinished.lock").exists()
+
+
+@pytest.mark.parametrize("answer", ["n\n", ""])  # no, and no answer at all (end of input, as Ctrl-D)
+def test_destroy_not_confirmed_ends_its_run_record(tmp_path: Path, answer: str) -> None:
+    Session(tmp_path / "s").close()
+    result = run("destroy", tmp_path / "s", input=answer)
+    assert result.exit_code == 1 and (tmp_path / "s" / "index.txt").exists()
+    runs = json.loads((tmp_path / "s" / "session.json").read_text())["runs"]
+    assert len(runs) == 2 and all(r["end"] is not None for r in runs)

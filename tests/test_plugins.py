@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from plugin_helpers import FailingPlugin, RecordingPlugin
 
-from gc3session import InvalidArgument, Session, State, Task, TaskCollection, TemporarySession
+from gc3session import InvalidArgument, SaveError, Session, State, Task, TaskCollection, TemporarySession
 from gc3session import plugins as plugins_module
 from gc3session import task as task_module
 from gc3session.plugins import DISABLE_AUTOLOAD_ENV, ENTRY_POINT_GROUP, Hooks, hookimpl
@@ -334,7 +334,10 @@ def test_a_hook_with_keyword_only_parameters_is_refused(tmp_path: Any) -> None:
         Session(tmp_path / "s", plugins=[KeywordOnly()], autoload_plugins=False)
 
 
-def test_tasks_a_plugin_adds_without_flush_while_a_flush_saves_go_to_the_next_flush(tmp_path: Any) -> None:
+@pytest.mark.parametrize("fail_once", [False, True])
+def test_tasks_a_plugin_adds_without_flush_while_a_flush_saves_go_to_the_next_flush(
+    tmp_path: Any, fail_once: bool
+) -> None:
     """The flush that saved cleared its list of tasks to save, the plugin's new ones too, and indexed them:
     the index named tasks whose records were never written."""
 
@@ -347,12 +350,25 @@ def test_tasks_a_plugin_adds_without_flush_while_a_flush_saves_go_to_the_next_fl
                 self.session.add(Task(f"follows-{obj.jobname}"), flush=False)
 
     session = Session(tmp_path / "s", plugins=[Follower()], autoload_plugins=False)
+    if fail_once:  # the first write of the index fails (a full disk): the next flush writes all
+        real = session._append_to_index
+
+        def full_disk_once(ids: list[str]) -> None:
+            session._append_to_index = real
+            raise SaveError(str(tmp_path / "s" / "index.txt"), "disk full")
+
+        session._append_to_index = full_disk_once
     for i in range(3):
         session.add(Task(f"t{i}"), flush=False)
+    if fail_once:
+        with pytest.raises(SaveError, match="disk full"):
+            session.flush()
     session.flush()
-    on_disk = Session(tmp_path / "s", autoload_plugins=False)
-    assert sorted(task.jobname for task in on_disk) == ["t0", "t1", "t2"] and not on_disk.load_errors
-    on_disk.close(save=False)
-    session.flush()
-    assert sorted(task.jobname for task in Session(tmp_path / "s", autoload_plugins=False)) == [
-        "follows-t0", "follows-t1", "follows-t2", "t0", "t1", "t2"]
+    if not fail_once:  # (after a failure, the flush tried again saves the plugin's tasks too, and indexes all)
+        on_disk = Session(tmp_path / "s", autoload_plugins=False)
+        assert sorted(task.jobname for task in on_disk) == ["t0", "t1", "t2"] and not on_disk.load_errors
+        on_disk.close(save=False)
+        session.flush()
+    again = Session(tmp_path / "s", autoload_plugins=False)
+    assert sorted(task.jobname for task in again) == ["follows-t0", "follows-t1", "follows-t2", "t0", "t1", "t2"]
+    assert not again.load_errors

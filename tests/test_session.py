@@ -1558,6 +1558,8 @@ def test_destroy_of_sessions_sharing_a_store(tmp_path, store_url, open_store):
 @pytest.mark.parametrize("after", [
     lambda s, _: s.add(Task()), lambda s, _: (s.add(Task(), flush=False), s.flush()), lambda s, _: s.save(Task()),
     lambda s, first: (setattr(s.tasks[first], "jobname", "changed"), s.save_all()),
+    lambda s, first: (setattr(s.tasks[first], "jobname", "changed"), s.add(s.tasks[first])),
+    lambda s, _: s.forget(s.add(Task(), flush=False)),
 ])
 def test_a_session_another_process_destroyed_is_not_made_again(tmp_path, store_url, open_store, after):
     """Taking the session's lock makes a missing directory again: the write would have brought the session back

@@ -938,3 +938,23 @@ def test_what_a_row_holds_or_refers_to_is_read_without_parsing_what_refers_to_no
         assert isinstance(found, LoadError) and found.id == "Task.1"
     else:
         assert found == held
+
+
+def test_a_unique_index_on_id_with_included_columns_is_key_enough(store_url_of: Callable[[str], str]) -> None:
+    """PostgreSQL counts INCLUDE columns in indnatts: such an index, which ON CONFLICT (id) takes, was refused."""
+    url = store_url_of("postgresql")
+    store = make_store(url)
+    oid = store.save(Task(jobname="v1"))
+    table = table_of(url)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE {table}_copy AS SELECT * FROM {table}")
+        conn.exec_driver_sql(f"DROP TABLE {table}")
+        conn.exec_driver_sql(f"ALTER TABLE {table}_copy RENAME TO {table}")
+        conn.exec_driver_sql(f"CREATE UNIQUE INDEX {table}_id ON {table} (id) INCLUDE (created)")
+    store.close()
+    again = make_store(url)
+    task = again.load(oid)
+    task.jobname = "v2"
+    again.save(task)
+    assert again.load(oid).jobname == "v2" and again.list() == [oid]
+    again.close()

@@ -293,7 +293,7 @@ class SqlStore(Store):
                 query = sa.text(
                     "SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
                     "AND a.attnum = i.indkey[0] WHERE i.indrelid = to_regclass(:name) AND i.indisunique "
-                    "AND i.indpred IS NULL AND i.indnatts = 1 AND a.attname = 'id'"
+                    "AND i.indpred IS NULL AND i.indnkeyatts = 1 AND a.attname = 'id'"
                 )
                 return conn.execute(query, {"name": table}).first() is not None
             keys: dict[str, list[tuple[int, str]]] = {}
