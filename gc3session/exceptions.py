@@ -146,6 +146,5 @@ class OrphanWarning(UserWarning):
 
 __all__ = [
     "Error", "InvalidArgument", "LoadError", "LoadWarning", "NoSuchObject", "OrphanWarning", "RepairWarning",
-    "SaveError",
-    "SessionError", "StoreError", "StoreNotFound", "TableNotFound",
+    "SaveError", "SessionError", "StoreError", "StoreNotFound", "TableNotFound",
 ]
