@@ -142,6 +142,8 @@ class Hooks:
                     self.register(plugin)
                 except Exception:
                     log.error("plugin %s (entry point %s) cannot be used", plugin, name, exc_info=True)
+        if isinstance(plugins, (str, bytes)) or not isinstance(plugins, Iterable):
+            raise InvalidArgument(f"plugins must be a list of plugin objects, not {plugins!r}")
         for plugin in plugins:
             self.register(plugin)
 

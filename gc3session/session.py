@@ -49,6 +49,8 @@ from .persistence.store import (
     LAST_TAKEN,
     Store,
     check_not_mistyped,
+    check_option_names,
+    check_options,
     expand_variables,
     make_store,
     mask_password,
@@ -113,6 +115,8 @@ class Session:
             raise InvalidArgument(f"the store URL for session {os.path.abspath(path)} is empty")
         self.path = os.path.abspath(os.fspath(path))
         check_params(params)  # before anything is made
+        check_task_ids(task_ids)
+        check_options(extra_args, names=False)  # names when the store is known: a plugin's store takes its own
         #: The session's plugins (see :mod:`gc3session.plugins`).
         self.hooks = Hooks(plugins, autoload=autoload_plugins)
         self.name = os.path.basename(self.path)
@@ -235,6 +239,12 @@ class Session:
         where = self._file(self.STORE_URL_FILENAME)
         url = self.store_url
         try:
+            scheme = url_scheme(expand_variables(url).strip())
+        except InvalidArgument:  # an unset variable: said below, naming store.url
+            scheme = "?"
+        if scheme in (None, "file", *SQL_SCHEMES):
+            check_option_names(extra_args)  # here, not below: a typo is no fault of store.url
+        try:
             url = resolve_store_url(self.path, self.store_url)
             # a missing table is a typo, or a table dropped: the index names tasks that a new one would not hold
             if self._index and url_scheme(expand_variables(url).strip()) in SQL_SCHEMES:
@@ -248,9 +258,6 @@ class Session:
             reason = f"names a store that cannot be used: {shorten(str(error))}"
             raise (kind(f"{where}: {reason}") if kind is InvalidArgument else SessionError(where, reason)) from error
         self.store.hooks = self.hooks
-        if isinstance(task_ids, str):
-            self.store.close()
-            raise InvalidArgument(f"task_ids must be a list of ids, not the string {shorten(task_ids, 80)!r}")
         ids = list(self._index) if task_ids is None else list(dict.fromkeys(task_ids))
         unknown = [str(oid) for oid in ids if oid not in self._index]  # another session's task would become ours
         if unknown:
@@ -917,6 +924,7 @@ class TemporarySession(Session):
         autoload_plugins: bool | None = None,
         **extra_args: Any,
     ) -> None:
+        check_task_ids(task_ids)
         if not isinstance(store_or_url, Store):
             store_or_url = absolute_url(os.fspath(store_or_url))
         store = make_store(store_or_url, **extra_args)
@@ -1120,6 +1128,13 @@ def read_index(path: str, strict: bool = True) -> list[str]:
         for ids in _index_ids(f, path, strict):
             unique.update(dict.fromkeys(ids))
     return list(unique)
+
+
+def check_task_ids(task_ids: Any) -> None:
+    """Refuse a ``task_ids`` argument that is not a collection of ids (a string is not: it iterates letters)."""
+    if isinstance(task_ids, (str, bytes)) or not (task_ids is None or isinstance(task_ids, Iterable)):
+        what = "the string " if isinstance(task_ids, str) else ""
+        raise InvalidArgument(f"task_ids must be a list of ids, not {what}{shorten(repr(task_ids), 80)}")
 
 
 def iter_index(path: str) -> Iterator[str]:

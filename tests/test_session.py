@@ -2087,6 +2087,35 @@ def test_params_that_cannot_be_recorded_are_refused_before_anything_is_made(tmp_
         assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"lazzy": True}, "unknown option 'lazzy'"),
+    ({"class_map": ["old.Task"]}, "class_map must map"),
+    ({"allowed_classes": 1}, "allowed_classes must be module prefixes or classes"),
+    ({"serializer": "pickle"}, "serializer must be a gc3session.persistence.Serializer"),
+    ({"protocol": "4"}, "pickle protocol must be 2 to"),
+    ({"task_ids": 1}, "task_ids must be a list of ids, not 1"),
+    ({"plugins": print}, "plugins must be a list of plugin objects"),
+    ({"plugins": "myplugin"}, "plugins must be a list of plugin objects"),
+])
+def test_arguments_of_the_wrong_type_are_refused_clearly_on_creating_and_opening(tmp_path, arguments, message):
+    with pytest.raises(InvalidArgument, match=message):
+        Session(tmp_path / "new", **arguments)
+    assert not (tmp_path / "new").exists()
+    Session(tmp_path / "s").add(Task())
+    with pytest.raises(InvalidArgument, match=message) as excinfo:
+        Session(tmp_path / "s", **arguments)
+    assert "store.url" not in str(excinfo.value)  # the fault is the argument's, not the session's
+    assert len(Session(tmp_path / "s")) == 1
+
+
+def test_temporary_session_task_ids_must_be_a_list_of_ids(tmp_path):
+    store = make_store(str(tmp_path / "store"))
+    store.save(Task())
+    for task_ids, message in ((1, "not 1"), ("Task.1", "not the string 'Task.1'")):
+        with pytest.raises(InvalidArgument, match=f"task_ids must be a list of ids, {message}"):
+            TemporarySession(str(tmp_path / "store"), task_ids=task_ids)
+
+
 @pytest.mark.parametrize("make", [
     lambda tmp: Session(tmp / "s", store_or_url=b"jobs"), lambda tmp: Session(tmp / "s", store_or_url="st\0ore"),
     lambda tmp: Session(str(tmp / "a\0b")), lambda tmp: Session(b"s"),

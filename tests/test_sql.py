@@ -397,6 +397,13 @@ def test_extra_fields_go_through_their_column_types(opened: Any) -> None:
     assert store.list() == [oid]
 
 
+@pytest.mark.parametrize("extra", [[sa.Column("x", sa.Integer)], {sa.Column("x", sa.Integer): "jobname"}, 1])
+def test_extra_fields_that_are_no_mapping_of_columns_to_functions_are_refused(opened: Any, extra: Any) -> None:
+    # a getter that is no function would fail on every save, and each failure stores NULL
+    with pytest.raises(InvalidArgument, match=r"extra_fields must map sqlalchemy\.Column objects to functions"):
+        opened(extra_fields=extra)
+
+
 def test_missing_extra_column_is_added_to_existing_table(opened: Any) -> None:
     plain = opened()
     oid = plain.save(Task(size=7))

@@ -1101,10 +1101,34 @@ def test_protocol_can_be_chosen_and_bad_ones_are_refused(open_store):
         open_store(protocol=99)
 
 
-def test_options_meant_for_other_stores_are_ignored(store, open_store):
-    oid = store.save(Task())
-    other = open_store(frobnicate=True, pool_recycle=30, some_future_option={"x": 1})
+def test_a_filesystem_store_ignores_the_options_of_sql_stores(tmp_path):
+    # so that one Session() call fits a session whatever its store.url names
+    oid = make_store(str(tmp_path / "s")).save(Task())
+    other = make_store(str(tmp_path / "s"), table_name="elsewhere", extra_fields={}, existing_table=True)
     assert other.load(oid).persistent_id == oid
+
+
+@pytest.mark.parametrize("options", [{"frobnicate": True}, {"allowed_class": ["helpers"]}, {"pool_recycle": 30}])
+def test_options_no_store_takes_are_refused(store_url, options):
+    # a typo would be ignored: allowed_class instead of allowed_classes would unpickle anything
+    with pytest.raises(InvalidArgument, match=f"unknown option {next(iter(options))!r}"):
+        make_store(store_url, **options)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"class_map": ["old.Task"]}, "class_map must map old 'module.Name' strings to new ones, not a list"),
+    ({"class_map": "old.Task"}, "class_map must map .* not a str"),
+    ({"allowed_classes": 1}, "allowed_classes must be module prefixes or classes .* not 1"),
+    ({"allowed_classes": ["helpers", 1]}, "allowed_classes entries must be module prefixes or classes, not 1"),
+    ({"allowed_classes": [""]}, "allowed_classes entries must be .* not ''"),
+    ({"serializer": "pickle"}, "serializer must be a gc3session.persistence.Serializer, not 'pickle'"),
+    ({"serializer": Serializer(), "allowed_classes": ["helpers"]}, "give class_map and allowed_classes to the"),
+    ({"idfactory": "Task"}, "idfactory must be a gc3session.persistence.IdFactory, not 'Task'"),
+    ({"protocol": "4"}, "pickle protocol must be 2 to"),
+])
+def test_store_options_of_the_wrong_type_are_invalid_arguments(store_url, options, message):
+    with pytest.raises(InvalidArgument, match=message):
+        make_store(store_url, **options)
 
 
 def test_store_is_a_context_manager_and_close_is_idempotent(store_url):

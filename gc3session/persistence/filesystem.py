@@ -46,6 +46,7 @@ class FilesystemStore(Store):
         create: bool = True,
         **options: Any,
     ) -> None:
+        shared = store_options(options)  # a typo refused before the directory is made
         directory = store_directory(directory)
         if "\0" in str(directory):
             raise InvalidArgument(f"store directory {str(directory)[:80]!r} contains a NUL byte")
@@ -59,7 +60,7 @@ class FilesystemStore(Store):
                 self.directory.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise StoreError(str(self.directory), f"cannot create store directory: {error.strerror}") from error
-        super().__init__(str(self.directory), idfactory=idfactory, protocol=protocol, **store_options(options))
+        super().__init__(str(self.directory), idfactory=idfactory, protocol=protocol, **shared)
         self.fsync = fsync
         self._prefix = os.path.join(self.directory, "")  # reads use string paths: pathlib costs more than a read
         self._counter = FileCounter(self.directory / COUNTER_FILENAME, start=self._above_highest, fsync=fsync)

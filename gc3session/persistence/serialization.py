@@ -121,15 +121,9 @@ class Serializer:
         class_map: Mapping[str, str] | None = None,
         allowed_classes: Iterable[str | type] | None = None,
     ) -> None:
-        if not isinstance(protocol, int) or not 2 <= protocol <= pickle.HIGHEST_PROTOCOL:
-            raise InvalidArgument(f"pickle protocol must be 2 to {pickle.HIGHEST_PROTOCOL}, not {protocol!r}")
-        self.protocol = protocol
-        self._class_map = {_check_path(k): _check_path(v) for k, v in (class_map or {}).items()}
-        self._allowed: tuple[str, ...] | None = None
-        if allowed_classes is not None:
-            if isinstance(allowed_classes, (str, type)):
-                allowed_classes = [allowed_classes]
-            self._allowed = tuple(a if isinstance(a, str) else class_path(a) for a in allowed_classes)
+        self.protocol = check_protocol(protocol)
+        self._class_map = check_class_map(class_map)
+        self._allowed = check_allowed_classes(allowed_classes)
         self._idle: list[_Pickler] = []  # picklers not in use: building one costs more than a small pickle
         self._globals: dict[tuple[str, str], Any] = {}  # what each global of a pickle was found to be
 
@@ -275,6 +269,43 @@ class _Unpickler(pickle.Unpickler):
         # records imported from gc3pie refer to others by pickle's persistent ids: gc3libs' Id, a str subclass
         # whose hash is not the string's, so it is made a plain str before the look-up
         return self._reference(str.__str__(pid) if isinstance(pid, str) else pid)
+
+
+def check_protocol(protocol: Any) -> int:
+    """``protocol``, or InvalidArgument if it is no pickle protocol this module can use."""
+    if not isinstance(protocol, int) or not 2 <= protocol <= pickle.HIGHEST_PROTOCOL:
+        raise InvalidArgument(f"pickle protocol must be 2 to {pickle.HIGHEST_PROTOCOL}, not {protocol!r}")
+    return protocol
+
+
+def check_class_map(class_map: Any) -> dict[str, str]:
+    """``class_map`` as a dict, or InvalidArgument if it is no mapping of ``module.Name`` strings."""
+    if class_map is None:
+        return {}
+    if not isinstance(class_map, Mapping):
+        kind = type(class_map).__name__
+        raise InvalidArgument(f"class_map must map old 'module.Name' strings to new ones, not a {kind}")
+    return {_check_path(k): _check_path(v) for k, v in class_map.items()}
+
+
+def check_allowed_classes(allowed_classes: Any) -> tuple[str, ...] | None:
+    """``allowed_classes`` as a tuple of names, or InvalidArgument if it holds anything but names and classes."""
+    if allowed_classes is None:
+        return None
+    if isinstance(allowed_classes, (str, type)):
+        allowed_classes = [allowed_classes]
+    elif not isinstance(allowed_classes, Iterable):
+        raise InvalidArgument("allowed_classes must be module prefixes or classes (a name, a class, or a list of "
+                              f"them), not {allowed_classes!r}")
+    allowed = []
+    for entry in allowed_classes:
+        if isinstance(entry, type):
+            allowed.append(class_path(entry))
+        elif isinstance(entry, str) and entry.strip(". "):
+            allowed.append(entry)
+        else:
+            raise InvalidArgument(f"allowed_classes entries must be module prefixes or classes, not {entry!r}")
+    return tuple(allowed)
 
 
 def _check_path(path: str) -> str:

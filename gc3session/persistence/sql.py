@@ -37,6 +37,7 @@ from .store import (
     SECRET_OPTION,
     Record,
     Store,
+    check_options,
     held_ids,
     id_chunks,
     known_objects,
@@ -124,6 +125,7 @@ class SqlStore(Store):
         existing_table: bool = False,
         **options: Any,
     ) -> None:
+        check_options({"extra_fields": extra_fields}, names=False)  # before an engine is made
         super().__init__(url, idfactory=idfactory, protocol=protocol, **store_options(options))
         address, fragment_table = _split_fragment(url)
         self.table_name = next((t for t in (table_name, fragment_table) if t is not None), "store")

@@ -31,7 +31,15 @@ from typing import TYPE_CHECKING, Any
 from .._version import __version__
 from ..exceptions import Error, InvalidArgument, LoadError, NoSuchObject, SaveError, StoreError
 from .idfactory import ID_LINES, IdFactory, id_list, is_id, parse_id
-from .serialization import DEFAULT_PROTOCOL, FORMAT_VERSION, Serializer, encode_json
+from .serialization import (
+    DEFAULT_PROTOCOL,
+    FORMAT_VERSION,
+    Serializer,
+    check_allowed_classes,
+    check_class_map,
+    check_protocol,
+    encode_json,
+)
 
 if TYPE_CHECKING:
     from ..plugins import Hooks
@@ -110,10 +118,13 @@ class Store(abc.ABC):
         serializer: Serializer | None = None,
     ) -> None:
         self.url = url
+        check_options({"idfactory": idfactory, "serializer": serializer}, names=False)
         self.idfactory = idfactory or IdFactory()
-        self.serializer = serializer or Serializer(
-            protocol=protocol, class_map=class_map, allowed_classes=allowed_classes
-        )
+        if serializer is None:
+            serializer = Serializer(protocol=protocol, class_map=class_map, allowed_classes=allowed_classes)
+        elif class_map is not None or allowed_classes is not None:  # they would be ignored: an allow-list, silently
+            raise InvalidArgument("give class_map and allowed_classes to the Serializer, not beside it")
+        self.serializer = serializer
         self._cache: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
         # every object in memory that got its id from this store, through any handle: saving it needs no check
         # (a backend whose records are not named by the URL alone keys this by what names them)
@@ -867,9 +878,45 @@ def check_metadata(oid: str, meta: Any, data: bytes) -> None:
         raise LoadError(oid, "record is corrupt: checksum does not match")
 
 
+#: The options every store takes (besides ``idfactory`` and ``protocol``, which each names).
+SHARED_OPTIONS = ("class_map", "allowed_classes", "serializer")
+#: The options of one kind of built-in store that the others ignore, so that one call fits a session whatever
+#: store its ``store.url`` names (``fsync`` and ``create`` every built-in store takes).
+ONE_KIND_OPTIONS = ("table_name", "extra_fields", "existing_table")
+
+
 def store_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Keep the options that every store understands; drop those meant for other kinds."""
-    return {name: options[name] for name in ("class_map", "allowed_classes", "serializer") if name in options}
+    """Keep the options that every store understands; drop those meant for other kinds; refuse any other."""
+    check_options(options)
+    return {name: options[name] for name in SHARED_OPTIONS if name in options}
+
+
+def check_option_names(options: Iterable[str]) -> None:
+    """Refuse option names that no built-in store takes (a typo would be ignored)."""
+    known = {*SHARED_OPTIONS, *ONE_KIND_OPTIONS, "idfactory", "protocol", "fsync", "create"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InvalidArgument(f"unknown option {', '.join(map(repr, unknown))} (the store options are "
+                              f"{', '.join(sorted(known))})")
+
+
+def check_options(options: Mapping[str, Any], *, names: bool = True) -> None:
+    """Refuse store options of the wrong type, and with ``names`` any that no built-in store takes: before
+    anything is made."""
+    if names:
+        check_option_names(options)
+    if "protocol" in options:
+        check_protocol(options["protocol"])
+    check_class_map(options.get("class_map"))
+    check_allowed_classes(options.get("allowed_classes"))
+    for name, kind in (("idfactory", IdFactory), ("serializer", Serializer)):
+        value = options.get(name)
+        if value is not None and not isinstance(value, kind):
+            raise InvalidArgument(f"{name} must be a gc3session.persistence.{kind.__name__}, not {value!r}")
+    extra = options.get("extra_fields")
+    if extra is not None and not (isinstance(extra, Mapping) and all(callable(get) for get in extra.values())):
+        raise InvalidArgument(f"extra_fields must map sqlalchemy.Column objects to functions of the object, "
+                              f"not {extra!r}")
 
 
 def find_cycle(roots: Iterable[str], refs: Callable[[str], Iterable[str]]) -> list[str] | None:
@@ -1004,5 +1051,6 @@ def _from_entry_point(scheme: str) -> Callable[..., Store] | None:
 
 
 __all__ = [
-    "Record", "Store", "expand_variables", "make_store", "mask_password", "register", "store_options", "url_scheme",
+    "Record", "Store", "check_options", "expand_variables", "make_store", "mask_password", "register", "store_options",
+    "url_scheme",
 ]
