@@ -1005,8 +1005,8 @@ def register(scheme: str, constructor: Callable[..., Store]) -> None:
 def make_store(url: str | os.PathLike[str] | Store, **kwargs: Any) -> Store:
     """A store for ``url``: a plain path or ``file://`` URL, ``sqlite://``, ``postgresql://``, ``mysql://``.
 
-    Keyword arguments go to the store's constructor; each store ignores those
-    meant for another kind.  ``${NAME}`` in the URL is replaced by the
+    Keyword arguments go to the store's constructor; a filesystem store ignores
+    those of SQL stores, and a built-in store refuses any other it does not take.  ``${NAME}`` in the URL is replaced by the
     environment variable NAME.  Third-party packages add schemes with
     :func:`register` or the entry-point group ``gc3session.stores``.
     """
