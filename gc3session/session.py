@@ -23,7 +23,7 @@ import time as _time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Container, ItemsView, Iterable, Iterator, MutableMapping, ValuesView
+from collections.abc import Callable, Container, ItemsView, Iterable, Iterator, Mapping, ValuesView
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -289,9 +289,9 @@ class Session:
     def _load_into_session(self, ids: list[str]) -> dict[str, Any]:
         errors: dict[str, LoadError] = {}
         loaded = self.store.load_many(ids, errors=errors)
-        self.tasks.update(loaded)
+        self.tasks._put_many(loaded)
         for oid in errors:
-            self.tasks.pop(oid, None)
+            self.tasks._drop(oid)
         if errors:
             self.load_errors.update(errors)
             shown = "; ".join(str(e) for e in list(errors.values())[:3])
@@ -438,7 +438,7 @@ class Session:
             oid = self.store.assign_id(task)
             self._unsaved[oid] = task
             self.hooks.watch((task,))
-        self.tasks[oid] = task
+        self.tasks._put(oid, task)
         self.load_errors.pop(oid, None)
         self._register(oid, task)
         if flush:
@@ -611,11 +611,11 @@ class Session:
                     if oid not in self.tasks:
                         self._apart[oid] = task
                     elif self.tasks.peek(oid) is None:
-                        self.tasks[oid] = task
+                        self.tasks._put(oid, task)
                 return loaded
             new = [task for oid, task in loaded.items() if oid not in self._index]
             for oid, task in loaded.items():
-                self.tasks[oid] = task
+                self.tasks._put(oid, task)
                 self.load_errors.pop(oid, None)
                 self._register(oid, task)
             if flush:
@@ -639,7 +639,7 @@ class Session:
                 if oid in self._added:
                     del self._added[oid]
                     self._index.pop(oid, None)
-                    self.tasks.pop(oid, None)
+                    self.tasks._drop(oid)
 
     # -- removing -------------------------------------------------------------
 
@@ -687,7 +687,7 @@ class Session:
         parse_id(oid)
         if oid not in self._index and oid not in self.tasks:
             raise InvalidArgument(f"task {oid} is not in session {self.path}")
-        self.tasks.pop(oid, None)
+        self.tasks._drop(oid)
         self.load_errors.pop(oid, None)
         self._index.pop(oid, None)
         if oid in self._added:
@@ -768,7 +768,7 @@ class Session:
                 if inside is not None and inside != os.path.realpath(self.path):
                     remove_tree(inside)  # the records first: if that fails, the index names all
                 remove_tree(self.path)  # a session reached through a symbolic link: its target goes
-            self.tasks.clear()
+            self.tasks._drop_all()
             self._apart.clear()
             for pending in (self._index, self._added, self._removed, self._unsaved, self._doomed, self._forgotten):
                 pending.clear()
@@ -953,12 +953,15 @@ class TemporarySession(Session):
             self._finalizer.detach()
 
 
-class TaskMap(MutableMapping[str, Any]):
-    """A session's top-level tasks by id, in index order.
+class TaskMap(Mapping[str, Any]):
+    """A session's top-level tasks by id, in index order: read-only (add, remove and forget go through the
+    session, which keeps its index and store in step).
 
     In a lazy session, ids are known before their tasks are loaded: a task is
     loaded when first looked up, and ``values()``/``items()`` load what is
-    missing in batches.  ``peek`` and ``loaded`` never load anything.
+    missing in batches.  ``peek`` and ``loaded`` never load anything.  A task
+    that fails to load leaves the map (as it is left out of an eager
+    session's), with its reason in ``Session.load_errors``.
     """
 
     def __init__(self, load: Callable[[list[str]], Any]) -> None:
@@ -1009,11 +1012,19 @@ class TaskMap(MutableMapping[str, Any]):
                 raise LoadError(oid, "it could not be loaded (see Session.load_errors)")
         return task
 
+    def get(self, oid: str, default: Any = None) -> Any:
+        """The task of ``oid``, or ``default`` if it is not in the map or fails to load (as in an eager session,
+        which leaves such a task out)."""
+        try:
+            return self[oid]
+        except LookupError:  # LoadError included
+            return default
+
     def __setitem__(self, oid: str, task: Any) -> None:
-        self._tasks[oid] = task
+        raise TypeError("session.tasks is read-only: add a task with session.add(task)")
 
     def __delitem__(self, oid: str) -> None:
-        del self._tasks[oid]
+        raise TypeError("session.tasks is read-only: take a task out with session.remove(id) or session.forget(id)")
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._tasks))
@@ -1024,13 +1035,21 @@ class TaskMap(MutableMapping[str, Any]):
     def __contains__(self, oid: object) -> bool:
         return oid in self._tasks
 
-    def clear(self) -> None:
-        self._tasks.clear()
+    # the session's own changes
 
-    def pop(self, oid: str, default: Any = None) -> Any:
-        """Remove ``oid``; return its task if it was loaded (never loads it)."""
-        task = self._tasks.pop(oid, default)
+    def _put(self, oid: str, task: Any) -> None:
+        self._tasks[oid] = task
+
+    def _put_many(self, tasks: Mapping[str, Any]) -> None:
+        self._tasks.update(tasks)
+
+    def _drop(self, oid: str) -> Any:
+        """Take ``oid`` out; return its task if it was loaded (never loads it)."""
+        task = self._tasks.pop(oid, None)
         return None if task is _UNLOADED else task
+
+    def _drop_all(self) -> None:
+        self._tasks.clear()
 
     def values(self) -> ValuesView[Any]:
         self._load_missing()

@@ -1940,6 +1940,32 @@ def test_lazy_task_that_fails_to_load_is_reported_and_kept(tmp_path):
     assert ids[1] in (tmp_path / "s" / "index.txt").read_text().split()
 
 
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_task_that_fails_to_load_is_out_of_tasks_and_get_gives_the_default(tmp_path, lazy):
+    session = Session(tmp_path / "s")
+    ids = [session.add(Task(jobname=f"t{i}")) for i in range(3)]
+    (tmp_path / "s" / "jobs" / ids[1]).write_bytes(b"junk")
+    with pytest.warns(LoadWarning):
+        reopened = Session(tmp_path / "s", lazy=lazy)
+        assert reopened.tasks.get(ids[1], "default") == "default"  # LoadError is no KeyError: get() must catch it
+    assert ids[1] not in reopened and len(reopened) == 2 and ids[1] in reopened.load_errors
+    assert reopened.tasks.get(ids[0]).jobname == "t0"
+
+
+def test_session_tasks_is_read_only(tmp_path):
+    # a task put there would be written under another id by close() and gone from the session on reopening
+    session = Session(tmp_path / "s")
+    oid = session.add(Task())
+    with pytest.raises(TypeError, match=r"read-only: add a task with session\.add\(task\)"):
+        session.tasks["Task.50"] = Task()
+    with pytest.raises(TypeError, match="read-only"):
+        del session.tasks[oid]
+    for method in ("pop", "popitem", "clear", "update", "setdefault"):
+        assert not hasattr(session.tasks, method)
+    session.close()
+    assert Session(tmp_path / "s").list_ids() == [oid]
+
+
 # -- reading the index as a stream ----------------------------------------------------
 
 

@@ -1006,8 +1006,8 @@ def make_store(url: str | os.PathLike[str] | Store, **kwargs: Any) -> Store:
     """A store for ``url``: a plain path or ``file://`` URL, ``sqlite://``, ``postgresql://``, ``mysql://``.
 
     Keyword arguments go to the store's constructor; a filesystem store ignores
-    those of SQL stores, and a built-in store refuses any other it does not take.  ``${NAME}`` in the URL is replaced by the
-    environment variable NAME.  Third-party packages add schemes with
+    those of SQL stores, and a built-in store refuses any other it does not take.
+    ``${NAME}`` in the URL is replaced by the environment variable NAME.  Third-party packages add schemes with
     :func:`register` or the entry-point group ``gc3session.stores``.
     """
     if isinstance(url, Store):
