@@ -5,16 +5,19 @@ from __future__ import annotations
 from ._version import __version__
 from .exceptions import (
     Error,
+    Gc3sessionWarning,
     InvalidArgument,
     LoadError,
     LoadWarning,
     NoSuchObject,
     OrphanWarning,
     RepairWarning,
+    RunRecordWarning,
     SaveError,
     SessionError,
     StoreError,
     StoreNotFound,
+    TableNotFound,
 )
 from .session import Session, TemporarySession
 from .task import Execution, Persistable, State, Task, TaskCollection
@@ -32,6 +35,7 @@ __all__ = [
     "AsyncSession",
     "Error",
     "Execution",
+    "Gc3sessionWarning",
     "InvalidArgument",
     "LoadError",
     "LoadWarning",
@@ -39,12 +43,14 @@ __all__ = [
     "Persistable",
     "OrphanWarning",
     "RepairWarning",
+    "RunRecordWarning",
     "SaveError",
     "Session",
     "SessionError",
     "State",
     "StoreError",
     "StoreNotFound",
+    "TableNotFound",
     "Task",
     "TaskCollection",
     "TemporarySession",

@@ -131,20 +131,30 @@ class TableNotFound(StoreError):
     store of a session whose index names tasks (a typo in ``store.url``, or a table dropped)."""
 
 
-class LoadWarning(UserWarning):
+class Gc3sessionWarning(UserWarning):
+    """The base of gc3session's warnings: ``warnings.simplefilter("ignore", Gc3sessionWarning)`` silences them
+    all, ``"error"`` makes them all exceptions."""
+
+
+class LoadWarning(Gc3sessionWarning):
     """Some tasks of a session could not be loaded; they stay in its index."""
 
 
-class RepairWarning(UserWarning):
+class RepairWarning(Gc3sessionWarning):
     """gc3session found something damaged (an id counter, a torn index line) and repaired it."""
 
 
-class OrphanWarning(UserWarning):
+class RunRecordWarning(Gc3sessionWarning):
+    """This run of a session could not be recorded in its ``session.json`` (a full disk, a session that this
+    user may only read): run records are history, so the session opens and closes all the same."""
+
+
+class OrphanWarning(Gc3sessionWarning):
     """Records that should have been deleted stay in the store (a removal whose deletion failed): harmless, taken
     for no task; the session tries again at its next flush."""
 
 
 __all__ = [
-    "Error", "InvalidArgument", "LoadError", "LoadWarning", "NoSuchObject", "OrphanWarning", "RepairWarning",
-    "SaveError", "SessionError", "StoreError", "StoreNotFound", "TableNotFound",
+    "Error", "Gc3sessionWarning", "InvalidArgument", "LoadError", "LoadWarning", "NoSuchObject", "OrphanWarning",
+    "RepairWarning", "RunRecordWarning", "SaveError", "SessionError", "StoreError", "StoreNotFound", "TableNotFound",
 ]

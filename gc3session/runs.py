@@ -92,6 +92,8 @@ def update_runs(session_path: str, run: dict[str, Any]) -> str:
     try:
         content = read_runs(session_path)
     except SessionError as damaged:  # run records are history, not tasks: keep the file aside and go on
+        if isinstance(damaged.__cause__, OSError):  # unreadable (no permission, a disk error) is not damaged
+            raise SaveError(damaged.path, damaged.reason) from damaged.__cause__
         content = {"session_id": _set_aside(session_path, damaged), "runs": []}
     session_id = content.get("session_id") or uuid.uuid4().hex
     runs = [r for r in content["runs"] if not (isinstance(r, dict) and r.get("run_id") == run["run_id"])]

@@ -36,6 +36,7 @@ from .exceptions import (
     LoadWarning,
     OrphanWarning,
     RepairWarning,
+    RunRecordWarning,
     SaveError,
     SessionError,
     StoreNotFound,
@@ -150,8 +151,7 @@ class Session:
         elif not self._create(store_or_url, extra_args, only_new=load):  # another process made it meanwhile
             self._open(extra_args, task_ids, lazy)
         self._run = new_run(params)
-        with self._locked():
-            self.session_id = update_runs(self.path, self._run)
+        self.session_id = self._record_run()
         if not self._opening_later:
             self.hooks.call("session_opened", session=self)
 
@@ -885,8 +885,26 @@ class Session:
         if os.path.lexists(self._file(self.STORE_URL_FILENAME)):  # not after destroy(), here or by another process
             self._run["end"] = _time.time()
             self._run["error"] = None if error is None else error_record(error)  # a close tried again: its own
+            self._record_run()
+
+    def _record_run(self) -> str | None:
+        """Write this run's record to ``session.json``; return the session id (None if it cannot be read).
+
+        Failing to (a full disk, a session this user may only read) is a
+        RunRecordWarning: run records are history, not tasks, and must not
+        stop anyone reading a session, or freeing its space.
+        """
+        try:
             with self._locked():
-                update_runs(self.path, self._run)
+                return update_runs(self.path, self._run)
+        except (SaveError, SessionError) as error:
+            if not os.path.lexists(self._file(self.STORE_URL_FILENAME)):  # gone: that is no run record's problem
+                raise
+            warnings.warn(f"{error}; this run is not recorded", RunRecordWarning, stacklevel=3)
+        try:
+            return read_runs(self.path).get("session_id")
+        except SessionError:
+            return None
 
     def _closed(self, error: BaseException | None) -> None:
         try:

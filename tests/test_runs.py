@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
 
+import filelock
 import pytest
 from click.testing import CliRunner
 
 from gc3session import Session, Task, __version__
+from gc3session import runs as runs_module
 from gc3session.cli import main
-from gc3session.exceptions import RepairWarning, SaveError
+from gc3session.exceptions import RepairWarning, RunRecordWarning, SaveError
 from gc3session.runs import RUNS_FILENAME
 
 
@@ -125,9 +128,78 @@ def test_run_records_that_cannot_be_set_aside_are_a_save_error(tmp_path, monkeyp
         return real_replace(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(os, "replace", refuse)
-    with pytest.raises(SaveError, match="cannot set the damaged run records aside"):
+    with pytest.warns(RunRecordWarning, match="cannot set the damaged run records aside"):
         Session(tmp_path / "s")
     assert (tmp_path / "s" / RUNS_FILENAME).read_text() == "{not json"
+
+
+def test_a_session_whose_run_records_cannot_be_written_opens_saves_closes_and_is_destroyed(tmp_path, monkeypatch):
+    # a full disk: opening to read, or to destroy and free the space, must not need room for the history
+    with Session(tmp_path / "s") as session:
+        oid = session.add(Task(jobname="kept"))
+    before = (tmp_path / "s" / RUNS_FILENAME).read_bytes()
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(runs_module, "write_atomically", full)
+    with pytest.warns(RunRecordWarning, match=f"{RUNS_FILENAME}.*No space left on device; this run is not recorded"):
+        session = Session(tmp_path / "s")
+    assert session.tasks[oid].jobname == "kept" and session.session_id == json.loads(before)["session_id"]
+    session.tasks[oid].jobname = "changed"
+    with pytest.warns(RunRecordWarning):
+        session.close()  # the change is saved all the same
+    assert (tmp_path / "s" / RUNS_FILENAME).read_bytes() == before
+    with pytest.warns(RunRecordWarning):
+        assert Session(tmp_path / "s").tasks[oid].jobname == "changed"
+    result = CliRunner().invoke(main, ["destroy", "--yes", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    assert "this run is not recorded" in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_failed_save_at_close_is_the_error_raised_not_the_run_record(tmp_path, monkeypatch):
+    session = Session(tmp_path / "s")
+    session.add(Task(), flush=False)
+    monkeypatch.setattr(runs_module, "write_atomically", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "full")))
+    monkeypatch.setattr(session.store, "_write", lambda records: (_ for _ in ()).throw(SaveError("Task.1", "full")))
+    with pytest.warns(RunRecordWarning), pytest.raises(SaveError) as excinfo:
+        session.close()
+    assert excinfo.value.target == "Task.1"
+
+
+def test_a_session_whose_lock_cannot_be_taken_opens_to_be_read(tmp_path, monkeypatch):
+    # read-only media, or a session of another user: reading needs no lock; writing says why it cannot
+    Session(tmp_path / "s").add(Task(jobname="theirs"))
+
+    def refuse(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", self.lock_file)
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", refuse)
+    with pytest.warns(RunRecordWarning, match="cannot take the session lock: Read-only file system"):
+        session = Session(tmp_path / "s")
+    assert [t.jobname for t in session] == ["theirs"]
+    with pytest.raises(SaveError, match="Read-only file system"):
+        session.add(Task())
+
+
+def test_run_records_that_cannot_be_read_are_not_taken_for_damaged(tmp_path, monkeypatch):
+    # a disk error, or no permission (the file is 0600): setting the intact file aside would lose the history
+    Session(tmp_path / "s").close()
+    before = (tmp_path / "s" / RUNS_FILENAME).read_bytes()
+    real_open = open
+
+    def failing(path, *args, **kwargs):
+        if str(path).endswith(RUNS_FILENAME):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(runs_module, "open", failing, raising=False)
+    with pytest.warns(RunRecordWarning, match="Input/output error"):
+        Session(tmp_path / "s")
+    assert os.listdir(tmp_path / "s").count(RUNS_FILENAME) == 1
+    assert not [name for name in os.listdir(tmp_path / "s") if ".damaged-" in name]
+    assert (tmp_path / "s" / RUNS_FILENAME).read_bytes() == before
 
 
 def test_session_tool_prints_run_records(tmp_path):
@@ -180,3 +252,10 @@ def test_session_tool_hides_passwords_in_run_params(tmp_path):
         assert "Zq7" not in shown.output and "***" in shown.output, shown.output
     shown = CliRunner().invoke(main, ["stats", str(tmp_path / "s")]).output
     assert "alice:***@db/results" in shown and '"alpha": 0.1' in shown
+
+
+def test_gc3session_warnings_share_one_base_to_filter_them_together():
+    import gc3session
+
+    for warning in (gc3session.LoadWarning, gc3session.RepairWarning, gc3session.OrphanWarning, RunRecordWarning):
+        assert issubclass(warning, gc3session.Gc3sessionWarning) and issubclass(warning, UserWarning)
