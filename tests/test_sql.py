@@ -965,3 +965,22 @@ def test_a_unique_index_on_id_with_included_columns_is_key_enough(store_url_of: 
     again.save(task)
     assert again.load(oid).jobname == "v2" and again.list() == [oid]
     again.close()
+
+
+def test_a_full_disk_while_allocating_ids_is_a_save_error_as_while_writing(tmp_path: Any, monkeypatch: Any) -> None:
+    # code written to the docs (except SaveError: wait, retry) must catch it whichever step of add() meets it
+    session = Session(tmp_path / "s", store_or_url=f"sqlite:///{tmp_path}/tasks.db")
+    session.add(Task(jobname="kept"))
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise sa.exc.OperationalError("UPDATE", {}, sqlite3.OperationalError("database or disk is full"))
+
+    monkeypatch.setattr(session.store, "_transaction", full)
+    session.store._numbers.clear()  # the next add must ask the database for ids
+    with pytest.raises(SaveError, match="cannot allocate object ids: database or disk is full") as excinfo:
+        session.add(Task())
+    assert excinfo.value.target == f"sqlite:///{tmp_path}/tasks.db"
+    assert "(store " not in str(excinfo.value)  # the store is the target: named once
+    monkeypatch.undo()
+    session.add(Task(jobname="after"))
+    assert [t.jobname for t in Session(tmp_path / "s")] == ["kept", "after"]

@@ -1749,3 +1749,17 @@ def test_merged_spans_hold_the_same_numbers_in_fewer_ranges(bounds):
     merged = store_module._merged(spans)
     assert {n for span in merged for n in span} == {n for span in spans for n in span}
     assert all(a.stop < b.start for a, b in itertools.pairwise(merged))  # none overlap or touch
+
+
+def test_a_store_directory_that_cannot_be_listed_is_a_save_error_on_adding(tmp_path, monkeypatch):
+    # the first id reservation of a handle lists the records: a disk error there is no bare OSError
+    make_store(str(tmp_path / "s")).save(Task())
+    store = make_store(str(tmp_path / "s"))
+
+    def failing(path):
+        raise OSError(5, "Input/output error", str(path))
+
+    monkeypatch.setattr(os, "scandir", failing)
+    with pytest.raises(SaveError, match="cannot list the records: Input/output error") as excinfo:
+        store.save(Task())
+    assert excinfo.value.target == str(tmp_path / "s")

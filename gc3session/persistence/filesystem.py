@@ -84,7 +84,11 @@ class FilesystemStore(Store):
         if not self._counter_checked:
             # once per handle: a counter behind the records (restored, edited) would overwrite them
             counter_exists = self._counter.path.exists()
-            if self._counter.advance(self._above_highest() - 1) and counter_exists:
+            try:
+                highest = self._above_highest() - 1
+            except OSError as error:  # a disk error, a stale NFS handle, no permission
+                raise SaveError(str(self.directory), f"cannot list the records: {error.strerror or error}") from error
+            if self._counter.advance(highest) and counter_exists:
                 warnings.warn(f"id counter {self._counter.path} was behind the records; moved past them",
                               RepairWarning, stacklevel=5)
             self._counter_checked = True

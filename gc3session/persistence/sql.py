@@ -382,7 +382,8 @@ class SqlStore(Store):
         except (sa.exc.SQLAlchemyError, self.engine.dialect.loaded_dbapi.Error) as error:  # the driver's own too
             reason = f"{what}: {self._scrub(str(getattr(error, 'orig', None) or error)).splitlines()[0]}"
             if target is not None:
-                raise SaveError(target, f"{reason} (store {self._masked()})") from None
+                where = "" if target == self._masked() else f" (store {self._masked()})"
+                raise SaveError(target, f"{reason}{where}") from None
             raise StoreError(self._masked(), reason) from None
 
     def _masked(self) -> str:
@@ -398,7 +399,7 @@ class SqlStore(Store):
     def _reserve(self, n: int) -> range:
         counters = self.counters
         where = counters.c.name == self.table_name
-        with self._failures("cannot allocate object ids"):
+        with self._failures("cannot allocate object ids", target=self._masked()):  # part of a save, as a write
             for attempt in retries():
                 with attempt, self._transaction() as conn:
                     moved = conn.execute(sa.update(counters).where(where).values(next_id=counters.c.next_id + n))
@@ -423,7 +424,7 @@ class SqlStore(Store):
         counters = self.counters
         where = (counters.c.name == self.table_name) & (counters.c.next_id <= number)
         self._reserve(0)  # makes sure the counter row exists
-        with self._failures("cannot advance the id counter"), self._transaction() as conn:
+        with self._failures("cannot advance the id counter", target=self._masked()), self._transaction() as conn:
             conn.execute(sa.update(counters).where(where).values(next_id=number + 1))
 
     def _write(self, records: list[Record]) -> None:
