@@ -648,13 +648,14 @@ class Session:
         check_id_type(id)
         with self._mutex:
             self._check_not_destroyed()
-            task = self._unsaved.get(id)
-            if task is not None:  # saved first: if that fails (a full disk), the task is still the session's
-                self._check_still_there()
-                self.store.save(task)
-                del self._unsaved[id]
-            self._drop(id)
-            self._forgotten.add(id)  # its record stays, holding its children: a removal pending must keep them
+            if not (id in self._removed and id in self._forgotten):  # else forgotten already, not flushed yet
+                task = self._unsaved.get(id)
+                if task is not None:  # saved first: if that fails (a full disk), the task is still the session's
+                    self._check_still_there()
+                    self.store.save(task)
+                    del self._unsaved[id]
+                self._drop(id)
+                self._forgotten.add(id)  # its record stays, holding its children: a removal pending must keep them
             if flush:
                 self.flush()
             self.hooks.call("task_removed", session=self, task_id=id)
@@ -673,12 +674,13 @@ class Session:
         check_id_type(id)
         with self._mutex:
             self._check_not_destroyed()
-            doomed = self._descendants([id])
-            self._drop(id)
-            self._forgotten.discard(id)
-            for oid in doomed:
-                self._unsaved.pop(oid, None)
-                self._doomed[oid] = oid == id or self._doomed.get(oid, False)
+            if not (id in self._removed and self._doomed.get(id)):  # else removed already, not flushed yet
+                doomed = self._descendants([id])
+                self._drop(id)
+                self._forgotten.discard(id)
+                for oid in doomed:
+                    self._unsaved.pop(oid, None)
+                    self._doomed[oid] = oid == id or self._doomed.get(oid, False)
             if flush:
                 self.flush()
             self.hooks.call("task_removed", session=self, task_id=id)
