@@ -761,11 +761,12 @@ def copy(session: str, dest: str, store_url: str | None, renumber: bool) -> None
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise click.ClickException(f"{dest} exists and is not an empty directory")
     existed = os.path.isdir(dest)
-    target = Session(dest, store_or_url=store_url)
     written: list[str] = []  # the records the copy wrote: deleted again if it fails, so that a shared store keeps
     copies: list[Any] = []  # no orphans; with --renumber, the objects given new ids
     mark: Unfinished | None = None
+    target: Session | None = None
     try:
+        target = Session(dest, store_or_url=store_url)  # in here: one that fails half made (a full disk) is cleared
         # until the copy is whole; a kill leaves it there
         mark = Unfinished(target.path, "copy", view.path, store_identity(resolve_store_url(target.path,
                                                                                           target.store_url)))
@@ -775,26 +776,20 @@ def copy(session: str, dest: str, store_url: str | None, renumber: bool) -> None
             missing = copy_records(view, target, written, mark)
         mark.done()
     except Refused:  # another command's mark, made meanwhile: what is in DEST is that command's
-        target.store.close()
+        if target is not None:
+            target.store.close()
         raise
     except BaseException:
-        if renumber:  # each a new record, under a number the store handed out to this copy
-            written = [obj.persistent_id for obj in copies if obj.persistent_id is not None]
-        try:
-            target.store.remove_many(written)
-        except Error as failure:  # they stay; DEST is cleared in any case
-            click.echo(f"warning: the {len(written)} record(s) the copy wrote stay in the store: {failure}", err=True)
-        target.store.close()
-        for entry in os.listdir(target.path):  # DEST was empty or new: all in it is the copy's
-            entry_path = os.path.join(target.path, entry)
-            if os.path.isdir(entry_path) and not os.path.islink(entry_path):
-                shutil.rmtree(entry_path, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    os.unlink(entry_path)
-        if not existed:  # a directory that was there before stays
-            with contextlib.suppress(OSError):
-                os.rmdir(target.path)
+        if target is not None:
+            if renumber:  # each a new record, under a number the store handed out to this copy
+                written = [obj.persistent_id for obj in copies if obj.persistent_id is not None]
+            try:
+                target.store.remove_many(written)
+            except Error as failure:  # they stay; DEST is cleared in any case
+                click.echo(f"warning: the {len(written)} record(s) the copy wrote stay in the store: {failure}",
+                           err=True)
+            target.store.close()
+        clear_directory(dest, remove=not existed)  # DEST was empty or new: all in it is the copy's
         if mark is not None:  # the lock last: until the clean-up is done, no one takes this copy for killed
             mark.release()
         raise
@@ -805,6 +800,20 @@ def copy(session: str, dest: str, store_url: str | None, renumber: bool) -> None
         for error in missing:
             click.echo(str(error), err=True)
         sys.exit(1)
+
+
+def clear_directory(path: str, *, remove: bool) -> None:
+    """Delete what is in directory ``path`` (and, with ``remove``, the directory), as far as it can."""
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(path):
+            entry_path = os.path.join(path, entry)
+            if os.path.isdir(entry_path) and not os.path.islink(entry_path):
+                shutil.rmtree(entry_path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry_path)
+        if remove:
+            os.rmdir(path)
 
 
 def copy_records(view: SessionView, target: Session, written: list[str], mark: Unfinished) -> list[LoadError]:

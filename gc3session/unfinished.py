@@ -83,7 +83,10 @@ class Unfinished:
 
     def done(self) -> None:
         """The session is whole: remove the mark, then its lock."""
-        os.unlink(self.path)
+        try:
+            os.unlink(self.path)
+        except OSError as error:
+            raise SaveError(self.path, f"cannot remove the mark of the command: {error.strerror or error}") from error
         self.release()
 
     def release(self) -> None:

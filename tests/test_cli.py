@@ -431,6 +431,36 @@ def test_a_failed_copy_into_an_empty_directory_leaves_it_empty(tmp_path: Path) -
     assert (tmp_path / "c").is_dir() and os.listdir(tmp_path / "c") == []
 
 
+@pytest.mark.parametrize("failing", ["index.txt", "store.url", "mark"])
+def test_a_copy_whose_destination_cannot_be_made_whole_leaves_nothing_and_can_be_run_again(
+    tmp_path: Path, monkeypatch: Any, failing: str
+) -> None:
+    # a full disk while DEST's own files are written: DEST half made refused the copy run again
+    Session(tmp_path / "src").add(Task(jobname="t"))
+    real_replace, real_unlink = os.replace, os.unlink
+
+    def full_replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(dst).endswith(os.path.join("dest", failing)):
+            raise OSError(28, "No space left on device", str(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    def failing_unlink(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if failing == "mark" and os.path.basename(str(path)) == unfinished_module.UNFINISHED_FILENAME:
+            monkeypatch.setattr(os, "unlink", real_unlink)  # once: the clean-up then removes it
+            raise OSError(5, "Input/output error", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", full_replace)
+    monkeypatch.setattr(os, "unlink", failing_unlink)
+    result = CliRunner().invoke(main, ["copy", str(tmp_path / "src"), str(tmp_path / "dest")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output  # no traceback
+    assert not (tmp_path / "dest").exists()
+    monkeypatch.undo()
+    result = CliRunner().invoke(main, ["copy", str(tmp_path / "src"), str(tmp_path / "dest")])
+    assert result.exit_code == 0, result.output
+    assert [t.jobname for t in Session(tmp_path / "dest")] == ["t"]
+
+
 def test_copy_refuses_a_number_the_destination_handed_out_already_and_says_renumber(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/shared.db"
     other = Session(tmp_path / "other", store_or_url=url)
