@@ -288,11 +288,11 @@ def write_json(rows: Iterable[dict[str, Any]]) -> None:
 
 
 def write_csv(rows: Iterable[dict[str, Any]]) -> None:
-    fields = [*COLUMNS, "depth", "parent"]
+    fields = [*COLUMNS, "depth", "parent", "error"]
     writer = csv.writer(sys.stdout)
     writer.writerow(fields)
     for row in rows:
-        writer.writerow([row[name] for name in fields])
+        writer.writerow([row.get(name) for name in fields])  # "error" only for a task that cannot be read
 
 
 def write_table(rows: Iterable[tuple[str, ...]], terminal: bool) -> None:
@@ -523,8 +523,8 @@ def stats(session: str) -> None:
     click.echo(f"finished:  {local_time(mtime(finished))}")
     click.echo(f"size:      {'unknown' if size is None else human_size(size)}")
     click.echo("states (top-level / all):")
-    for state in sorted(every):
-        click.echo(f"  {state:<12}{top[state]:>8} {every[state]:>8}")
+    for state in sorted(every):  # cell(): a state from a record edited by hand may hold a line end or an escape
+        click.echo(f"  {cell(state):<12}{top[state]:>8} {every[state]:>8}")
     try:
         runs = read_runs(view.path)["runs"]
     except SessionError as error:  # the counts above stand all the same
@@ -549,8 +549,9 @@ def run_line(run: Any) -> str:
     params = f" params {json.dumps(hide_secrets(run.get('params')))}" if run.get("params") else ""
     argv = run.get("argv") or []
     command = " ".join(mask_password(str(a)) for a in (argv if isinstance(argv, list) else [argv]))
-    return (f"{local_time(run.get('start'))} - {local_time(run.get('end'))}  {outcome}  {who}  "
-            f"{command}{commit}{params}")
+    # cell(): an argument, a user or host name may hold a line end or an escape sequence
+    return cell(f"{local_time(run.get('start'))} - {local_time(run.get('end'))}  {outcome}  {who}  "
+                f"{command}{commit}{params}")
 
 
 def hide_secrets(value: Any) -> Any:
@@ -638,7 +639,8 @@ def destroy(session: str, yes: bool, dry_run: bool) -> None:
     # run, and before the question, as the destroy itself refuses it
     opened = open_to_change(view, f"; to drop the session and leave its store as it is, remove {view.path}")
     try:
-        going = not dry_run and (yes or click.confirm(f"Destroy session {view.path} and its {count} task(s)?"))
+        going = not dry_run and (yes or click.confirm(f"Destroy session {view.path} and its {count} task(s)?",
+                                                      err=True))  # the question on stderr: stdout may be piped
     except BaseException:  # Ctrl-C, or no answer: the run record ends all the same
         opened.close(save=False)
         raise
@@ -674,7 +676,7 @@ def destroy_unfinished(view: SessionView, mark: tuple[dict[str, Any], list[str]]
         click.echo(f"would destroy {what} in {store}")
         return
     if not yes:
-        click.confirm(f"Destroy {what}?", abort=True)
+        click.confirm(f"Destroy {what}?", abort=True, err=True)
     if written and not inside:
         with contextlib.closing(view.open_store()) as opened:
             opened.remove_many(written)
@@ -907,7 +909,8 @@ def renumber_into(view: SessionView, target: Session, copies: list[Any], mark: U
 @main.command("import-gc3pie")
 @click.argument("source", type=click.Path(file_okay=False, path_type=str))
 @click.argument("dest", type=click.Path(file_okay=False, path_type=str))
-@click.option("--store-url", help="URL of the new session's store (default: files inside DEST).")
+@click.option("--store-url", "--store", "store_url",
+              help="URL of the new session's store (default: files inside DEST).")
 @click.option("--jobs-dir", help="Read the gc3pie records from this directory, not the one in SOURCE/store.url.")
 @click.option("--skip-damaged", is_flag=True, help="Import the readable records, list the others (exit status 1).")
 @click.option("-n", "--dry-run", is_flag=True, help="Check SOURCE and say what would be imported, write nothing.")

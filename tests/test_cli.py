@@ -249,6 +249,43 @@ def test_log_and_show_escape_line_ends_and_escape_sequences_in_job_names(tmp_pat
     assert shown.exit_code == 0 and "\x1b" not in shown.output and "jobname:    weird\\tname\\n" in shown.output
 
 
+def test_stats_and_show_escape_line_ends_and_escape_sequences_in_states_and_run_records(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["run.py", "--name", "two\nlines \x1b[31mred"])
+    session = Session(tmp_path / "s")
+    oid = session.add(Task())
+    session.close()
+    path = tmp_path / "s" / "jobs" / oid  # a state from a record edited by hand, or planted
+    meta, data = decode_record(oid, path, path.read_bytes())
+    path.write_bytes(encode_record({**meta, "state": "ODD\n\x1b[2J"}, data))
+    for command in (["stats", tmp_path / "s"], ["show", tmp_path / "s", oid]):
+        result = run(*command)
+        assert result.exit_code == 0, result.output
+        assert "\x1b" not in result.output and "two\\nlines \\x1b[31mred" in result.output
+    stats = run("stats", tmp_path / "s").output
+    assert "  ODD\\n\\x1b[2J" in stats
+
+
+def test_csv_rows_hold_the_error_of_a_task_that_cannot_be_read(tmp_path: Path) -> None:
+    session = Session(tmp_path / "s")
+    good, bad = session.add(Task(jobname="good")), session.add(Task(jobname="bad"))
+    (tmp_path / "s" / "jobs" / bad).write_bytes(b"junk")
+    rows = list(csv.DictReader(io.StringIO(run("ls", tmp_path / "s", "--format", "csv").output)))
+    assert [(r["id"], r["state"]) for r in rows] == [(good, "NEW"), (bad, "UNREADABLE")]
+    assert rows[0]["error"] == "" and "junk" not in rows[1]["error"] and rows[1]["error"]
+
+
+def test_the_destroy_question_goes_to_stderr(tmp_path: Path) -> None:
+    Session(tmp_path / "s").add(Task())
+    result = run("destroy", tmp_path / "s", input="n\n")
+    assert result.exit_code == 1 and "Destroy session" in result.stderr and "Destroy" not in result.stdout
+
+
+def test_import_gc3pie_takes_store_as_copy_does() -> None:
+    assert "--store-url, --store" in run("import-gc3pie", "--help").output
+
+
 def test_long_ids_are_cut_in_their_class_name_and_keep_their_number() -> None:
     cut = [fit_id(f"ParallelTaskCollection.{n}", 20) for n in (10, 11, 12)]
     assert cut == ["ParallelTaskColl….10", "ParallelTaskColl….11", "ParallelTaskColl….12"]
