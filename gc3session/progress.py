@@ -32,7 +32,8 @@ IDLE = 0.25
 
 
 class ProgressReporter:
-    """Draw a one-line progress report on ``stream`` (standard error by default)."""
+    """Draw a one-line progress report on ``stream`` (standard error by default): on a terminal, one line
+    drawn over; on anything else (a log file), a whole line for each report."""
 
     def __init__(
         self, stream: TextIO | None = None, *, delay: float = 0.5, interval: float = 0.1, width: int = 20
@@ -48,6 +49,7 @@ class ProgressReporter:
         self._last_event = 0.0
         self._drawn_at = 0.0
         self._shown = False
+        self._terminal = _is_terminal(self.stream)  # else (a log file) whole lines, one per report
 
     # -- hooks ------------------------------------------------------------------
 
@@ -78,8 +80,9 @@ class ProgressReporter:
     def session_closed(self, session: Session, error: BaseException | None) -> None:
         if self._shown:
             self._draw()
-            self.stream.write("\n")
-            self.stream.flush()
+            if self._terminal:
+                self.stream.write("\n")
+                self.stream.flush()
             self._shown = False
         self._started = None
 
@@ -117,20 +120,26 @@ class ProgressReporter:
         return f"[{bar}] {done:,}/{total:,} done | {counts} | {self.saved:,} saved"
 
     def _draw(self) -> None:
-        columns = shutil.get_terminal_size().columns
-        self.stream.write("\r" + self.line()[: max(columns - 1, 10)] + "\x1b[K")
+        if self._terminal:  # the line drawn over, cut to the terminal's width
+            columns = shutil.get_terminal_size().columns
+            self.stream.write("\r" + self.line()[: max(columns - 1, 10)] + "\x1b[K")
+        else:
+            self.stream.write(self.line() + "\n")
         self.stream.flush()
         self._shown = True
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return stream is not None and bool(stream.isatty())
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        return False
 
 
 def terminal_progress() -> ProgressReporter | None:
     """A reporter when standard error is a terminal (and ``TERM`` is not ``dumb``), else ``None``."""
     stream = sys.stderr
-    try:
-        interactive = stream is not None and stream.isatty()
-    except (AttributeError, ValueError):  # a replaced or closed stream
-        interactive = False
-    if not interactive or os.environ.get("TERM") == "dumb":
+    if not _is_terminal(stream) or os.environ.get("TERM") == "dumb":
         return None
     return ProgressReporter(stream)
 

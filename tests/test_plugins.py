@@ -289,8 +289,13 @@ def test_the_progress_reporter_appears_only_on_a_terminal(monkeypatch: Any) -> N
 # -- the progress reporter ----------------------------------------------------------
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def test_progress_shows_counts_per_state_and_ends_its_line(tmp_path: Any) -> None:
-    out = io.StringIO()
+    out = Terminal()
     reporter = ProgressReporter(out, delay=0, interval=0)
     with Session(tmp_path / "s", plugins=[reporter], autoload_plugins=False) as session:
         tasks = [Task(f"t{i}") for i in range(10)]
@@ -307,6 +312,18 @@ def test_progress_shows_counts_per_state_and_ends_its_line(tmp_path: Any) -> Non
     assert text.endswith("\x1b[K\n")
     last = text.rstrip("\n").split("\r")[-1]
     assert last.startswith("[########------------] 4/9 done | NEW 4 RUNNING 1 TERMINATED 4")
+
+
+def test_progress_into_a_file_writes_whole_lines_without_control_characters(tmp_path: Any) -> None:
+    with open(tmp_path / "progress.log", "w") as log:
+        reporter = ProgressReporter(log, delay=0, interval=0)
+        with Session(tmp_path / "s", plugins=[reporter], autoload_plugins=False) as session:
+            for i in range(3):
+                session.add(Task(f"t{i}"))
+    lines = (tmp_path / "progress.log").read_text().splitlines(keepends=True)
+    assert len(lines) > 3 and all(line.startswith("[") and line.endswith(" saved\n") for line in lines)
+    assert "\r" not in "".join(lines) and "\x1b" not in "".join(lines)
+    assert lines[-1] == "[--------------------] 0/3 done | NEW 3 | 3 saved\n"
 
 
 def test_progress_counts_tasks_already_loaded_and_stays_quiet_for_short_bursts(tmp_path: Any) -> None:
