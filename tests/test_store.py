@@ -1763,3 +1763,11 @@ def test_a_store_directory_that_cannot_be_listed_is_a_save_error_on_adding(tmp_p
     with pytest.raises(SaveError, match="cannot list the records: Input/output error") as excinfo:
         store.save(Task())
     assert excinfo.value.target == str(tmp_path / "s")
+
+
+def test_a_string_where_a_list_of_ids_is_due_is_refused_as_such(store):
+    oid = store.save(Task())
+    for call in (store.load_many, lambda ids: list(store.iter_metadata(ids)), store.remove_many):
+        with pytest.raises(InvalidArgument, match=f"expected a list of ids, not the string '{oid}'"):
+            call(oid)
+    assert store.list() == [oid]

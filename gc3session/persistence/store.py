@@ -418,6 +418,7 @@ class Store(abc.ABC):
         A failure raises :class:`LoadError`; with an ``errors`` dict given,
         failures are put there instead and the other objects are returned.
         """
+        check_not_one_id(ids)
         chunks = list(id_chunks(dict.fromkeys(ids), LOAD_BATCH))  # every id checked before anything is read
         loaded: dict[str, Any] = {}
         with self._lock, gc_paused():
@@ -584,6 +585,7 @@ class Store(abc.ABC):
 
     def remove_many(self, ids: Iterable[str]) -> None:
         """Delete several objects in one batch."""
+        check_not_one_id(ids)
         ids = list(dict.fromkeys(ids))
         for oid in ids:
             parse_id(oid)
@@ -799,6 +801,12 @@ def gc_paused() -> Iterator[None]:
         gc.enable()
 
 
+def check_not_one_id(ids: Iterable[str]) -> None:
+    """Refuse a string where a list of ids is due: it would iterate letters, each "not a valid object id"."""
+    if isinstance(ids, (str, bytes)):
+        raise InvalidArgument(f"expected a list of ids, not the string {ids[:80]!r}")
+
+
 def id_chunks(ids: Iterable[str], size: int) -> Iterator[list[str]]:
     """``ids`` in lists of ``size``, each id checked (InvalidArgument for one that is not valid).
 
@@ -806,6 +814,7 @@ def id_chunks(ids: Iterable[str], size: int) -> Iterator[list[str]]:
     stream itself, such as a bad line of an index read as it goes) come
     first, in a list of their own: a listing shows what it could read.
     """
+    check_not_one_id(ids)
     stream = iter(ids)
     while True:
         chunk: list[str] = []
