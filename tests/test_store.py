@@ -1771,3 +1771,17 @@ def test_a_string_where_a_list_of_ids_is_due_is_refused_as_such(store):
         with pytest.raises(InvalidArgument, match=f"expected a list of ids, not the string '{oid}'"):
             call(oid)
     assert store.list() == [oid]
+
+
+def test_a_pickler_that_made_a_big_pickle_is_not_used_again(tmp_path):
+    # its memo table never shrinks and clearing it walks it whole: every later small save paid for the big one
+    # (speed is measured by benchmarks/run.py; this checks the mechanism)
+    store = make_store(str(tmp_path / "s"))
+    store.save(Task())
+    (pickler,) = store.serializer._idle
+    store.save(Task(strings=[str(i) for i in range(20_000)]))
+    assert pickler not in store.serializer._idle
+    store.save(Task())
+    assert len(store.serializer._idle) == 1 and store.serializer._idle[0] is not pickler
+    store.save(Task(jobname="small again"))
+    assert len(store.serializer._idle) == 1  # a small pickle's pickler goes back to the pool

@@ -143,11 +143,13 @@ class Serializer:
             pickler = self._idle.pop()
         except IndexError:  # none idle: the first call, or one from another thread or from inside a pickling
             pickler = _Pickler(self.protocol)
-        try:
-            return pickler.dumps(obj, reference)
-        finally:
-            if pickler.protocol == self.protocol:
-                self._idle.append(pickler)
+        data = pickler.dumps(obj, reference)  # a pickler that fails is dropped
+        # a big pickle leaves a big memo table, which never shrinks and which clearing walks whole: every
+        # later pickle through that pickler would pay for it (a collection of 100,000 children made each
+        # of them cost a millisecond)
+        if len(data) <= REUSED_UP_TO and pickler.protocol == self.protocol:
+            self._idle.append(pickler)
+        return data
 
     def __getstate__(self) -> dict[str, Any]:
         # a copy gets picklers of its own (picklers do not pickle), and finds its globals again
@@ -204,6 +206,10 @@ def stored_reference(oid: str) -> Any:
 
 
 _REFERENCE = (stored_reference.__module__, stored_reference.__name__)
+
+
+#: The largest pickle after which its pickler is used again (see Serializer.dumps).
+REUSED_UP_TO = 16 * 1024
 
 
 class _Pickler(pickle.Pickler):
