@@ -88,6 +88,10 @@ class SessionView:
     def id_set(self) -> set[str]:
         return set(self.ids)
 
+    def in_index(self, oid: str) -> bool:
+        """Whether the index names ``oid``, read as a stream: in bounded memory, for one look-up."""
+        return any(found == oid for found in iter_index(self.index_path))
+
     @cached_property
     def store(self) -> Store:
         return self.open_store()
@@ -116,7 +120,8 @@ class SessionView:
         expanded: set[str] = set()  # the tasks whose children are listed: a shared one shows them once
         for oid, meta in summaries:  # streamed, for huge sessions
             yield 0, None, oid, meta
-            if recursive and isinstance(meta, dict) and oid not in expanded:
+            # only collections are kept in ``expanded``: a listing of plain tasks holds no set of them all
+            if recursive and isinstance(meta, dict) and meta.get("children") and oid not in expanded:
                 expanded.add(oid)
                 yield from self._children(oid, meta, 1, {oid}, expanded)
 
@@ -138,7 +143,7 @@ class SessionView:
                 continue
             depth, parent, oid, child, path = row
             yield depth, parent, oid, child
-            if isinstance(child, dict) and oid not in expanded:
+            if isinstance(child, dict) and child.get("children") and oid not in expanded:
                 expanded.add(oid)
                 levels.append(self._child_rows(oid, child, depth + 1, path | {oid}))
 
@@ -457,7 +462,7 @@ def show(session: str, task_id: str) -> None:
         ("modified", local_time(meta.get("modified"))),
         ("children", " ".join(id_list(meta.get("children"))) or "-"),
         ("references", " ".join(id_list(meta.get("references"))) or "-"),
-        ("in index", "yes" if task_id in view.ids else "no (a child, or not in this session)"),
+        ("in index", "yes" if view.in_index(task_id) else "no (a child, or not in this session)"),
         ("size", f"{meta.get('size')} bytes"),
         ("format", f"{meta.get('format')} (written by gc3session {meta.get('version')})"),
     ]
@@ -596,7 +601,7 @@ def rm(session: str, task_ids: tuple[str, ...], keep_in_store: bool, dry_run: bo
     """
     view = SessionView(session)
     task_ids = tuple(dict.fromkeys(task_ids))  # an id named twice is removed once
-    unknown = [oid for oid in task_ids if oid not in view.ids]
+    unknown = [oid for oid in task_ids if oid not in view.id_set]
     if unknown:
         raise click.ClickException(f"not in session {view.path}: {', '.join(unknown)}")
     opened = open_to_change(view)
@@ -611,7 +616,8 @@ def rm(session: str, task_ids: tuple[str, ...], keep_in_store: bool, dry_run: bo
     orphans = [w for w in caught if issubclass(w.category, OrphanWarning)]
     for w in caught:
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    kept = [oid for oid in task_ids if oid not in removed]  # only their index lines go
+    gone = set(removed)
+    kept = [oid for oid in task_ids if oid not in gone]  # only their index lines go
     click.echo(f"{verb} {len(removed)} task(s) {where}: {' '.join(removed)}"
                + (f"; only from the session, as other tasks hold or refer to them: {' '.join(kept)}" if kept else ""))
     if orphans:  # shown as it was raised; the tasks are out of the session, but not all records are gone
