@@ -43,6 +43,7 @@ from .persistence.atomic import TEMP_PREFIX
 from .persistence.filesystem import FilesystemStore
 from .persistence.idfactory import id_list, is_id
 from .persistence.store import SECRET_OPTION, Store, make_store, mask_password, same_records
+from .progress import ProgressReporter
 from .runs import read_runs
 from .session import (
     Session,
@@ -775,6 +776,9 @@ def copy(session: str, dest: str, store_url: str | None, renumber: bool) -> None
     target: Session | None = None
     try:
         target = Session(dest, store_or_url=store_url)  # in here: one that fails half made (a full disk) is cleared
+        for plugin in target.hooks.plugins:  # the copy draws its own bar: two would write over each other
+            if isinstance(plugin, ProgressReporter):
+                target.hooks.unregister(plugin)
         # until the copy is whole; a kill leaves it there
         mark = Unfinished(target.path, "copy", view.path, store_identity(resolve_store_url(target.path,
                                                                                           target.store_url)))

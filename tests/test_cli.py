@@ -1188,3 +1188,24 @@ def test_destroy_not_confirmed_ends_its_run_record(tmp_path: Path, answer: str) 
     assert result.exit_code == 1 and (tmp_path / "s" / "index.txt").exists()
     runs = json.loads((tmp_path / "s" / "session.json").read_text())["runs"]
     assert len(runs) == 2 and all(r["end"] is not None for r in runs)
+
+
+def test_copy_draws_its_own_progress_bar_only(tmp_path: Path, monkeypatch: Any) -> None:
+    # on a terminal the progress plugin loads in DEST's session too: two bars wrote over each other
+    from gc3session import plugins as plugins_module
+    from gc3session.progress import ProgressReporter
+
+    Session(tmp_path / "src").add(Task(jobname="t"))
+    reporters: list[ProgressReporter] = []
+
+    def with_progress() -> list[tuple[str, Any]]:
+        reporters.append(ProgressReporter(io.StringIO(), delay=0, interval=0))
+        return [("progress", reporters[-1])]
+
+    monkeypatch.setattr(plugins_module, "entry_point_plugins", with_progress)
+    for extra in ([], ["--renumber"]):
+        reporters.clear()
+        dest = tmp_path / f"dest{len(extra)}"
+        assert run("copy", tmp_path / "src", dest, *extra).exit_code == 0
+        assert reporters and all(r.saved == 0 and not r.states for r in reporters)
+    assert len(Session(tmp_path / "dest1", autoload_plugins=False)) == 1
