@@ -984,3 +984,20 @@ def test_a_full_disk_while_allocating_ids_is_a_save_error_as_while_writing(tmp_p
     monkeypatch.undo()
     session.add(Task(jobname="after"))
     assert [t.jobname for t in Session(tmp_path / "s")] == ["kept", "after"]
+
+
+def test_a_sqlite_store_on_read_only_media_is_read_without_its_wal_files(tmp_path: Any, monkeypatch: Any) -> None:
+    # a WAL database needs a -shm file even to be read, which read-only media cannot hold: it is read immutable
+    # (checked by hand on a tmpfs remounted read-only; here the mount's flag is what the test sets)
+    url = f"sqlite:///{tmp_path}/tasks.db"
+    with Session(tmp_path / "s", store_or_url=url) as session:
+        oid = session.add(Task(jobname="archived"))
+    assert not sql_module._on_read_only_filesystem(str(tmp_path / "tasks.db"))
+    assert sorted(os.listdir(tmp_path)) == ["s", "tasks.db"]  # the last connection closed: no -wal, no -shm
+    monkeypatch.setattr(sql_module, "_on_read_only_filesystem", lambda path: True)
+    store = make_store(url, create=False)
+    assert store.load(oid).jobname == "archived" and store.list() == [oid]
+    assert sorted(os.listdir(tmp_path)) == ["s", "tasks.db"]  # nothing made beside it
+    with pytest.raises(SaveError, match="readonly database"):
+        store.save(Task())
+    store.close()

@@ -11,11 +11,14 @@ Every write is one transaction using the database's own upsert.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import os
 import random
 import re
+import sqlite3
 import time
+import urllib.parse
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -176,6 +179,12 @@ class SqlStore(Store):
             kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT, "check_same_thread": False}
             if _in_memory(self._address):
                 kwargs["poolclass"] = sa.pool.StaticPool
+            database = _sqlite_file(self._address)
+            if database is not None and _on_read_only_filesystem(database):
+                # a WAL database needs its -shm file, which cannot be made there: nothing can change the file
+                # on read-only media, so it is read as immutable (no locks, no -shm); writes fail, saying so
+                uri = f"file:{urllib.parse.quote(os.path.abspath(database))}?immutable=1"
+                kwargs["creator"] = functools.partial(sqlite3.connect, uri, uri=True, **kwargs.pop("connect_args"))
         else:
             kwargs["pool_pre_ping"] = True
         try:
@@ -889,6 +898,14 @@ def sqlite_file(url: str) -> str | None:
 def _in_memory(address: sa.URL) -> bool:
     """True for an in-memory SQLite database, which only the engine that opens it sees."""
     return address.get_backend_name() == "sqlite" and address.database in (None, "", ":memory:")
+
+
+def _on_read_only_filesystem(path: str) -> bool:
+    """True when ``path`` (a file, or where it would be) is on a file system mounted read-only."""
+    try:
+        return bool(os.statvfs(os.path.dirname(os.path.abspath(path))).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no such directory (the open says so), or no statvfs (Windows)
+        return False
 
 
 def _sqlite_file(address: sa.URL) -> str | None:
