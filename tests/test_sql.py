@@ -1001,3 +1001,23 @@ def test_a_sqlite_store_on_read_only_media_is_read_without_its_wal_files(tmp_pat
     with pytest.raises(SaveError, match="readonly database"):
         store.save(Task())
     store.close()
+
+
+def test_a_sqlite_store_on_read_only_media_with_a_write_ahead_log_reads_what_the_log_holds(
+    tmp_path: Any, monkeypatch: Any
+) -> None:
+    # a snapshot taken while a writer had the store open: committed tasks still in the -wal file, which an
+    # immutable open would ignore (they would seem lost)
+    url = f"sqlite:///{tmp_path}/tasks.db"
+    writer = make_store(url)
+    with writer.engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_autocheckpoint=0")
+        first = writer.save(Task(jobname="checkpointed"))
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        second = writer.save(Task(jobname="in the log"))
+        assert os.path.getsize(tmp_path / "tasks.db-wal") > 0
+        monkeypatch.setattr(sql_module, "_on_read_only_filesystem", lambda path: True)
+        reader = make_store(url, create=False)
+        assert reader.list() == [first, second] and reader.load(second).jobname == "in the log"
+        reader.close()
+    writer.close()

@@ -180,9 +180,11 @@ class SqlStore(Store):
             if _in_memory(self._address):
                 kwargs["poolclass"] = sa.pool.StaticPool
             database = _sqlite_file(self._address)
-            if database is not None and _on_read_only_filesystem(database):
+            if database is not None and _on_read_only_filesystem(database) and not _has_wal(database):
                 # a WAL database needs its -shm file, which cannot be made there: nothing can change the file
-                # on read-only media, so it is read as immutable (no locks, no -shm); writes fail, saying so
+                # on read-only media, so it is read as immutable (no locks, no -shm); writes fail, saying so.
+                # Not with a -wal file beside it (a snapshot taken while a writer had it open): immutable
+                # would ignore the transactions in it, which SQLite reads with the -shm there
                 uri = f"file:{urllib.parse.quote(os.path.abspath(database))}?immutable=1"
                 kwargs["creator"] = functools.partial(sqlite3.connect, uri, uri=True, **kwargs.pop("connect_args"))
         else:
@@ -898,6 +900,14 @@ def sqlite_file(url: str) -> str | None:
 def _in_memory(address: sa.URL) -> bool:
     """True for an in-memory SQLite database, which only the engine that opens it sees."""
     return address.get_backend_name() == "sqlite" and address.database in (None, "", ":memory:")
+
+
+def _has_wal(database: str) -> bool:
+    """True when the write-ahead log beside ``database`` holds something (it may hold committed transactions)."""
+    try:
+        return os.path.getsize(f"{database}-wal") > 0
+    except OSError:
+        return False
 
 
 def _on_read_only_filesystem(path: str) -> bool:
