@@ -399,10 +399,12 @@ def _write(report: ImportReport, found: dict[str, dict[str, Any]], store_args: d
             params["gc3pie_command"] = f.readline(2000).strip() or None
     except OSError:
         pass
-    target = Session(report.destination, store_or_url=report.store_url, params=params, **store_args)
     written: list[str] = []  # deleted again if the import fails, so that a shared store keeps no orphans
     mark: Unfinished | None = None
+    target: Session | None = None
     try:
+        # in here: a session that fails half made (a full disk) is removed, and the import can run again
+        target = Session(report.destination, store_or_url=report.store_url, params=params, **store_args)
         # until the session is whole; it names no records: a run again may take those a killed import wrote
         mark = Unfinished(target.path, "import-gc3pie", report.source,
                           store_identity(resolve_store_url(target.path, target.store_url)))
@@ -429,15 +431,17 @@ def _write(report: ImportReport, found: dict[str, dict[str, Any]], store_args: d
                 setter(os.stat(stamp).st_mtime)
         mark.done()
     except Refused:  # another command's mark, made meanwhile: what is in the directory is that command's
-        target.store.close()
+        if target is not None:
+            target.store.close()
         raise
     except BaseException:
-        try:
-            target.store.remove_many(written)
-        except Error as error:  # they stay; the new session goes in any case
-            log.warning("the %d record(s) the import wrote stay in the store: %s", len(written), error)
-        target.store.close()
-        shutil.rmtree(target.path, ignore_errors=True)
+        if target is not None:
+            try:
+                target.store.remove_many(written)
+            except Error as error:  # they stay; the new session goes in any case
+                log.warning("the %d record(s) the import wrote stay in the store: %s", len(written), error)
+            target.store.close()
+        shutil.rmtree(os.path.abspath(report.destination), ignore_errors=True)
         if mark is not None:  # the lock last: until the clean-up is done, no one takes this import for killed
             mark.release()
         raise

@@ -179,6 +179,27 @@ def test_import_into_sqlite(gc3pie_session: tuple[Path, list[str]], tmp_path: Pa
     check_sample(Session(tmp_path / "new", class_map=CLASS_MAP), ids)
 
 
+@pytest.mark.parametrize("failing", ["index.txt", "store.url"])
+def test_an_import_whose_destination_cannot_be_made_whole_leaves_nothing_and_runs_again(
+    gc3pie_session: tuple[Path, list[str]], tmp_path: Path, monkeypatch: Any, failing: str
+) -> None:
+    source, ids = gc3pie_session
+    real_replace = os.replace
+
+    def full(src: Any, dst: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(dst).endswith(os.path.join("new", failing)):
+            raise OSError(28, "No space left on device", str(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(SaveError, match="No space left on device"):
+        import_gc3pie(source, tmp_path / "new")
+    assert not (tmp_path / "new").exists()  # was left half made: a run again said "not empty"
+    monkeypatch.undo()
+    import_gc3pie(source, tmp_path / "new")
+    check_sample(Session(tmp_path / "new", class_map=CLASS_MAP), ids)
+
+
 def test_dry_run_writes_nothing(gc3pie_session: tuple[Path, list[str]], tmp_path: Path) -> None:
     source, ids = gc3pie_session
     before = snapshot(tmp_path)
