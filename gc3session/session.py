@@ -201,7 +201,7 @@ class Session:
         if store_or_url is None:
             self.store: Store = FilesystemStore(self._file(url), **extra_args)
         elif isinstance(store_or_url, Store):
-            self.store = store_or_url
+            self.store = make_store(store_or_url, **extra_args)  # refuses options it would ignore
         else:
             self.store = make_store(url, **extra_args)
         self.store.hooks = self.hooks

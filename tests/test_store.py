@@ -1779,3 +1779,25 @@ def test_a_pickler_that_made_a_big_pickle_is_not_used_again(tmp_path):
     assert len(store.serializer._idle) == 1 and store.serializer._idle[0] is not pickler
     store.save(Task(jobname="small again"))
     assert len(store.serializer._idle) == 1  # a small pickle's pickler goes back to the pool
+
+
+def test_options_beside_a_store_object_are_refused_not_ignored(tmp_path):
+    # an allow-list given beside a store made already would be dropped silently
+    made = make_store(str(tmp_path / "records"))
+    with pytest.raises(InvalidArgument, match="options allowed_classes are for making a store"):
+        make_store(made, allowed_classes=["helpers"])
+    with pytest.raises(InvalidArgument, match="options allowed_classes are for making a store"):
+        Session(tmp_path / "s", store_or_url=made, allowed_classes=["helpers"])
+    assert make_store(made) is made
+
+
+def test_a_store_of_a_plugin_gets_its_own_options_through_store_options(tmp_path, private_registry):
+    # the documented way to write a store: its own options from **options, store_options(options) to the base
+    class RegionStore(FilesystemStore):
+        def __init__(self, url, **options):
+            self.region = options["region"]  # left in: store_options drops what it does not know
+            super().__init__(url.partition("://")[2], **store_module.store_options(options))
+
+    store_module.register("region", RegionStore)
+    store = make_store(f"region://{tmp_path}/records", region="us", allowed_classes=["helpers"])
+    assert store.region == "us" and store.serializer.allowed == ("helpers",)

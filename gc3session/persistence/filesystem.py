@@ -21,7 +21,17 @@ from ..exceptions import InvalidArgument, LoadError, RepairWarning, SaveError, S
 from .atomic import write_atomically
 from .idfactory import FileCounter, IdFactory, is_id, parse_id
 from .serialization import DEFAULT_PROTOCOL, decode_json, encode_json, scan_json
-from .store import LAST_TAKEN, Record, Store, children_first, mask_password, matches, missing, store_options
+from .store import (
+    LAST_TAKEN,
+    Record,
+    Store,
+    check_option_names,
+    children_first,
+    mask_password,
+    matches,
+    missing,
+    store_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +56,8 @@ class FilesystemStore(Store):
         create: bool = True,
         **options: Any,
     ) -> None:
-        shared = store_options(options)  # a typo refused before the directory is made
+        check_option_names(options)  # a typo refused before the directory is made
+        shared = store_options(options)
         directory = store_directory(directory)
         if "\0" in str(directory):
             raise InvalidArgument(f"store directory {str(directory)[:80]!r} contains a NUL byte")

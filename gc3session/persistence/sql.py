@@ -40,6 +40,7 @@ from .store import (
     SECRET_OPTION,
     Record,
     Store,
+    check_option_names,
     check_options,
     held_ids,
     id_chunks,
@@ -128,7 +129,8 @@ class SqlStore(Store):
         existing_table: bool = False,
         **options: Any,
     ) -> None:
-        check_options({"extra_fields": extra_fields}, names=False)  # before an engine is made
+        check_option_names(options)  # before an engine is made
+        check_options({"extra_fields": extra_fields}, names=False)
         super().__init__(url, idfactory=idfactory, protocol=protocol, **store_options(options))
         address, fragment_table = _split_fragment(url)
         self.table_name = next((t for t in (table_name, fragment_table) if t is not None), "store")

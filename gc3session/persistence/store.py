@@ -895,8 +895,9 @@ ONE_KIND_OPTIONS = ("table_name", "extra_fields", "existing_table")
 
 
 def store_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Keep the options that every store understands; drop those meant for other kinds; refuse any other."""
-    check_options(options)
+    """Keep the options that every store understands (refused if of the wrong type); drop the others, which a
+    store of another kind may take (a built-in store refuses the names none takes: see check_option_names)."""
+    check_options(options, names=False)
     return {name: options[name] for name in SHARED_OPTIONS if name in options}
 
 
@@ -1020,6 +1021,9 @@ def make_store(url: str | os.PathLike[str] | Store, **kwargs: Any) -> Store:
     :func:`register` or the entry-point group ``gc3session.stores``.
     """
     if isinstance(url, Store):
+        if kwargs:  # they would be ignored: an allow-list, say
+            raise InvalidArgument(f"options {', '.join(sorted(kwargs))} are for making a store, and {url} is made "
+                                  "already: give them to its constructor")
         return url
     if isinstance(url, os.PathLike):
         url = os.fspath(url)
