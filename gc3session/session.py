@@ -136,6 +136,7 @@ class Session:
         self._finished = False  # closed (by close() or the end of a with block)
         self._destroyed = False  # by destroy(): nothing may be written any more, which would make the directory again
         self._forgotten: set[str] = set()  # forgotten since the last flush: their records still hold children
+        self._retry: dict[str, str] = {}  # id -> "remove" or "forget": a call whose flush failed, to call again
         # objects loaded with load(add=False) that are no task of the session (a child, in a lazy session): saved
         # by save_all like the tasks loaded (held here: a change made through a reference dropped since is saved)
         self._apart: dict[str, Any] = {}
@@ -471,6 +472,7 @@ class Session:
     def _register(self, oid: str, task: Any = None) -> None:
         self._pending = None  # the task may hold what a removal pending would delete
         self._forgotten.discard(oid)  # the session's again
+        self._retry.pop(oid, None)
         if oid in self._removed:
             self._removed.discard(oid)
         elif oid not in self._index:
@@ -523,6 +525,7 @@ class Session:
                 self._append_to_index([oid for oid in self._added if oid not in late])
             self._added = late  # only now: if writing the index failed, the next flush writes all
             self._removed.clear()
+            self._retry.clear()  # the removals asked are out of the index: no call to repeat (deletions follow)
             if self._doomed:
                 doomed = self.pending_deletions()
                 if others is None:  # a deletion tried again (see below): the index as it is now
@@ -648,7 +651,7 @@ class Session:
         check_id_type(id)
         with self._mutex:
             self._check_not_destroyed()
-            if not (id in self._removed and id in self._forgotten):  # else forgotten already, not flushed yet
+            if self._retry.get(id) != "forget":  # else this call's flush failed before: it is flushed again
                 task = self._unsaved.get(id)
                 if task is not None:  # saved first: if that fails (a full disk), the task is still the session's
                     self._check_still_there()
@@ -657,7 +660,7 @@ class Session:
                 self._drop(id)
                 self._forgotten.add(id)  # its record stays, holding its children: a removal pending must keep them
             if flush:
-                self.flush()
+                self._flush_removal(id, "forget")
             self.hooks.call("task_removed", session=self, task_id=id)
 
     def remove(self, id: str, flush: bool = True) -> None:  # noqa: A002
@@ -674,7 +677,7 @@ class Session:
         check_id_type(id)
         with self._mutex:
             self._check_not_destroyed()
-            if not (id in self._removed and self._doomed.get(id)):  # else removed already, not flushed yet
+            if self._retry.get(id) != "remove":  # else this call's flush failed before: it is flushed again
                 doomed = self._descendants([id])
                 self._drop(id)
                 self._forgotten.discard(id)
@@ -682,8 +685,17 @@ class Session:
                     self._unsaved.pop(oid, None)
                     self._doomed[oid] = oid == id or self._doomed.get(oid, False)
             if flush:
-                self.flush()
+                self._flush_removal(id, "remove")
             self.hooks.call("task_removed", session=self, task_id=id)
+
+    def _flush_removal(self, oid: str, how: str) -> None:
+        """Flush after ``remove`` or ``forget`` (``how``) of ``oid``.  If that fails (a full disk), the task is
+        out of the session object but not yet out of the index: the same call again flushes again."""
+        try:
+            self.flush()
+        except BaseException:
+            self._retry[oid] = how
+            raise
 
     def _drop(self, oid: str) -> None:
         parse_id(oid)
@@ -772,7 +784,8 @@ class Session:
                 remove_tree(self.path)  # a session reached through a symbolic link: its target goes
             self.tasks._drop_all()
             self._apart.clear()
-            for pending in (self._index, self._added, self._removed, self._unsaved, self._doomed, self._forgotten):
+            for pending in (self._index, self._added, self._removed, self._unsaved, self._doomed, self._forgotten,
+                            self._retry):
                 pending.clear()
             self._pending = None
 

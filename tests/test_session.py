@@ -1770,6 +1770,40 @@ def test_a_remove_or_forget_whose_flush_fails_can_be_called_again(tmp_path, monk
     assert (tmp_path / "s" / "jobs" / victim).exists() == (how == "forget")
 
 
+def test_a_remove_whose_flush_fails_after_the_index_is_written_can_be_called_again(tmp_path, monkeypatch):
+    # a lost server while the deletions are worked out: the index is rewritten, the records not deleted yet
+    session = Session(tmp_path / "s")
+    keep, victim = session.add(Task(jobname="keep")), session.add(Task(jobname="victim"))
+    real = session.pending_deletions
+
+    def lost_once():
+        monkeypatch.setattr(session, "pending_deletions", real)
+        raise StoreError("sqlite:///x.db", "server gone")
+
+    monkeypatch.setattr(session, "pending_deletions", lost_once)
+    with pytest.raises(StoreError):
+        session.remove(victim)
+    assert read_index(str(tmp_path / "s" / "index.txt")) == [keep]
+    session.remove(victim)
+    assert not (tmp_path / "s" / "jobs" / victim).exists()
+
+
+@pytest.mark.parametrize("how", ["remove", "forget"])
+def test_a_removal_not_flushed_is_not_taken_for_one_to_try_again(tmp_path, how):
+    heard = []
+
+    class Listener:
+        def task_removed(self, session, task_id):
+            heard.append(task_id)
+
+    session = Session(tmp_path / "s", plugins=[Listener()], autoload_plugins=False)
+    oid = session.add(Task())
+    getattr(session, how)(oid, flush=False)
+    with pytest.raises(InvalidArgument, match="is not in session"):
+        getattr(session, how)(oid, flush=False)
+    assert heard == [oid]
+
+
 def test_a_task_that_failed_to_load_can_be_removed_or_forgotten(session):
     first, second = session.add(Task()), session.add(Task())
     for oid in (first, second):
