@@ -50,6 +50,7 @@ from .persistence.store import (
     LAST_TAKEN,
     Store,
     check_not_mistyped,
+    check_not_one_id,
     check_option_names,
     check_options,
     expand_variables,
@@ -634,6 +635,7 @@ class Session:
         written again; other ids are ignored.  Use it when a
         :meth:`flush` fails because of one task added with ``flush=False``.
         """
+        check_not_one_id(ids)
         with self._mutex:
             for oid in ids:
                 if oid is None:
@@ -1020,6 +1022,7 @@ class TaskMap(Mapping[str, Any]):
 
         Ids not in the map, and tasks that fail to load, are left out.
         """
+        check_not_one_id(ids)
         ids = [oid for oid in ids if oid in self._tasks]
         missing = [oid for oid in ids if self._tasks[oid] is _UNLOADED]
         if missing:

@@ -2215,3 +2215,14 @@ def test_an_id_that_is_no_string_is_an_invalid_argument(session, call):
     with pytest.raises(InvalidArgument, match=r"a task id is a string, like 'Task.1', not \['Task.1'\]"):
         call(session)
     assert session.list_ids() == [oid]
+
+
+def test_a_string_where_a_list_of_ids_is_due_is_refused_by_withdraw_and_get_many(tmp_path):
+    # withdraw("Task.2") did nothing, so the task that broke the flush stayed pending and the next flush failed
+    session = Session(tmp_path / "s")
+    oid = session.add(Task(), flush=False)
+    for call in (session.withdraw, session.tasks.get_many, session.store.occupants):
+        with pytest.raises(InvalidArgument, match=f"expected a list of ids, not the string '{oid}'"):
+            call(oid)
+    session.withdraw([oid])
+    assert oid not in session

@@ -40,6 +40,7 @@ from .store import (
     SECRET_OPTION,
     Record,
     Store,
+    check_not_one_id,
     check_option_names,
     check_options,
     held_ids,
@@ -613,6 +614,7 @@ class SqlStore(Store):
 
     def occupants(self, ids: Iterable[str]) -> dict[str, dict[str, Any] | LoadError]:
         """What holds the row of each id: rows are keyed by the number, whatever the id's prefix."""
+        check_not_one_id(ids)
         self._check_pid()
         by_number: dict[int, list[str]] = {}
         for oid in ids:

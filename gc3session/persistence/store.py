@@ -377,6 +377,7 @@ class Store(abc.ABC):
         stores ids with the same number share a row, so the metadata may name
         another id.
         """
+        check_not_one_id(ids)
         ids = list(ids)
         for oid in ids:
             parse_id(oid)
@@ -801,7 +802,7 @@ def gc_paused() -> Iterator[None]:
         gc.enable()
 
 
-def check_not_one_id(ids: Iterable[str]) -> None:
+def check_not_one_id(ids: Iterable[Any]) -> None:
     """Refuse a string where a list of ids is due: it would iterate letters, each "not a valid object id"."""
     if isinstance(ids, (str, bytes)):
         raise InvalidArgument(f"expected a list of ids, not the string {ids[:80]!r}")
