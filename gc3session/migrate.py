@@ -441,7 +441,7 @@ def _write(report: ImportReport, found: dict[str, dict[str, Any]], store_args: d
             except Error as error:  # they stay; the new session goes in any case
                 log.warning("the %d record(s) the import wrote stay in the store: %s", len(written), error)
             target.store.close()
-        shutil.rmtree(os.path.abspath(report.destination), ignore_errors=True)
+        shutil.rmtree(report.destination, ignore_errors=True)  # absolute: see import_gc3pie
         if mark is not None:  # the lock last: until the clean-up is done, no one takes this import for killed
             mark.release()
         raise

@@ -249,7 +249,7 @@ class Session:
         try:
             url = resolve_store_url(self.path, self.store_url)
             # a missing table is a typo, or a table dropped: the index names tasks that a new one would not hold
-            if self._index and url_scheme(expand_variables(url).strip()) in SQL_SCHEMES:
+            if self._index and scheme in SQL_SCHEMES:
                 extra_args = {**extra_args, "existing_table": True}
             self._check_store_is_there(local_store_path(url), where)
             self.store = make_store(url, **extra_args)
